@@ -1,0 +1,321 @@
+"""Architecture adapters: one small class per model family that names the parts of a HF model.
+
+The model itself stays an ordinary ``transformers`` module (no weight conversion, no LayerNorm
+folding), so every number engramlab computes matches the HF forward pass exactly. An adapter only
+knows where things are: the decoder layers, the attention and MLP sub-modules, the module whose
+*input* is the concatenation of head outputs (the attention output projection), the module whose
+input is the MLP neurons (the MLP output projection), and how the Q/K/V/O weights split by head.
+
+Weight accessors return *views* of the live parameters reshaped per head, so editing them edits
+the model and gradients flow through them:
+
+=============  ===================================  ===========================================
+accessor       shape                                meaning
+=============  ===================================  ===========================================
+``W_Q(l)``     (n_heads, d_model, d_head)           q_h = x_norm @ W_Q[h] (+ b_Q[h])
+``W_K(l)``     (n_kv_heads, d_model, d_head)        grouped-query: query head h reads kv head
+``W_V(l)``     (n_kv_heads, d_model, d_head)        ``kv_head(h)``
+``W_O(l)``     (n_heads, d_head, d_model)           attn_out = sum_h z_h @ W_O[h] + b_O
+``W_in(l)``    (d_model, d_mlp)                     up / fc projection
+``W_gate(l)``  (d_model, d_mlp) or None             gated MLPs only
+``W_out(l)``   (d_mlp, d_model)                     mlp_out = neurons @ W_out + b_out
+``W_U``        (d_model, vocab)                     logits = final_norm(resid) @ W_U
+=============  ===================================  ===========================================
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engramlab.errors import EngramError
+
+
+def _linear_t(module: nn.Module) -> torch.Tensor:
+    """Weight of a projection as (in_features, out_features), for nn.Linear and GPT-2's Conv1D."""
+    w = module.weight
+    return w if type(module).__name__ == "Conv1D" else w.t()
+
+
+class ArchAdapter:
+    """Names the parts of one family of decoder-only HF models. Subclasses fill in the paths."""
+
+    family: str = ""
+    model_types: tuple[str, ...] = ()
+    has_gated_mlp: bool = False
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        cfg = model.config
+        self.n_layers: int = len(self.layers)
+        self.d_model: int = cfg.hidden_size
+        self.n_heads: int = cfg.num_attention_heads
+        self.n_kv_heads: int = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.d_head: int = getattr(cfg, "head_dim", None) or self.d_model // self.n_heads
+        self.vocab_size: int = cfg.vocab_size
+
+    # -- structure -------------------------------------------------------------------------
+    @property
+    def layers(self) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def attn(self, layer: int) -> nn.Module:
+        raise NotImplementedError
+
+    def attn_o_proj(self, layer: int) -> nn.Module:
+        """Module whose input is the per-head outputs concatenated, (b, pos, n_heads*d_head)."""
+        raise NotImplementedError
+
+    def mlp(self, layer: int) -> nn.Module:
+        raise NotImplementedError
+
+    def mlp_out_proj(self, layer: int) -> nn.Module:
+        """Module whose input is the MLP neurons, (b, pos, d_mlp)."""
+        raise NotImplementedError
+
+    def attn_norm(self, layer: int) -> nn.Module:
+        raise NotImplementedError
+
+    def mlp_norm(self, layer: int) -> nn.Module:
+        raise NotImplementedError
+
+    @property
+    def final_norm(self) -> nn.Module:
+        raise NotImplementedError
+
+    @property
+    def embed(self) -> nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    @property
+    def unembed(self) -> nn.Module:
+        return self.model.get_output_embeddings()
+
+    @property
+    def parallel_residual(self) -> bool:
+        """True when attention and MLP both read the layer input (no resid_mid exists)."""
+        return False
+
+    @property
+    def d_mlp(self) -> int:
+        return self.W_out(0).shape[0]
+
+    def kv_head(self, head: int) -> int:
+        """Index of the key/value head that query head ``head`` reads (grouped-query attention)."""
+        if not 0 <= head < self.n_heads:
+            raise IndexError(f"head {head} out of range for {self.n_heads} heads")
+        return head // (self.n_heads // self.n_kv_heads)
+
+    # -- weights (views of live parameters) -------------------------------------------------
+    def _qkv_in_out(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(W_q, W_k, W_v) as (d_model, out) matrices; subclasses override."""
+        raise NotImplementedError
+
+    def W_Q(self, layer: int) -> torch.Tensor:
+        w = self._qkv_in_out(layer)[0]
+        return w.reshape(self.d_model, self.n_heads, self.d_head).permute(1, 0, 2)
+
+    def W_K(self, layer: int) -> torch.Tensor:
+        w = self._qkv_in_out(layer)[1]
+        return w.reshape(self.d_model, self.n_kv_heads, self.d_head).permute(1, 0, 2)
+
+    def W_V(self, layer: int) -> torch.Tensor:
+        w = self._qkv_in_out(layer)[2]
+        return w.reshape(self.d_model, self.n_kv_heads, self.d_head).permute(1, 0, 2)
+
+    def W_O(self, layer: int) -> torch.Tensor:
+        w = _linear_t(self.attn_o_proj(layer))  # (n_heads*d_head, d_model)
+        return w.reshape(self.n_heads, self.d_head, self.d_model)
+
+    def b_O(self, layer: int) -> torch.Tensor | None:
+        return getattr(self.attn_o_proj(layer), "bias", None)
+
+    def W_in(self, layer: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def W_gate(self, layer: int) -> torch.Tensor | None:
+        return None
+
+    def W_out(self, layer: int) -> torch.Tensor:
+        return _linear_t(self.mlp_out_proj(layer))
+
+    def b_out(self, layer: int) -> torch.Tensor | None:
+        return getattr(self.mlp_out_proj(layer), "bias", None)
+
+    @property
+    def W_U(self) -> torch.Tensor:
+        return self.unembed.weight.t()
+
+    def describe(self) -> dict:
+        """Sizes, as a flat dict (for ``engram inspect`` and manifests)."""
+        return {
+            "family": self.family,
+            "model_type": self.model.config.model_type,
+            "n_layers": self.n_layers,
+            "n_heads": self.n_heads,
+            "n_kv_heads": self.n_kv_heads,
+            "d_model": self.d_model,
+            "d_head": self.d_head,
+            "d_mlp": self.d_mlp,
+            "vocab_size": self.vocab_size,
+            "gated_mlp": self.has_gated_mlp,
+            "parallel_residual": self.parallel_residual,
+            "n_params": sum(p.numel() for p in self.model.parameters()),
+        }
+
+
+class LlamaAdapter(ArchAdapter):
+    """Llama-like: Llama, Mistral, Qwen2, SmolLM (RMSNorm, rotary, gated SiLU MLP, GQA)."""
+
+    family = "llama"
+    model_types = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo", "olmo2", "gemma", "phi3")
+    has_gated_mlp = True
+
+    @property
+    def layers(self):
+        return self.model.model.layers
+
+    def attn(self, layer):
+        return self.layers[layer].self_attn
+
+    def attn_o_proj(self, layer):
+        return self.attn(layer).o_proj
+
+    def mlp(self, layer):
+        return self.layers[layer].mlp
+
+    def mlp_out_proj(self, layer):
+        return self.mlp(layer).down_proj
+
+    def attn_norm(self, layer):
+        return self.layers[layer].input_layernorm
+
+    def mlp_norm(self, layer):
+        return self.layers[layer].post_attention_layernorm
+
+    @property
+    def final_norm(self):
+        return self.model.model.norm
+
+    def _qkv_in_out(self, layer):
+        a = self.attn(layer)
+        return a.q_proj.weight.t(), a.k_proj.weight.t(), a.v_proj.weight.t()
+
+    def W_in(self, layer):
+        return self.mlp(layer).up_proj.weight.t()
+
+    def W_gate(self, layer):
+        return self.mlp(layer).gate_proj.weight.t()
+
+
+class GPT2Adapter(ArchAdapter):
+    """GPT-2: LayerNorm, learned positions, Conv1D projections (weights stored (in, out))."""
+
+    family = "gpt2"
+    model_types = ("gpt2",)
+
+    @property
+    def layers(self):
+        return self.model.transformer.h
+
+    def attn(self, layer):
+        return self.layers[layer].attn
+
+    def attn_o_proj(self, layer):
+        return self.attn(layer).c_proj
+
+    def mlp(self, layer):
+        return self.layers[layer].mlp
+
+    def mlp_out_proj(self, layer):
+        return self.mlp(layer).c_proj
+
+    def attn_norm(self, layer):
+        return self.layers[layer].ln_1
+
+    def mlp_norm(self, layer):
+        return self.layers[layer].ln_2
+
+    @property
+    def final_norm(self):
+        return self.model.transformer.ln_f
+
+    def _qkv_in_out(self, layer):
+        return self.attn(layer).c_attn.weight.split(self.d_model, dim=1)
+
+    def W_in(self, layer):
+        return self.mlp(layer).c_fc.weight
+
+
+class NeoXAdapter(ArchAdapter):
+    """GPT-NeoX / Pythia: fused QKV laid out per head as [q | k | v], usually parallel residual."""
+
+    family = "gpt_neox"
+    model_types = ("gpt_neox",)
+
+    @property
+    def layers(self):
+        return self.model.gpt_neox.layers
+
+    def attn(self, layer):
+        return self.layers[layer].attention
+
+    def attn_o_proj(self, layer):
+        return self.attn(layer).dense
+
+    def mlp(self, layer):
+        return self.layers[layer].mlp
+
+    def mlp_out_proj(self, layer):
+        return self.mlp(layer).dense_4h_to_h
+
+    def attn_norm(self, layer):
+        return self.layers[layer].input_layernorm
+
+    def mlp_norm(self, layer):
+        return self.layers[layer].post_attention_layernorm
+
+    @property
+    def final_norm(self):
+        return self.model.gpt_neox.final_layer_norm
+
+    @property
+    def parallel_residual(self):
+        return bool(self.model.config.use_parallel_residual)
+
+    def _fused_qkv(self, layer: int, which: int) -> torch.Tensor:
+        # The fused output is laid out (n_heads, 3, d_head) per position: slice one of q/k/v per
+        # head and transpose to (n_heads, d_model, d_head), staying a view of the parameter.
+        w = self.attn(layer).query_key_value.weight  # (n_heads*3*d_head, d_model)
+        return w.view(self.n_heads, 3, self.d_head, self.d_model)[:, which].transpose(1, 2)
+
+    def W_Q(self, layer):
+        return self._fused_qkv(layer, 0)
+
+    def W_K(self, layer):
+        return self._fused_qkv(layer, 1)
+
+    def W_V(self, layer):
+        return self._fused_qkv(layer, 2)
+
+    def W_in(self, layer):
+        return self.mlp(layer).dense_h_to_4h.weight.t()
+
+
+ADAPTERS: tuple[type[ArchAdapter], ...] = (LlamaAdapter, GPT2Adapter, NeoXAdapter)
+
+
+def supported_model_types() -> list[str]:
+    return sorted(t for a in ADAPTERS for t in a.model_types)
+
+
+def get_adapter(model: nn.Module) -> ArchAdapter:
+    """The adapter for ``model``'s family; a clear error for anything else."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    for cls in ADAPTERS:
+        if model_type in cls.model_types:
+            return cls(model)
+    raise EngramError(
+        f"unsupported architecture {model_type!r}: engramlab supports "
+        f"{', '.join(supported_model_types())} (families: GPT-2, Llama-like, GPT-NeoX)"
+    )
