@@ -172,8 +172,13 @@ def load_model(spec: str, dtype: str | torch.dtype = "float32", device: str = "c
     ``trainable=False`` turns off parameter gradients: attribution needs gradients with
     respect to activations only, and parameter gradients would double the memory.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import sys
 
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    if not sys.stderr.isatty():  # keep logs of batch jobs free of per-tensor progress bars
+        hf_logging.disable_progress_bar()
     directory, gguf = resolve_spec(spec)
     torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
     kwargs = {"local_files_only": True}
