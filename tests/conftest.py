@@ -23,3 +23,29 @@ def smollm2():
     from engramlab.models import load_model
 
     return load_model("smollm2-135m")
+
+
+def word_tokenizer(texts):
+    """A word-level HF tokenizer over the words of ``texts`` (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted({w for t in texts for w in t.replace(".", " . ").split()})
+    vocab = {w: i for i, w in enumerate(["<unk>", "<pad>", "<eos>", *words])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")
+
+
+@pytest.fixture
+def tiny_hf_dir(tmp_path):
+    """A tiny Llama-family HF directory (weights + word tokenizer over the capital-city facts)."""
+    from engramlab.data.facts import load_facts
+
+    facts = load_facts("country_capital_city")
+    tok = word_tokenizer([f.prompt() + " " + f.object for f in facts])
+    model = tiny_model("llama", vocab_size=len(tok), seed=0)
+    path = tmp_path / "tiny-llama"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -179,6 +179,7 @@ def load_model(spec: str, dtype: str | torch.dtype = "float32", device: str = "c
 
     if not sys.stderr.isatty():  # keep logs of batch jobs free of per-tensor progress bars
         hf_logging.disable_progress_bar()
+        os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF dequantiser uses plain tqdm
     directory, gguf = resolve_spec(spec)
     torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
     kwargs = {"local_files_only": True}
