@@ -1,0 +1,299 @@
+"""Samplers over individuals, and the frequency distributions of continual worlds.
+
+A sampler decides which individuals' biographies fill each training batch. It is built from a
+spec string and is a pure function of (seed, step): ``indices(step, batch_size)`` draws from a
+generator seeded by ``(seed, step)`` alone, so a resumed run draws exactly the batches an
+uninterrupted one would. Grammar (``SAMPLER_GRAMMAR``)::
+
+    uniform                        every individual equally often
+    powerlaw:alpha=0.7             p(rank r) ∝ (r+1)^-alpha over a fixed random order of people
+    celebrities:k=10,w=8           k random individuals drawn w times more often than the others
+    warmup:size=1000,epochs=2      exact shuffled passes over a random subset of `size` people for
+                                   `epochs` epochs (epoch = size sequences), then uniform over all
+    sequential:groups=4,steps=500  individuals split into `groups` contiguous index ranges, each
+                                   trained (uniformly) for `steps` steps in turn; the last stays on
+    replay:old=PATH_OR_N,weight=0.2  fine-tuning with replay, see ReplaySampler
+
+    sampler = make_sampler("powerlaw:alpha=0.7", n_people=1000, seed=0)
+    batch = sampler.indices(step=12, batch_size=32)      # np.ndarray (32,) int64
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+
+from engramlab.errors import EngramError
+
+SAMPLER_GRAMMAR = ("uniform | powerlaw:alpha=A | celebrities:k=K,w=W | warmup:size=S,epochs=E | "
+                   "sequential:groups=G,steps=T | replay:old=PATH_OR_N,weight=W")
+FREQUENCY_GRAMMAR = "N | choice:V1,V2,... | zipf:a=A,max=M"
+
+# Tags keep the generator streams of a sampler apart: the fixed layout (permutations) never
+# shares a seed with any step's draws. Every seed is a 3-element list so no two can collide.
+_LAYOUT, _DRAW, _EPOCH = 0, 1, 2
+
+
+def _generator(seed: int, tag: int, k: int = 0) -> np.random.Generator:
+    return np.random.default_rng([seed, tag, k])
+
+
+def _parse(spec: str, grammar: str, kind: str) -> tuple[str, dict[str, str]]:
+    """"name:k=v,k=v" -> ("name", {"k": "v"}); "name" -> ("name", {})."""
+    name, _, rest = str(spec).strip().partition(":")
+    params: dict[str, str] = {}
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip() or not value.strip():
+            raise EngramError(f"{kind} spec {spec!r}: '{item}' is not key=value; "
+                              f"grammar: {grammar}")
+        params[key.strip()] = value.strip()
+    return name.strip(), params
+
+
+def _number(spec, params, key, grammar, kind, cast=float, low=None, high=None, default=None):
+    """Read ``params[key]`` as ``cast`` within [low, high], or raise an EngramError."""
+    if key not in params:
+        if default is not None:
+            return default
+        raise EngramError(f"{kind} spec {spec!r} lacks '{key}='; grammar: {grammar}")
+    try:
+        value = cast(params.pop(key))
+    except ValueError:
+        raise EngramError(f"{kind} spec {spec!r}: '{key}' must be a {cast.__name__}; "
+                          f"grammar: {grammar}") from None
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise EngramError(f"{kind} spec {spec!r}: '{key}'={value} is out of range "
+                          f"[{low}, {high}]; grammar: {grammar}")
+    return value
+
+
+class Sampler:
+    """Base class: draws from ``self.p`` (probabilities over ``n_indices`` individuals)."""
+
+    def __init__(self, spec: str, n_people: int, seed: int):
+        self.spec, self.n_people, self.seed = spec, n_people, seed
+        self.n_indices = n_people  # size of the index space; ReplaySampler enlarges it
+        self.p = np.full(n_people, 1.0 / n_people)
+
+    def _draw(self, p: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
+        # Inverse-CDF draw: O(size log n) per call, unlike rng.choice(p=...) which re-sums p.
+        cdf = np.cumsum(p)
+        idx = np.searchsorted(cdf, rng.random(size) * cdf[-1], side="right")
+        return np.minimum(idx, len(p) - 1).astype(np.int64)
+
+    def indices(self, step: int, batch_size: int) -> np.ndarray:
+        """Individuals of the batch at ``step``: np.ndarray (batch_size,) int64."""
+        return self._draw(self.p, _generator(self.seed, _DRAW, step), batch_size)
+
+    def probabilities(self, step: int | None = None, batch_size: int = 1) -> np.ndarray:
+        """p(individual) of one draw at ``step`` (n_indices,); ``step=None`` means the
+        long-run distribution, once any warm-up or schedule is over."""
+        return self.p.copy()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.spec!r}, n_people={self.n_people}, seed={self.seed})"
+
+
+class PowerLawSampler(Sampler):
+    """p(order[r]) ∝ (r+1)^-alpha; ``order`` is a fixed random permutation of the individuals."""
+
+    def __init__(self, spec, n_people, seed, alpha: float):
+        super().__init__(spec, n_people, seed)
+        self.alpha = alpha
+        self.order = _generator(seed, _LAYOUT).permutation(n_people)
+        weights = np.arange(1, n_people + 1, dtype=np.float64) ** -alpha
+        self.p = np.empty(n_people)
+        self.p[self.order] = weights / weights.sum()
+
+
+class CelebritySampler(Sampler):
+    """The ``k`` individuals in ``celebrities`` are drawn ``w`` times more often than others."""
+
+    def __init__(self, spec, n_people, seed, k: int, w: float):
+        super().__init__(spec, n_people, seed)
+        self.celebrities = np.sort(_generator(seed, _LAYOUT).permutation(n_people)[:k])
+        weights = np.ones(n_people)
+        weights[self.celebrities] = w
+        self.p = weights / weights.sum()
+
+
+class WarmupSampler(Sampler):
+    """``epochs`` exact passes over ``subset`` (reshuffled per epoch), then uniform over all.
+
+    Warm-up is counted in sequences (sequence t of the run is position t = step*batch_size + j),
+    so a batch that straddles the end of warm-up is part subset, part everyone.
+    """
+
+    def __init__(self, spec, n_people, seed, size: int, epochs: int):
+        super().__init__(spec, n_people, seed)
+        self.size, self.epochs = size, epochs
+        self.subset = np.sort(_generator(seed, _LAYOUT).permutation(n_people)[:size])
+
+    def warmup_steps(self, batch_size: int) -> int:
+        """Number of steps whose batches hold only subset individuals."""
+        return self.size * self.epochs // batch_size
+
+    def indices(self, step, batch_size):
+        out = super().indices(step, batch_size)  # uniform draws, used after warm-up
+        pos = step * batch_size + np.arange(batch_size)
+        warm = pos < self.size * self.epochs
+        for epoch in np.unique(pos[warm] // self.size):
+            order = self.subset[_generator(self.seed, _EPOCH, int(epoch)).permutation(self.size)]
+            sel = warm & (pos // self.size == epoch)
+            out[sel] = order[pos[sel] % self.size]
+        return out
+
+    def probabilities(self, step=None, batch_size=1):
+        if step is None:
+            return self.p.copy()
+        pos = step * batch_size + np.arange(batch_size)
+        warm_share = float(np.mean(pos < self.size * self.epochs))
+        p = (1 - warm_share) * self.p
+        p[self.subset] += warm_share / self.size
+        return p
+
+
+class SequentialSampler(Sampler):
+    """Group g = the g-th of ``groups`` contiguous index ranges, trained during steps
+    [g*steps, (g+1)*steps); after the last range the last group stays on."""
+
+    def __init__(self, spec, n_people, seed, groups: int, steps: int):
+        super().__init__(spec, n_people, seed)
+        self.steps = steps
+        self.groups = np.array_split(np.arange(n_people), groups)
+
+    def group_at(self, step: int) -> int:
+        return min(step // self.steps, len(self.groups) - 1)
+
+    def indices(self, step, batch_size):
+        members = self.groups[self.group_at(step)]
+        rng = _generator(self.seed, _DRAW, step)
+        return members[rng.integers(0, len(members), batch_size)].astype(np.int64)
+
+    def probabilities(self, step=None, batch_size=1):
+        members = self.groups[-1 if step is None else self.group_at(step)]
+        p = np.zeros(self.n_people)
+        p[members] = 1.0 / len(members)
+        return p
+
+
+class ReplaySampler(Sampler):
+    """Fine-tuning on a new population while replaying an old one.
+
+    The index space is (old, new): indices [0, n_old) are the old population, indices
+    [n_old, n_old + n_people) are the new one (new person j is index n_old + j). Each draw is an
+    old individual with probability ``weight`` (uniform among the old), else a new one (uniform
+    among the new). ``old=N`` gives n_old directly, which suits a single world whose first N
+    people were trained before and whose remaining n_people are new; ``old=PATH`` takes n_old
+    from the world saved at PATH (its people.jsonl).
+    """
+
+    def __init__(self, spec, n_people, seed, n_old: int, weight: float):
+        super().__init__(spec, n_people, seed)
+        self.n_old, self.weight = n_old, weight
+        self.n_indices = n_old + n_people
+        self.p = np.concatenate([np.full(n_old, weight / max(n_old, 1)),
+                                 np.full(n_people, (1 - weight) / n_people)])
+
+
+def _count_world_people(spec: str, path: str) -> int:
+    from engramlab.data.world import World  # late import: world.py imports this module
+
+    world_dir = Path(path)
+    if world_dir.is_file():
+        world_dir = world_dir.parent
+    if not (world_dir / "world.json").exists():
+        raise EngramError(f"sampler spec {spec!r}: no world at {path} (world.json missing); "
+                          f"give old= a world directory from `engram world` or a count")
+    return len(World.load(world_dir).people)
+
+
+def make_sampler(spec: str, n_people: int, seed: int = 0) -> Sampler:
+    """Parse ``spec`` (see SAMPLER_GRAMMAR) into a sampler over ``n_people`` individuals."""
+    if not isinstance(seed, int) or seed < 0:
+        raise EngramError(f"sampler seed must be a non-negative integer, got {seed!r}")
+    if n_people < 1:
+        raise EngramError(f"sampler spec {spec!r}: need at least one individual, got {n_people}")
+    name, params = _parse(spec, SAMPLER_GRAMMAR, "sampler")
+    g = SAMPLER_GRAMMAR
+
+    def num(key, cast=float, low=None, high=None):
+        return _number(spec, params, key, g, "sampler", cast, low, high)
+
+    if name == "uniform":
+        sampler = Sampler(spec, n_people, seed)
+    elif name == "powerlaw":
+        sampler = PowerLawSampler(spec, n_people, seed, alpha=num("alpha", float, 0.0))
+    elif name == "celebrities":
+        sampler = CelebritySampler(spec, n_people, seed, k=num("k", int, 1, n_people),
+                                   w=num("w", float, 0.0))
+    elif name == "warmup":
+        sampler = WarmupSampler(spec, n_people, seed, size=num("size", int, 1, n_people),
+                                epochs=num("epochs", int, 0))
+    elif name == "sequential":
+        sampler = SequentialSampler(spec, n_people, seed, groups=num("groups", int, 1, n_people),
+                                    steps=num("steps", int, 1))
+    elif name == "replay":
+        old = params.pop("old", None)
+        if old is None:
+            raise EngramError(f"sampler spec {spec!r} lacks 'old='; grammar: {g}")
+        n_old = int(old) if old.isdigit() else _count_world_people(spec, old)
+        sampler = ReplaySampler(spec, n_people, seed, n_old=n_old,
+                                weight=num("weight", float, 0.0, 1.0 if n_old else 0.0))
+    else:
+        raise EngramError(f"unknown sampler spec {spec!r}; grammar: {g}")
+    if params:
+        raise EngramError(f"sampler spec {spec!r}: unknown key(s) {sorted(params)}; grammar: {g}")
+    return sampler
+
+
+# --- frequencies of individuals in a continual corpus ------------------------------------------
+
+def frequency_pmf(spec: str) -> dict[int, float]:
+    """Distribution of how many biographies an individual gets: {frequency: probability}.
+
+    "3" -> everyone 3 times; "choice:1,3,8" -> uniform over the listed values;
+    "zipf:a=1.5,max=20" -> p(f) ∝ f^-a for f = 1..max.
+    """
+    text = str(spec).strip()
+    if text.isdigit() and int(text) >= 1:
+        return {int(text): 1.0}
+    name, _, rest = text.partition(":")
+    if name == "choice":
+        values = [v.strip() for v in rest.split(",") if v.strip()]
+        if not values or not all(v.isdigit() and int(v) >= 1 for v in values):
+            raise EngramError(f"frequency spec {spec!r}: choice needs positive integers like "
+                              f"choice:1,3,8; grammar: {FREQUENCY_GRAMMAR}")
+        counts: dict[int, float] = {}
+        for v in values:  # repeated values weigh more, as in random.choice over the list
+            counts[int(v)] = counts.get(int(v), 0.0) + 1.0 / len(values)
+        return counts
+    if name == "zipf":
+        _, params = _parse(text, FREQUENCY_GRAMMAR, "frequency")
+        a = _number(spec, params, "a", FREQUENCY_GRAMMAR, "frequency", float, 0.0)
+        top = _number(spec, params, "max", FREQUENCY_GRAMMAR, "frequency", int, 1)
+        if params:
+            raise EngramError(f"frequency spec {spec!r}: unknown key(s) {sorted(params)}; "
+                              f"grammar: {FREQUENCY_GRAMMAR}")
+        weights = {f: f ** -a for f in range(1, top + 1)}
+        total = sum(weights.values())
+        return {f: w / total for f, w in weights.items()}
+    raise EngramError(f"unknown frequency spec {spec!r}; grammar: {FREQUENCY_GRAMMAR}")
+
+
+def draw_frequencies(spec: str, n: int, rng: random.Random) -> list[int]:
+    """``n`` independent frequencies from ``frequency_pmf(spec)``."""
+    pmf = frequency_pmf(spec)
+    return rng.choices(list(pmf), weights=list(pmf.values()), k=n)
+
+
+def frequency_bucket(frequency: int) -> str:
+    """"high" (>5 biographies), "medium" (2-5), "low" (1), "unseen" (0: held-out people)."""
+    if frequency > 5:
+        return "high"
+    if frequency >= 2:
+        return "medium"
+    return "low" if frequency == 1 else "unseen"

@@ -1,0 +1,436 @@
+"""The synthetic biography world: who exists, what is true of them, and how it is written down.
+
+A world holds a trained population (``people``) and a held-out population (``heldout_people``,
+never trained on, names disjoint, same pools) used to measure hallucination. Every person has a
+unique full name and six attributes drawn independently and uniformly from the pools. For each
+attribute a person's 25 templates are split at random into 20 for training and 5 held out for
+evaluation. A training sequence is one biography: the six sentences in shuffled order, each with
+a template re-drawn from the person's training templates.
+
+A "continual" world is for further pre-training of a pretrained model: ``n_compl`` people with
+invented names plus ``n_rel`` real people from the bundled LRE person relations (a pretrained model
+may know them) with new random attributes; each person appears ``frequency`` times in the corpus.
+
+    world = build_world("tiny", seed=3)
+    bio = world.biography(0, random.Random(0))        # Biography(text, spans, person_index)
+    items = world.eval_items("heldout_templates")     # list[EvalItem]
+    world.save("runs/world"); assert World.load("runs/world") == world
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from engramlab.data.names import POOL_NAMES, load_real_names, make_pools, sample_full_names
+from engramlab.data.samplers import draw_frequencies, frequency_bucket, frequency_pmf
+from engramlab.data.templates import TEMPLATES, check_template, split_template
+from engramlab.errors import EngramError
+
+ATTRIBUTES = ("birth_date", "birth_city", "current_city", "university", "major", "employer")
+#: Which pool each attribute draws from (birth_date is generated, not pooled).
+ATTRIBUTE_POOLS = {"birth_city": "city", "current_city": "city", "university": "university",
+                   "major": "major", "employer": "employer"}
+MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August",
+          "September", "October", "November", "December")
+EVAL_SPLITS = ("heldout_templates", "train_templates", "heldout_people")
+_FORMAT = "engramlab-world"
+_REGENERATE = "regenerate it with `engram world --preset PRESET --out DIR`"
+
+
+@dataclass
+class WorldConfig:
+    """Everything that determines a world; the same config always gives the same world."""
+
+    kind: str = "bio"              # "bio" (train from scratch) or "continual"
+    n_people: int = 1000           # trained population (continual: always n_compl + n_rel)
+    n_heldout: int = 100           # held-out population, for hallucination
+    n_first: int = 400             # name pools: n_first * n_middle * n_last unique full names
+    n_middle: int = 400
+    n_last: int = 1000
+    n_cities: int = 800            # shared by birth_city and current_city
+    n_universities: int = 200
+    n_majors: int = 100
+    n_employers: int = 500
+    year_min: int = 1900           # birth years are uniform in [year_min, year_max]
+    year_max: int = 2100
+    n_templates: int = 25          # templates per attribute (at most 25 are written)
+    n_train_templates: int = 20    # per person and attribute; the rest are held out
+    seed: int = 0                  # people, attributes, template splits
+    pool_seed: int = 0             # pools only, so worlds of any seed share pools and vocabulary
+    n_compl: int = 0               # continual: people with invented names
+    n_rel: int = 0                 # continual: people with real names
+    frequency: str = "1"           # continual: biographies per person, see samplers.frequency_pmf
+
+    def pool_sizes(self) -> dict[str, int]:
+        return {"first": self.n_first, "middle": self.n_middle, "last": self.n_last,
+                "city": self.n_cities, "university": self.n_universities,
+                "major": self.n_majors, "employer": self.n_employers}
+
+    def validate(self) -> None:
+        """Raise EngramError on the first setting that cannot make a world."""
+        if self.kind not in ("bio", "continual"):
+            raise EngramError(f"world kind {self.kind!r} is unknown; use 'bio' or 'continual'")
+        positive = ("n_people", "n_first", "n_middle", "n_last", "n_cities", "n_universities",
+                    "n_majors", "n_employers")
+        for name in positive + ("n_heldout", "seed", "pool_seed", "n_compl", "n_rel",
+                                "year_min", "year_max", "n_templates", "n_train_templates"):
+            value, low = getattr(self, name), 1 if name in positive else 0
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise EngramError(f"world setting {name}={value!r} must be an integer >= {low}")
+        if self.year_min > self.year_max:
+            raise EngramError(f"world setting year_min={self.year_min} is after "
+                              f"year_max={self.year_max}; swap them")
+        most = min(len(t) for t in TEMPLATES.values())
+        if not 1 <= self.n_train_templates < self.n_templates <= most:
+            raise EngramError(f"world settings n_train_templates={self.n_train_templates}, "
+                              f"n_templates={self.n_templates}: need 1 <= n_train_templates "
+                              f"< n_templates <= {most}")
+        if self.kind == "continual":
+            frequency_pmf(self.frequency)  # raises on a malformed spec
+            if self.n_people != self.n_compl + self.n_rel:
+                raise EngramError(f"continual world: n_people={self.n_people} must equal "
+                                  f"n_compl + n_rel = {self.n_compl + self.n_rel}; set n_compl "
+                                  f"and n_rel only")
+        elif self.n_compl or self.n_rel:
+            raise EngramError("world settings n_compl/n_rel only apply to kind='continual'; "
+                              "drop them or use a continual preset")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "world config") -> WorldConfig:
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise EngramError(f"{source}: unknown world setting(s) {unknown}; known: "
+                              f"{', '.join(names)}")
+        return cls(**data)
+
+
+_TINY_POOLS = dict(n_first=20, n_middle=20, n_last=30, n_cities=40, n_universities=20,
+                   n_majors=20, n_employers=40)
+#: Named configs. tiny/continual-tiny run on a CPU in seconds to minutes; paper is the scale of
+#: the reference experiments (default pools).
+PRESETS: dict[str, WorldConfig] = {
+    "tiny": WorldConfig(n_people=300, n_heldout=100, **_TINY_POOLS),
+    "small": WorldConfig(n_people=5000, n_heldout=1000, n_first=100, n_middle=100, n_last=200),
+    "paper": WorldConfig(n_people=100_000, n_heldout=5000),
+    "continual-tiny": WorldConfig(kind="continual", n_people=200, n_compl=100, n_rel=100,
+                                  n_heldout=100, frequency="choice:1,3,8", **_TINY_POOLS),
+    "continual": WorldConfig(kind="continual", n_people=4000, n_compl=2000, n_rel=2000,
+                             n_heldout=1000, frequency="zipf:a=1.5,max=20"),
+}
+
+
+@dataclass
+class Person:
+    """One individual. ``train_templates``/``heldout_templates``: attribute -> template indices.
+
+    ``kind`` is "synthetic" (bio world), "compl" or "rel" (continual: invented or real name);
+    ``frequency`` is how many biographies of the person a continual corpus holds (0 for held-out
+    people) and ``bucket`` its class: high (>5), medium (2-5), low (1), unseen (0); None in bio
+    worlds.
+    """
+
+    name: str
+    attributes: dict[str, str]
+    train_templates: dict[str, list[int]]
+    heldout_templates: dict[str, list[int]]
+    kind: str = "synthetic"
+    frequency: int = 1
+    bucket: str | None = None
+
+    def to_dict(self) -> dict:
+        return dict(vars(self))  # shallow: asdict's deep copy dominates saving 100k people
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Person:
+        person = cls(**data)
+        for table in (person.attributes, person.train_templates, person.heldout_templates):
+            if set(table) != set(ATTRIBUTES):
+                raise KeyError(f"attributes {sorted(set(ATTRIBUTES) ^ set(table))}")
+        return person
+
+
+@dataclass(frozen=True)
+class Biography:
+    """A training sequence. ``spans``: (attribute, char_start, char_end) of each value in text."""
+
+    text: str
+    spans: list[tuple[str, int, int]]
+    person_index: int
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    """One evaluation sentence: ``prompt + " " + value + suffix``.
+
+    ``prompt`` stops before the space that precedes the value, the way the value sits in a
+    biography, so any tokenizer splits prompt and value as it did in training.
+    ``population`` is "people" or "heldout_people"; ``person_index`` indexes into it.
+    """
+
+    person_index: int
+    attribute: str
+    template_index: int
+    prompt: str
+    value: str
+    suffix: str
+    population: str = "people"
+
+    @property
+    def text(self) -> str:
+        return f"{self.prompt} {self.value}{self.suffix}"
+
+    @property
+    def value_span(self) -> tuple[int, int]:
+        start = len(self.prompt) + 1
+        return start, start + len(self.value)
+
+
+@dataclass
+class World:
+    """A generated world; compare two with ``==`` (config, pools, templates and everyone)."""
+
+    config: WorldConfig
+    pools: dict[str, list[str]]
+    templates: dict[str, list[str]]      # attribute -> templates with {name} and {value}
+    people: list[Person]
+    heldout_people: list[Person] = field(default_factory=list)
+
+    # --- rendering ----------------------------------------------------------------------------
+    def render(self, person: Person, attribute: str, template_index: int) -> tuple[str, str, str]:
+        """(prompt, value, suffix); the sentence is prompt + " " + value + suffix."""
+        head, tail = split_template(self.templates[attribute][template_index])
+        return head.replace("{name}", person.name), person.attributes[attribute], tail
+
+    def biography(self, person_index: int, rng: random.Random) -> Biography:
+        """Six sentences about ``people[person_index]`` in shuffled order, each from a template
+        drawn (with ``rng``) out of that person's training templates, joined by single spaces."""
+        person = self.people[person_index]
+        order = list(ATTRIBUTES)
+        rng.shuffle(order)
+        sentences, spans, pos = [], [], 0
+        for attribute in order:
+            template = rng.choice(person.train_templates[attribute])
+            prompt, value, suffix = self.render(person, attribute, template)
+            start = pos + len(prompt) + 1
+            spans.append((attribute, start, start + len(value)))
+            sentence = f"{prompt} {value}{suffix}"
+            sentences.append(sentence)
+            pos += len(sentence) + 1  # the joining space
+        return Biography(" ".join(sentences), spans, person_index)
+
+    def eval_items(self, split: str = "heldout_templates", max_people: int | None = None,
+                   max_templates: int | None = None) -> list[EvalItem]:
+        """Evaluation sentences of ``split``, one per (person, attribute, template).
+
+        heldout_templates: trained people, their 5 held-out templates (the test of knowledge);
+        train_templates: trained people, their training templates (memorisation);
+        heldout_people: the never-trained population, its held-out templates (hallucination).
+        ``max_people`` keeps a random but fixed subset (the same people for both splits of the
+        trained population); ``max_templates`` keeps the first k templates per attribute.
+        """
+        if split not in EVAL_SPLITS:
+            raise EngramError(f"eval split {split!r} is unknown; use one of {EVAL_SPLITS}")
+        population = "heldout_people" if split == "heldout_people" else "people"
+        members = getattr(self, population)
+        chosen = range(len(members))
+        if max_people is not None and max_people < len(members):
+            subset_rng = random.Random(f"engramlab-eval-{self.config.seed}-{population}")
+            chosen = sorted(subset_rng.sample(chosen, max_people))
+        which = "train_templates" if split == "train_templates" else "heldout_templates"
+        items = []
+        for i in chosen:
+            person = members[i]
+            for attribute in ATTRIBUTES:
+                for t in getattr(person, which)[attribute][:max_templates]:
+                    prompt, value, suffix = self.render(person, attribute, t)
+                    items.append(EvalItem(i, attribute, t, prompt, value, suffix, population))
+        return items
+
+    def value_counts(self) -> dict[str, int]:
+        """Number of possible values per attribute; log of it is the no-knowledge loss."""
+        years = self.config.year_max - self.config.year_min + 1
+        # Every month has days 1-31: the world is synthetic, so "February 30" is just a value.
+        counts = {"birth_date": years * 12 * 31}
+        counts.update({a: len(self.pools[p]) for a, p in ATTRIBUTE_POOLS.items()})
+        return counts
+
+    def corpus_indices(self) -> np.ndarray:
+        """Each trained person's index repeated ``frequency`` times: (sum of frequencies,)."""
+        return np.repeat(np.arange(len(self.people)), [p.frequency for p in self.people])
+
+    # --- files --------------------------------------------------------------------------------
+    def save(self, out_dir: str | os.PathLike) -> Path:
+        """Write world.json (config, pools, templates), people.jsonl and heldout_people.jsonl."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        header = {"format": _FORMAT, "version": 1, "config": self.config.to_dict(),
+                  "pools": self.pools, "templates": self.templates}
+        _write_atomic(out / "world.json", json.dumps(header, indent=1, ensure_ascii=False) + "\n")
+        for name in ("people", "heldout_people"):
+            lines = [json.dumps(p.to_dict(), ensure_ascii=False) for p in getattr(self, name)]
+            _write_atomic(out / f"{name}.jsonl", "".join(line + "\n" for line in lines))
+        return out
+
+    @classmethod
+    def load(cls, world_dir: str | os.PathLike) -> World:
+        """Read a world written by ``save``; EngramError naming the file on any damage."""
+        world_dir = Path(world_dir)
+        path = world_dir / "world.json"
+        header = _read_json(path, _read_text(path))
+        try:
+            if header.get("format") != _FORMAT:
+                raise KeyError("format")
+            config = WorldConfig.from_dict(header["config"], source="config")
+            config.validate()
+            pools, templates = header["pools"], header["templates"]
+            if set(POOL_NAMES) - set(pools):
+                raise KeyError(f"pools {sorted(set(POOL_NAMES) - set(pools))}")
+            for attribute in ATTRIBUTES:
+                for t in templates[attribute]:
+                    check_template(t)
+        except KeyError as err:
+            raise EngramError(f"{path} lacks key {err}; {_REGENERATE}") from err
+        except (TypeError, AttributeError) as err:
+            raise EngramError(f"{path} is not a world file ({err}); {_REGENERATE}") from err
+        except EngramError as err:
+            raise EngramError(f"{path}: {err}; {_REGENERATE}") from err
+        people = _read_people(world_dir / "people.jsonl")
+        heldout = _read_people(world_dir / "heldout_people.jsonl")
+        if len(people) != config.n_people or len(heldout) != config.n_heldout:
+            raise EngramError(f"{world_dir}: {len(people)} people and {len(heldout)} held-out "
+                              f"people but world.json says {config.n_people} and "
+                              f"{config.n_heldout}; {_REGENERATE}")
+        return cls(config, pools, templates, people, heldout)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    # A temp file in the same directory, then os.replace: readers see the old or the new file,
+    # never half of one, even if the writer dies midway.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise EngramError(f"{path} cannot be read ({type(err).__name__}); {_REGENERATE}") from err
+
+
+def _read_json(path: Path, text: str, line: int | None = None):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        where = f"{path} line {line or err.lineno}"
+        raise EngramError(f"{where} does not parse ({err.msg}); {_REGENERATE}") from err
+
+
+def _read_people(path: Path) -> list[Person]:
+    people = []
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            people.append(Person.from_dict(_read_json(path, line, number)))
+        except (KeyError, TypeError) as err:
+            raise EngramError(f"{path} line {number} lacks or garbles {err}; "
+                              f"{_REGENERATE}") from err
+    return people
+
+
+# --- generation -------------------------------------------------------------------------------
+
+def _make_person(name: str, config: WorldConfig, pools: dict, rng: random.Random,
+                 kind: str = "synthetic", frequency: int = 1) -> Person:
+    # Every month has days 1-31: the world is synthetic, so "February 30" is just a value.
+    day, month, year = rng.randint(1, 31), rng.randrange(12), rng.randint(config.year_min,
+                                                                           config.year_max)
+    attributes = {"birth_date": f"{MONTHS[month]} {day}, {year}"}
+    attributes.update({a: rng.choice(pools[p]) for a, p in ATTRIBUTE_POOLS.items()})
+    train, heldout = {}, {}
+    all_templates = list(range(config.n_templates))
+    for attribute in ATTRIBUTES:
+        # Drawing the few held-out ones (not shuffling all 25) keeps a 100k world quick to make.
+        held = set(rng.sample(all_templates, config.n_templates - config.n_train_templates))
+        train[attribute] = [t for t in all_templates if t not in held]
+        heldout[attribute] = sorted(held)
+    bucket = frequency_bucket(frequency) if config.kind == "continual" else None
+    return Person(name, attributes, train, heldout, kind, frequency, bucket)
+
+
+def _invented_names(config: WorldConfig, pools: dict, n: int, rng: random.Random) -> list[str]:
+    """``n`` distinct invented full names, or an EngramError saying which pools to enlarge."""
+    total = config.n_first * config.n_middle * config.n_last
+    if n > total:
+        who = (f"n_compl={config.n_compl}" if config.kind == "continual"
+               else f"n_people={config.n_people}")
+        raise EngramError(f"{who} plus n_heldout={config.n_heldout} needs {n} unique names but "
+                          f"the name pools make only {total} (n_first={config.n_first} x "
+                          f"n_middle={config.n_middle} x n_last={config.n_last}); raise n_first, "
+                          f"n_middle or n_last")
+    return sample_full_names(pools, n, rng)
+
+
+def generate_world(config: WorldConfig) -> World:
+    """Make the world ``config`` describes (validated first). Pure function of ``config``."""
+    config.validate()
+    pools = make_pools(config.pool_sizes(), seed=config.pool_seed)
+    templates = {a: list(TEMPLATES[a][:config.n_templates]) for a in ATTRIBUTES}
+    rng = random.Random(f"engramlab-world-{config.seed}")
+    n_invented = config.n_compl if config.kind == "continual" else config.n_people
+    invented = _invented_names(config, pools, n_invented + config.n_heldout, rng)
+    trained, unseen = invented[:n_invented], invented[n_invented:]
+    if config.kind == "bio":
+        people = [_make_person(name, config, pools, rng) for name in trained]
+        heldout = [_make_person(name, config, pools, rng, frequency=0) for name in unseen]
+        return World(config, pools, templates, people, heldout)
+    real = load_real_names()
+    if config.n_rel > len(real):
+        raise EngramError(f"n_rel={config.n_rel} exceeds the {len(real)} real names in the "
+                          f"bundled person relations; lower n_rel")
+    real = rng.sample(real, config.n_rel)
+    frequencies = draw_frequencies(config.frequency, config.n_people, rng)
+    kinds = ["compl"] * config.n_compl + ["rel"] * config.n_rel
+    people = [_make_person(name, config, pools, rng, kind, f)
+              for name, kind, f in zip(trained + real, kinds, frequencies)]
+    heldout = [_make_person(name, config, pools, rng, "compl", 0) for name in unseen]
+    return World(config, pools, templates, people, heldout)
+
+
+def build_world(preset: str | None = None, **overrides) -> World:
+    """Generate a world from a preset (None: WorldConfig defaults) with keyword overrides.
+
+    Overrides that are None are ignored (handy for CLI flags left unset). For continual worlds
+    n_people follows n_compl + n_rel.
+    """
+    if preset is None:
+        config = WorldConfig()
+    elif preset in PRESETS:
+        config = PRESETS[preset]
+    else:
+        raise EngramError(f"unknown world preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    config = WorldConfig.from_dict({**config.to_dict(), **overrides}, source="world overrides")
+    if config.kind == "continual" and "n_people" not in overrides:
+        config.n_people = config.n_compl + config.n_rel
+    return generate_world(config)

@@ -1,0 +1,83 @@
+"""Model presets for training from scratch: plain HF configs, Llama-style or GPT-2-style.
+
+``--model-config`` takes a preset name (``tiny``, ``small``, ``paper``; append ``-gpt2`` for the
+GPT-2 style, e.g. ``tiny-gpt2``), or a path to a HF ``config.json`` / model directory whose
+config is reused with fresh random weights. The vocabulary size always comes from the tokenizer.
+
+==========  ======  =====  =======  =====  ===========================================
+preset      layers  heads  d_model  d_mlp  use
+==========  ======  =====  =======  =====  ===========================================
+tiny        2       4      128      512    CPU, seconds to minutes (tests, dynamics demos)
+small       4       4      256      1024   CPU, tens of minutes
+paper       8       8      512      2048   the 44M-parameter reference (GPU)
+==========  ======  =====  =======  =====  ===========================================
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from engramlab.errors import EngramError
+
+PRESETS = {
+    "tiny": dict(n_layers=2, n_heads=4, d_model=128, d_mlp=512),
+    "small": dict(n_layers=4, n_heads=4, d_model=256, d_mlp=1024),
+    "paper": dict(n_layers=8, n_heads=8, d_model=512, d_mlp=2048),
+}
+STYLES = ("llama", "gpt2")
+
+
+def preset_names() -> list[str]:
+    return [f"{p}{'' if s == 'llama' else '-' + s}" for p in PRESETS for s in STYLES]
+
+
+def make_config(spec: str, vocab_size: int, max_len: int, tokenizer=None):
+    """A ``transformers`` config for SPEC (see module docstring) sized for ``vocab_size``."""
+    from transformers import AutoConfig, GPT2Config, LlamaConfig
+
+    special = {}
+    if tokenizer is not None:
+        special = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                   if getattr(tokenizer, k, None) is not None}
+    name, _, style = spec.partition("-")
+    style = style or "llama"
+    if name in PRESETS and style in STYLES:
+        p = PRESETS[name]
+        if style == "llama":
+            return LlamaConfig(vocab_size=vocab_size, hidden_size=p["d_model"], intermediate_size=p["d_mlp"],
+                               num_hidden_layers=p["n_layers"], num_attention_heads=p["n_heads"],
+                               num_key_value_heads=p["n_heads"], max_position_embeddings=max_len,
+                               tie_word_embeddings=False, rope_theta=10000.0, **special)
+        return GPT2Config(vocab_size=vocab_size, n_embd=p["d_model"], n_layer=p["n_layers"], n_head=p["n_heads"],
+                          n_inner=p["d_mlp"], n_positions=max_len, resid_pdrop=0.0, embd_pdrop=0.0,
+                          attn_pdrop=0.0, **special)
+    path = Path(spec)
+    if path.is_dir() and (path / "config.json").is_file():
+        path = path / "config.json"
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise EngramError(f"--model-config {spec}: not a valid JSON config ({e}); give a HF config.json") from e
+        if "model_type" not in data:
+            raise EngramError(f"--model-config {spec}: no \"model_type\" key; give a HF config.json")
+        config = AutoConfig.for_model(**data)
+        config.vocab_size = vocab_size
+        for k, v in special.items():
+            setattr(config, k, v)
+        return config
+    raise EngramError(f"--model-config {spec!r}: not a preset ({', '.join(preset_names())}) "
+                      "nor a HF config.json / model directory")
+
+
+def build_model(spec: str, vocab_size: int, max_len: int, seed: int, tokenizer=None) -> torch.nn.Module:
+    """A freshly initialised causal LM (deterministic for ``seed``), in train mode."""
+    from transformers import AutoModelForCausalLM
+
+    config = make_config(spec, vocab_size, max_len, tokenizer)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.train()
