@@ -130,6 +130,135 @@ def recall(model: str = ModelOpt,
     console.print(f"wrote {out}/facts.jsonl, summary.json, manifest.json")
 
 
+def _parse_sets(items: list[str] | None, flag: str) -> dict:
+    """``--set key=value`` pairs -> dict (ints and floats parsed)."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise EngramError(f"{flag} {item!r}: use KEY=VALUE, e.g. {flag} n_cities=100")
+        for cast in (int, float):
+            try:
+                out[key] = cast(value)
+                break
+            except ValueError:
+                continue
+        else:
+            out[key] = value
+    return out
+
+
+@app.command()
+@user_errors
+def world(preset: str = typer.Option("tiny", "--preset", "-p", help="tiny | small | paper | continual-tiny | "
+                                     "continual."),
+          out: Path = OutOpt, seed: int = SeedOpt,
+          n_people: Optional[int] = typer.Option(None, "--n-people", "-N", help="Trained population size."),
+          n_heldout: Optional[int] = typer.Option(None, "--n-heldout", help="Held-out population size."),
+          disjoint_from: Optional[Path] = typer.Option(None, "--disjoint-from", help="Another world whose names "
+                                                       "this one must not reuse (fine-tuning on new people)."),
+          sets: Optional[List[str]] = typer.Option(None, "--set", help="Any world setting, KEY=VALUE "
+                                                   "(repeatable), e.g. --set n_cities=100.")):
+    """Generate a synthetic biography world (people, attributes, templates) into --out."""
+    from engramlab.data.world import World, build_world
+    from engramlab.data.wordtok import build_word_tokenizer
+    from engramlab.runs import RunDir
+    from engramlab.train.metrics import baseline_loss
+
+    overrides = {"n_people": n_people, "n_heldout": n_heldout, "seed": seed, **_parse_sets(sets, "--set")}
+    exclude = set()
+    if disjoint_from is not None:
+        other = World.load(disjoint_from)
+        exclude = {p.name for p in other.people + other.heldout_people}
+    config = {"preset": preset, "overrides": overrides, "disjoint_from": str(disjoint_from or "") or None}
+    w = build_world(preset, exclude_names=exclude, **overrides)
+    with RunDir(out, "world", config, seed=seed) as run:
+        w.save(run.path)
+        tok = build_word_tokenizer(w)
+        counts = w.value_counts()
+        run.finish({"kind": w.config.kind, "n_people": len(w.people), "n_heldout": len(w.heldout_people),
+                    "vocab_size": len(tok), "baseline_loss": baseline_loss(w),
+                    **{f"values.{k}": v for k, v in counts.items()}})
+    console.print(f"world {preset}: {len(w.people)} people, {len(w.heldout_people)} held out, "
+                  f"word vocabulary {len(tok)}, no-knowledge loss {baseline_loss(w):.3f} -> {out}")
+
+
+@app.command()
+@user_errors
+def train(world_dir: Optional[Path] = typer.Option(None, "--world", "-w", help="World directory from engram world."),
+          model_config: str = typer.Option("tiny", "--model-config", help="tiny | small | paper (+ -gpt2), or a "
+                                           "HF config.json / model dir for fresh weights."),
+          out: Path = OutOpt,
+          init: Optional[str] = typer.Option(None, "--init", help="Continue training this model SPEC (pretrained "
+                                             "model or a run checkpoint) instead of fresh weights."),
+          tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Train from scratch with this HF "
+                                                  "tokenizer (model SPEC) instead of the world's word tokenizer."),
+          steps: int = typer.Option(2000, "--steps"), batch_size: int = typer.Option(32, "--batch-size"),
+          lr: float = typer.Option(1e-3, "--lr"), min_lr_ratio: float = typer.Option(0.1, "--min-lr-ratio"),
+          schedule: str = typer.Option("cosine", "--schedule", help="cosine | constant | linear."),
+          warmup_steps: int = typer.Option(0, "--warmup-steps"),
+          weight_decay: float = typer.Option(0.1, "--weight-decay"),
+          beta1: float = typer.Option(0.9, "--beta1"), beta2: float = typer.Option(0.95, "--beta2"),
+          grad_clip: float = typer.Option(1.0, "--grad-clip"),
+          sampler: str = typer.Option("uniform", "--sampler", help="uniform | powerlaw:alpha=A | "
+                                      "celebrities:k=K,w=W | warmup:size=S,epochs=E | sequential:groups=G,steps=T | "
+                                      "replay:weight=W."),
+          eval_every: int = typer.Option(50, "--eval-every"), eval_people: int = typer.Option(100, "--eval-people"),
+          eval_templates: int = typer.Option(2, "--eval-templates"),
+          checkpoints: str = typer.Option("dense:24", "--checkpoints", help="dense:N | log:N | every:K | none."),
+          old_world: Optional[str] = typer.Option(None, "--old-world", help="Population trained before (retention "
+                                                  "metrics, replay); default: the --init run's world."),
+          patch_attention_from: Optional[str] = typer.Option(None, "--patch-attention-from", help="RUN:STEP whose "
+                                                             "attention patterns the twin uses (stop-gradient)."),
+          patch_window: Optional[str] = typer.Option(None, "--patch-window", help="A:B steps to patch (default all)."),
+          plateau_exit: float = typer.Option(0.10, "--plateau-exit", help="Plateau ends at the first eval this "
+                                             "fraction below the baseline."),
+          plateau_reach: float = typer.Option(0.05, "--plateau-reach", help="Plateau starts at the first eval "
+                                              "within this fraction above the baseline."),
+          resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint "
+                                      "(its saved config is used)."),
+          seed: int = SeedOpt, device: str = DeviceOpt):
+    """Train a model on a world's biographies; checkpoints and knowledge metrics over training."""
+    from dataclasses import asdict
+
+    from engramlab.data.world import World
+    from engramlab.runs import RunDir, load_json
+    from engramlab.train.trainer import TrainConfig, train as run_training
+
+    if resume:
+        manifest = out / "manifest.json"
+        if not manifest.is_file():
+            raise EngramError(f"--resume: {out} has no manifest.json, so no run to resume; start it without --resume")
+        cfg = TrainConfig(**load_json(manifest, "run manifest")["config"])
+    else:
+        if world_dir is None:
+            raise EngramError("engram train needs --world DIR (make one with `engram world --preset tiny --out DIR`)")
+        cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, min_lr_ratio=min_lr_ratio, schedule=schedule,
+                          warmup_steps=warmup_steps, weight_decay=weight_decay, beta1=beta1, beta2=beta2,
+                          grad_clip=grad_clip, sampler=sampler, seed=seed, eval_every=eval_every,
+                          eval_people=eval_people, eval_templates=eval_templates, checkpoints=checkpoints,
+                          plateau_reach=plateau_reach, plateau_exit=plateau_exit, device=device,
+                          model_config=model_config, init=init, tokenizer=tokenizer, old_world=old_world,
+                          patch_attention_from=patch_attention_from, patch_window=patch_window,
+                          world=str(world_dir))
+    w = World.load(cfg.world)
+    with RunDir(out, "train", asdict(cfg), seed=cfg.seed) as run:
+        summary = run_training(w, run.path, cfg, resume=resume)
+        run.finish(summary)
+    _print_summary("train", out, summary, ["baseline_loss", "final_attr_loss", "final_attr_acc", "plateau_start_step",
+                                           "plateau_end_step", "heldout_loss_final", "old_acc_final",
+                                           "tokens_per_second"])
+
+
+def _print_summary(title: str, out: Path, summary: dict, keys: list[str]) -> None:
+    t = Table(title=f"{title} -> {out}", show_header=False)
+    for k in keys:
+        if k in summary:
+            v = summary[k]
+            t.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
+    console.print(t)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app(prog_name="engram")
 

@@ -378,9 +378,11 @@ def _make_person(name: str, config: WorldConfig, pools: dict, rng: random.Random
     return Person(name, attributes, train, heldout, kind, frequency, bucket)
 
 
-def _invented_names(config: WorldConfig, pools: dict, n: int, rng: random.Random) -> list[str]:
-    """``n`` distinct invented full names, or an EngramError saying which pools to enlarge."""
-    total = config.n_first * config.n_middle * config.n_last
+def _invented_names(config: WorldConfig, pools: dict, n: int, rng: random.Random,
+                    exclude: frozenset[str] = frozenset()) -> list[str]:
+    """``n`` distinct invented full names not in ``exclude``, or an EngramError saying which
+    pools to enlarge."""
+    total = config.n_first * config.n_middle * config.n_last - len(exclude)
     if n > total:
         who = (f"n_compl={config.n_compl}" if config.kind == "continual"
                else f"n_people={config.n_people}")
@@ -388,17 +390,23 @@ def _invented_names(config: WorldConfig, pools: dict, n: int, rng: random.Random
                           f"the name pools make only {total} (n_first={config.n_first} x "
                           f"n_middle={config.n_middle} x n_last={config.n_last}); raise n_first, "
                           f"n_middle or n_last")
-    return sample_full_names(pools, n, rng)
+    if not exclude:
+        return sample_full_names(pools, n, rng)
+    # Draw enough to survive the exclusion, then drop excluded names (order stays random).
+    drawn = sample_full_names(pools, min(n + len(exclude), total + len(exclude)), rng)
+    return [name for name in drawn if name not in exclude][:n]
 
 
-def generate_world(config: WorldConfig) -> World:
-    """Make the world ``config`` describes (validated first). Pure function of ``config``."""
+def generate_world(config: WorldConfig, exclude_names: frozenset[str] = frozenset()) -> World:
+    """Make the world ``config`` describes (validated first). Pure function of ``config`` and
+    ``exclude_names`` (invented names to avoid, e.g. another world's people, so a fine-tuning
+    population is new; pools are shared through ``pool_seed``)."""
     config.validate()
     pools = make_pools(config.pool_sizes(), seed=config.pool_seed)
     templates = {a: list(TEMPLATES[a][:config.n_templates]) for a in ATTRIBUTES}
     rng = random.Random(f"engramlab-world-{config.seed}")
     n_invented = config.n_compl if config.kind == "continual" else config.n_people
-    invented = _invented_names(config, pools, n_invented + config.n_heldout, rng)
+    invented = _invented_names(config, pools, n_invented + config.n_heldout, rng, frozenset(exclude_names))
     trained, unseen = invented[:n_invented], invented[n_invented:]
     if config.kind == "bio":
         people = [_make_person(name, config, pools, rng) for name in trained]
@@ -417,7 +425,7 @@ def generate_world(config: WorldConfig) -> World:
     return World(config, pools, templates, people, heldout)
 
 
-def build_world(preset: str | None = None, **overrides) -> World:
+def build_world(preset: str | None = None, exclude_names=frozenset(), **overrides) -> World:
     """Generate a world from a preset (None: WorldConfig defaults) with keyword overrides.
 
     Overrides that are None are ignored (handy for CLI flags left unset). For continual worlds
@@ -433,4 +441,4 @@ def build_world(preset: str | None = None, **overrides) -> World:
     config = WorldConfig.from_dict({**config.to_dict(), **overrides}, source="world overrides")
     if config.kind == "continual" and "n_people" not in overrides:
         config.n_people = config.n_compl + config.n_rel
-    return generate_world(config)
+    return generate_world(config, frozenset(exclude_names))

@@ -199,6 +199,19 @@ def load_model(spec: str, dtype: str | torch.dtype = "float32", device: str = "c
     return LoadedModel(model, tokenizer, spec, os.path.join(directory, gguf) if gguf else directory)
 
 
+def load_tokenizer(spec: str):
+    """Only the tokenizer of model SPEC (same resolution as ``load_model``)."""
+    from transformers import AutoTokenizer
+
+    directory, gguf = resolve_spec(spec)
+    kwargs = {"local_files_only": True, **({"gguf_file": gguf} if gguf else {})}
+    try:
+        return AutoTokenizer.from_pretrained(directory, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EngramError(f"tokenizer {spec!r}: could not load from {directory}: {first}") from e
+
+
 def wrap_model(model: nn.Module, tokenizer=None, spec: str = "<in-memory>") -> LoadedModel:
     """Wrap a model already in memory (e.g. built from a config) like ``load_model`` does."""
     return LoadedModel(model, tokenizer, spec, spec)

@@ -33,7 +33,7 @@ from engramlab.dynamics.plateau import detect_plateau
 from engramlab.errors import EngramError
 from engramlab.models.hooks import HookPoints
 from engramlab.models.adapters import get_adapter
-from engramlab.models.loading import CHECKPOINT_DIR, list_checkpoints, load_model, resolve_device
+from engramlab.models.loading import CHECKPOINT_DIR, list_checkpoints, load_model, load_tokenizer, resolve_device
 from engramlab.progress import progress_bar
 from engramlab.runs import append_jsonl, atomic_directory, atomic_write_jsonl, read_jsonl
 from engramlab.train.checkpoints import checkpoint_steps
@@ -67,6 +67,7 @@ class TrainConfig:
     device: str = "cpu"
     model_config: str = "tiny"
     init: str | None = None          # continue from a pretrained model or a run checkpoint
+    tokenizer: str | None = None     # HF tokenizer (model SPEC) for from-scratch runs; default: word-level
     old_world: str | None = None     # retention metrics / replay population when fine-tuning
     patch_attention_from: str | None = None  # RUN:STEP whose attention patterns the twin uses
     patch_window: str | None = None  # "A:B": patch steps [A, B); default: the whole run
@@ -159,11 +160,13 @@ class Trainer:
             if self.old_world is None:
                 self.old_world = _world_of_run(cfg.init)
         else:
-            self.tokenizer = build_word_tokenizer(self.world)
+            self.tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else build_word_tokenizer(self.world)
             self.max_len = self._max_len()
             self.model = build_model(cfg.model_config, len(self.tokenizer), self.max_len, cfg.seed,
                                      self.tokenizer).to(self.device)
         self.model.requires_grad_(True)
+        if self.tokenizer.pad_token_id is None:  # GPT-2-style tokenizers: pad with eos
+            self.tokenizer.pad_token = self.tokenizer.eos_token
 
     def _max_len(self) -> int:
         # The longest biography: every template at its longest value plus <bos>/<eos>, rounded up.
