@@ -30,18 +30,27 @@ from engramlab.errors import EngramError
 
 # -- atomic writes ----------------------------------------------------------------------------
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write via a temp file in the same directory + os.replace: readers see the old file or the
+    new one, never half of one. Keeps an existing file's permissions (mkstemp makes 0600)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise EngramError(f"{path}: cannot write ({err.strerror}); check the directory") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(err, OSError):
+            raise EngramError(f"{path}: cannot write ({err.strerror}); check disk space and permissions") from None
         raise
 
 

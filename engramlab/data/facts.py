@@ -8,19 +8,18 @@ docs/facts.md; the bundled relations live in ``engramlab/data/facts/lre`` (see t
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import json
 import os
 import random
 import re
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, overload
 
 from engramlab.errors import EngramError
+from engramlab.runs import atomic_write_text
 
 #: Where the bundled LRE relation files are installed (package data, never ../shared).
 BUNDLED_LRE_DIR = Path(__file__).resolve().parent / "facts" / "lre"
@@ -181,7 +180,7 @@ class FactSet:
         # ensure_ascii=False keeps "Brasília" readable; load_jsonl splits on "\n" only, so raw
         # U+2028 and friends inside strings are safe.
         text = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
-        _write_atomic(Path(path), text)
+        atomic_write_text(Path(path), text)
 
 
 @dataclass(frozen=True)
@@ -531,29 +530,3 @@ def _as_template(text: str, subject: str | None, where: str) -> str:
         return text.replace(subject, PLACEHOLDER)
     raise EngramError(f"{where}: subject {subject!r} not in template {text!r}; put {{}} where the "
                       "subject goes, or write the subject exactly as in \"subject\"")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write via a temp file in the same directory and os.replace, so a crash leaves either the
-    old file or the new one, never a torn one."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # mkstemp makes 0600 files; keep an existing file's mode, else the usual 0644.
-        mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as err:
-        raise EngramError(f"{path}: cannot write ({err.strerror}); check the directory") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException as err:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(err, OSError):
-            raise EngramError(f"{path}: cannot write ({err.strerror}); check disk space and "
-                              "permissions") from None
-        raise

@@ -23,7 +23,6 @@ import dataclasses
 import json
 import os
 import random
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from engramlab.data.names import POOL_NAMES, load_real_names, make_pools, sample
 from engramlab.data.samplers import draw_frequencies, frequency_bucket, frequency_pmf
 from engramlab.data.templates import TEMPLATES, check_template, split_template
 from engramlab.errors import EngramError
+from engramlab.runs import atomic_write_text
 
 ATTRIBUTES = ("birth_date", "birth_city", "current_city", "university", "major", "employer")
 #: Which pool each attribute draws from (birth_date is generated, not pooled).
@@ -277,10 +277,10 @@ class World:
         out.mkdir(parents=True, exist_ok=True)
         header = {"format": _FORMAT, "version": 1, "config": self.config.to_dict(),
                   "pools": self.pools, "templates": self.templates}
-        _write_atomic(out / "world.json", json.dumps(header, indent=1, ensure_ascii=False) + "\n")
+        atomic_write_text(out / "world.json", json.dumps(header, indent=1, ensure_ascii=False) + "\n")
         for name in ("people", "heldout_people"):
             lines = [json.dumps(p.to_dict(), ensure_ascii=False) for p in getattr(self, name)]
-            _write_atomic(out / f"{name}.jsonl", "".join(line + "\n" for line in lines))
+            atomic_write_text(out / f"{name}.jsonl", "".join(line + "\n" for line in lines))
         return out
 
     @classmethod
@@ -313,21 +313,6 @@ class World:
                               f"people but world.json says {config.n_people} and "
                               f"{config.n_heldout}; {_REGENERATE}")
         return cls(config, pools, templates, people, heldout)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    # A temp file in the same directory, then os.replace: readers see the old or the new file,
-    # never half of one, even if the writer dies midway.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _read_text(path: Path) -> str:
