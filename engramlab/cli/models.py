@@ -1,0 +1,93 @@
+"""``engram inspect`` and ``engram recall``: what a model is and which facts it knows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+from engramlab.cli.common import (DeviceOpt, DtypeOpt, ModelOpt, OutOpt, SeedOpt, app, console,
+                                  user_errors)
+
+
+@app.command()
+@user_errors
+def inspect(model: str = ModelOpt, dtype: str = DtypeOpt, device: str = DeviceOpt,
+            seq_len: int = typer.Option(8, "--seq-len", help="Sequence length used to show site shapes."),
+            layer: Optional[int] = typer.Option(0, "--layer", help="Layer whose sites to list (-1: all)."),
+            as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+            out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write inspect.json here.")):
+    """Model family, sizes, and the hook sites with their tensor shapes."""
+    from engramlab.models import SITE_DOCS, load_model
+    from engramlab.models.hooks import GLOBAL_SITES
+    from engramlab.runs import RunDir, to_json
+
+    lm = load_model(model, dtype=dtype, device=device)
+    info = lm.adapter.describe()
+    info.update(spec=model, source=lm.source, dtype=str(lm.dtype).replace("torch.", ""), device=str(lm.device))
+    names = lm.hooks.names(None if layer == -1 else layer)
+    if layer != -1:
+        names += list(GLOBAL_SITES)
+    docs = {**SITE_DOCS, **GLOBAL_SITES}
+    sites = [{"site": n, "shape": list(lm.hooks.shape(n, 1, seq_len)), "doc": docs[n.split(".", 2)[-1]
+              if n.startswith("blocks.") else n][1]} for n in names]
+    if out is not None:
+        with RunDir(out, "inspect", {"model": model, "dtype": dtype, "device": device}) as run:
+            run.write_json("inspect.json", {"model": info, "sites": sites})
+            run.finish({k: v for k, v in info.items() if isinstance(v, (int, float, str, bool))})
+    if as_json:
+        print(to_json({"model": info, "sites": sites}), end="")
+        return
+    t = Table(title=f"{model}", show_header=False)
+    for k, v in info.items():
+        t.add_row(k, str(v))
+    console.print(t)
+    s = Table(title=f"hook sites (batch=1, pos={seq_len})")
+    for col in ("site", "shape", "tensor"):
+        s.add_column(col)
+    for row in sites:
+        s.add_row(row["site"], str(tuple(row["shape"])), row["doc"])
+    console.print(s)
+    if layer != -1 and lm.adapter.n_layers > 1:
+        console.print(f"(sites repeat for layers 0..{lm.adapter.n_layers - 1}; --layer -1 lists all)")
+
+
+@app.command()
+@user_errors
+def recall(model: str = ModelOpt,
+           facts: str = typer.Option(..., "--facts", "-f", help="Fact file (.json LRE / .jsonl), directory, "
+                                     "or bundled name (e.g. country_capital_city, lre)."),
+           relation: Optional[List[str]] = typer.Option(None, "--relation", "-r", help="Keep only this relation "
+                                                        "(repeatable)."),
+           limit: Optional[int] = typer.Option(None, "--limit", "-n", help="Score at most N facts."),
+           template: int = typer.Option(0, "--template", help="Index of the prompt template to use."),
+           batch_size: int = typer.Option(16, "--batch-size"),
+           out: Path = OutOpt, seed: int = SeedOpt, dtype: str = DtypeOpt, device: str = DeviceOpt):
+    """Score recall per fact: probability and rank of the first target token, greedy exact match."""
+    from engramlab.data.facts import load_facts
+    from engramlab.models import load_model
+    from engramlab.recall import score_recall
+    from engramlab.runs import RunDir, set_seed
+
+    config = {"model": model, "facts": facts, "relation": relation, "limit": limit, "template": template,
+              "batch_size": batch_size, "dtype": dtype, "device": device}
+    factset = load_facts(facts).filter(relation=relation or None, limit=limit)
+    with RunDir(out, "recall", config, seed=seed) as run:
+        set_seed(seed)
+        lm = load_model(model, dtype=dtype, device=device)
+        result = score_recall(lm, factset, template_index=template, batch_size=batch_size, show_progress=True)
+        result.save(run.path)
+        summary = result.summary()
+        run.finish(summary)
+    t = Table(title=f"recall: {model} on {facts} ({len(factset)} facts)")
+    for col in ("relation", "n", "top1", "top10", "exact"):
+        t.add_column(col, justify="right" if col != "relation" else "left")
+    for rel, acc in result.per_relation().items():
+        t.add_row(rel, str(acc["n_facts"]), f"{acc['top1_accuracy']:.2f}", f"{acc['top10_accuracy']:.2f}",
+                  f"{acc['exact_match']:.2f}")
+    t.add_row("[bold]all", str(summary["n_facts"]), f"{summary['top1_accuracy']:.2f}",
+              f"{summary['top10_accuracy']:.2f}", f"{summary['exact_match']:.2f}")
+    console.print(t)
+    console.print(f"wrote {out}/facts.jsonl, summary.json, manifest.json")
