@@ -25,6 +25,9 @@ demo: $(STAMP)
 	$(BIN)/engram recall --model smollm2-135m \
 		--facts country_capital_city,country_language,country_largest_city \
 		--out $(DEMO_OUT)/recall
+	$(BIN)/engram world --preset tiny --out $(DEMO_OUT)/world
+	$(BIN)/engram train --world $(DEMO_OUT)/world --model-config tiny --steps 600 --lr 3e-3 \
+		--eval-every 50 --out $(DEMO_OUT)/train
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

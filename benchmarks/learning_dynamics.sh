@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
 # Reproduces the learning-dynamics figures in the README (issue 3) on a CPU.
-# Usage: benchmarks/learning_dynamics.sh OUT_DIR     (about 40 minutes on 2 cores)
+# Usage: benchmarks/learning_dynamics.sh OUT_DIR     (about 30 minutes on 2 idle cores)
 set -euo pipefail
 OUT=${1:-runs/dynamics}
 E="${ENGRAM:-.venv/bin/engram}"
 mkdir -p "$OUT"
 
 # 1. Plateau end vs population size N (constant lr, each run stops at its plateau end).
-$E sweep --out "$OUT/sweep_n" --grid n_people=250,500,1000,2000,4000,8000 \
+$E sweep --out "$OUT/sweep_n" --grid n_people=250,500,1000,2000,4000 \
   --steps 6000 --lr 3e-3 --eval-every 25 --eval-people 60 --eval-templates 1
 
 # 2. Data distribution at fixed N: uniform vs power law vs warm-up curriculum.
-$E sweep --out "$OUT/sweep_sampler" --grid n_people=4000 \
-  --grid 'sampler=uniform|powerlaw:alpha=0.7|warmup:size=400,epochs=40' \
+$E sweep --out "$OUT/sweep_sampler" --grid n_people=2000 \
+  --grid 'sampler=uniform|powerlaw:alpha=0.7|warmup:size=250,epochs=40' \
   --steps 6000 --lr 3e-3 --eval-every 25 --eval-people 60 --eval-templates 1
 
 # 3. Three phases on the tiny preset, trained to high accuracy (N=1000).

@@ -118,6 +118,7 @@ def plot_sweep(out: Path, rows: list[dict], fits: dict, keys: list[str]) -> None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     import numpy as np
 
     if fits:
@@ -131,6 +132,7 @@ def plot_sweep(out: Path, rows: list[dict], fits: dict, keys: list[str]) -> None
                 xs = np.geomspace(pts[:, 0].min(), pts[:, 0].max(), 50)
                 ax.loglog(xs, fit["a"] * xs ** fit["b"], "-", color=line.get_color(),
                           label=f"{fit['a']:.3g}·N^{fit['b']:.2f}")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # crowded minor labels
         ax.set_xlabel("individuals N")
         ax.set_ylabel("plateau end (steps)")
         ax.set_title("Plateau length vs population size")

@@ -1,0 +1,78 @@
+"""``engram neurons``: knowledge neurons of facts by integrated gradients, with interventions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from engramlab.cli.common import (DeviceOpt, DtypeOpt, ModelOpt, OutOpt, SeedOpt, app, console, print_summary,
+                                  user_errors)
+from engramlab.errors import EngramError
+
+SUMMARY_KEYS = ["n_facts", "n_attributed", "n_skipped", "mean_own_drop", "mean_same_relation_drop",
+                "mean_other_relation_drop", "mean_random_drop", "mean_own_enhance", "mean_neurons_per_fact",
+                "mean_consistency", "n_relation_neurons", "seconds_per_fact"]
+
+
+@app.command()
+@user_errors
+def neurons(model: str = ModelOpt,
+            facts: str = typer.Option(..., "--facts", "-f", help="Fact file (.json LRE / .jsonl), directory, "
+                                      "or bundled name (e.g. country_capital_city, lre)."),
+            relation: Optional[List[str]] = typer.Option(None, "--relation", "-r", help="Keep only this relation "
+                                                         "(repeatable)."),
+            limit: Optional[int] = typer.Option(None, "--limit", "-n", help="At most N facts (after --relation)."),
+            out: Path = OutOpt,
+            steps: int = typer.Option(20, "--steps", help="Integrated-gradients steps m."),
+            baseline: str = typer.Option("zero", "--baseline", help="zero | mean (mean activation over the "
+                                         "prompt's other positions)."),
+            objective: str = typer.Option("prob", "--objective", help="prob | logprob of the target tokens."),
+            site: str = typer.Option("neurons", "--site", help="neurons (MLP output-projection input) | pre "
+                                     "(pre-activation: gate / c_fc output)."),
+            threshold: float = typer.Option(0.2, "--threshold", help="Coarse neurons: score > threshold x max."),
+            max_neurons: int = typer.Option(5, "--max-neurons", help="Refined neurons per fact, at most."),
+            min_neurons: int = typer.Option(2, "--min-neurons", help="Refined neurons per fact, at least "
+                                            "(when the paraphrases allow)."),
+            relation_share: float = typer.Option(0.1, "--relation-share", help="Relation neurons: in at least "
+                                                 "this share of the relation's facts."),
+            max_rank: int = typer.Option(100, "--max-rank", help="Skip facts whose first target token ranks "
+                                         "beyond this."),
+            batch_layers: Optional[int] = typer.Option(None, "--batch-layers", help="Layers per IG batch "
+                                                       "(default: as many as fit in memory)."),
+            random_repeats: int = typer.Option(3, "--random-repeats", help="Random-neuron controls per fact."),
+            n_compare: int = typer.Option(20, "--n-compare", help="Facts of the same / other relations each "
+                                          "fact's neurons are tested on, at most."),
+            seed: int = SeedOpt, dtype: str = DtypeOpt, device: str = DeviceOpt):
+    """Find each fact's knowledge neurons (integrated gradients over MLP neurons) and test them by
+    suppressing and enhancing them."""
+    from engramlab.data.facts import load_facts
+    from engramlab.locate.neurons import NeuronConfig, find_knowledge_neurons, plot_neuron_layers
+    from engramlab.models import load_model
+    from engramlab.runs import RunDir, set_seed
+
+    ncfg = NeuronConfig(steps=steps, baseline=baseline, objective=objective, site=site, threshold=threshold,
+                        min_neurons=min_neurons, max_neurons=max_neurons, relation_share=relation_share,
+                        max_rank=max_rank, batch_layers=batch_layers, n_random_repeats=random_repeats, seed=seed,
+                        n_compare=n_compare)
+    loaded = load_facts(facts)
+    factset = loaded.filter(relation=relation or None, limit=limit)
+    if len(factset) == 0:
+        raise EngramError(f"{facts}: no facts left after --relation/--limit; relations available: "
+                          f"{', '.join(loaded.relations) or '(none)'}")
+    config = {"model": model, "facts": facts, "relation": relation, "limit": limit, "dtype": dtype,
+              "device": device, **{k: v for k, v in vars(ncfg).items()}}
+    with RunDir(out, "neurons", config, seed=seed) as run:
+        set_seed(seed)
+        lm = load_model(model, dtype=dtype, device=device)
+        result = find_knowledge_neurons(lm, factset, ncfg, show_progress=True)
+        result.save(run.path)
+        plot_neuron_layers(result, run.file("neuron_layers.png"))
+        summary = result.summary()
+        run.finish(summary)
+    print_summary(f"knowledge neurons: {model} on {facts}", out, summary, SUMMARY_KEYS)
+    skipped = [r for r in result.records if r["skipped"]]
+    if skipped:
+        console.print(f"skipped {len(skipped)} fact(s) the model does not predict (reasons in neurons.jsonl)")
+    console.print(f"wrote {out}/neurons.jsonl, relation_neurons.json, neuron_layers.png, summary.json")

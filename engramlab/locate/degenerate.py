@@ -1,0 +1,458 @@
+"""Degenerate knowledge neurons (DKNs): groups of neurons that each can carry a fact alone.
+
+Pipeline per fact (``find_dkns``):
+
+1. **Candidates**: integrated-gradients attribution of every MLP neuron at the last prompt
+   position (``engramlab.locate.neurons.attribute_neurons``); the coarse knowledge neurons are
+   those above ``threshold`` x the largest attribution, at most ``max_candidates`` of them.
+2. **Neuron graph** (``neuron_distances``): neuron A in layer i writes ``w_out_A`` (its row of
+   W_out) into the residual stream; neuron B in layer j > i reads it through the MLP norm and its
+   input column(s). The connection strength is ``|w_out_A . r_B|`` with ``r_B = gain_j * w_in_B``
+   (the norm's elementwise weight folded in; LayerNorm's mean subtraction too), and for gated MLPs
+   ``sqrt((w_out_A . r_gate_B)^2 + (w_out_A . r_up_B)^2)``. Distance = 1 / strength. Neurons in
+   the same layer, or more than ``max_span`` layers apart, have no direct edge: they are linked
+   only through paths over other candidate neurons of the fact (see ``topology``).
+3. **Clusters** by each method of ``engramlab.locate.topology`` (persistence by default).
+4. **Verification, enforced** (``search_dkn``): a DKN is a set of >= 2 clusters such that
+   suppressing any proper subset lowers P(target) by less than ``t_low`` (relative) and
+   suppressing all of it lowers it by more than ``t_high``. Only sets that pass are reported;
+   a fact without one gets ``dkn: null`` and the reason.
+
+Suppression multiplies the neurons' activations (site ``blocks.{l}.mlp.neurons``) by 0 at the last
+prompt position (``positions="all"``: every position); P(target) is the probability of the first
+target token after the prompt. See docs/dkn.md for the choices and their reasons.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from itertools import combinations
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from engramlab.data.facts import FactSet, target_token_ids
+from engramlab.errors import EngramError
+from engramlab.locate.neurons import NeuronConfig, attribute_neurons, coarse_neurons, first_token_ranks
+from engramlab.locate.topology import METHODS, ClusterConfig, cluster_neurons
+from engramlab.models.adapters import ArchAdapter
+from engramlab.models.loading import LoadedModel
+from engramlab.progress import progress_bar
+from engramlab.runs import atomic_write_json, atomic_write_jsonl, load_json, read_jsonl
+
+Neuron = tuple[int, int]  # (layer, index)
+POSITIONS = ("last", "all")
+
+
+@dataclass
+class DKNConfig:
+    """Every parameter of ``find_dkns``; defaults are the ``engram dkn`` defaults."""
+
+    # candidates (coarse knowledge neurons)
+    threshold: float = 0.2  # keep neurons with attribution > threshold * max attribution
+    max_candidates: int = 24  # strongest ones only: the graph and the subset search stay small
+    steps: int = 20  # integrated-gradients steps (passed to attribute_neurons)
+    baseline: str = "zero"
+    batch_layers: int | None = None
+    template: int = 0
+    known_rank: int = 1  # facts whose target ranks worse than this are skipped (not recalled)
+    # neuron graph
+    max_span: int = 3
+    fold_norm: bool = True
+    # clustering
+    methods: tuple[str, ...] = METHODS
+    method: str = "persistence"  # the one whose numbers are also the top-level summary keys
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    # verification
+    t_low: float = 0.05
+    t_high: float = 0.3
+    max_subsets: int = 512  # above this many subsets to test, the search samples (and says so)
+    subset_samples: int = 64
+    positions: str = "last"
+    batch_size: int = 64
+    # robustness analysis
+    robustness: bool = True
+    attenuate: float = 0.0
+    enhance: float = 2.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        self.cluster.validate()
+        for m in (*self.methods, self.method):
+            if m not in METHODS:
+                raise EngramError(f"method {m!r}: choose from {', '.join(METHODS)}")
+        if self.method not in self.methods:
+            raise EngramError(f"--method {self.method}: it must be one of --methods ({', '.join(self.methods)})")
+        if not 0 <= self.t_low < self.t_high:
+            raise EngramError(f"--t-low {self.t_low} / --t-high {self.t_high}: need 0 <= t_low < t_high")
+        if self.positions not in POSITIONS:
+            raise EngramError(f"--positions {self.positions!r}: choose one of {', '.join(POSITIONS)}")
+        if self.max_candidates < 2 or self.max_span < 1 or self.max_subsets < 3:
+            raise EngramError("--max-candidates must be >= 2, --max-span >= 1, --max-subsets >= 3")
+
+
+# -- the neuron graph ---------------------------------------------------------------------------
+def norm_read(norm: nn.Module) -> tuple[torch.Tensor | None, bool]:
+    """(elementwise gain (d_model,) or None, whether the norm subtracts the mean) of an MLP norm."""
+    name = type(norm).__name__
+    gain = getattr(norm, "weight", None)
+    if gain is not None and "Gemma" in name:
+        gain = 1.0 + gain  # Gemma's RMSNorm scales by (1 + weight)
+    centres = isinstance(norm, nn.LayerNorm) or ("LayerNorm" in name and "RMS" not in name)
+    return gain, centres
+
+
+def read_vectors(adapter: ArchAdapter, layer: int, index: Sequence[int], fold_norm: bool = True) -> list[torch.Tensor]:
+    """The directions neurons ``index`` of ``layer`` read from the residual stream.
+
+    Returns [up (k, d_model)] or, for gated MLPs, [up, gate]. With ``fold_norm`` the MLP norm's
+    elementwise weight multiplies each read vector, and a LayerNorm's mean subtraction is applied
+    to it (centring the read vector is the same as centring what is written, since the centring
+    matrix is symmetric); the norm's data-dependent 1/rms factor is not static and is left out.
+    """
+    mats = [adapter.W_in(layer)] + ([adapter.W_gate(layer)] if adapter.has_gated_mlp else [])
+    gain, centres = norm_read(adapter.mlp_norm(layer)) if fold_norm else (None, False)
+    out = []
+    for w in mats:
+        r = w.detach().float()[:, list(index)].t()  # (k, d_model)
+        if gain is not None:
+            r = r * gain.detach().float()
+        if centres:
+            r = r - r.mean(dim=1, keepdim=True)
+        out.append(r)
+    return out
+
+
+def connection_strengths(adapter: ArchAdapter, neurons: Sequence[Neuron], max_span: int = 3,
+                         fold_norm: bool = True) -> torch.Tensor:
+    """Symmetric (n, n) strengths of the direct connections between ``neurons``; 0 = no edge.
+
+    For A in layer i and B in layer j with 0 < j - i <= max_span the strength is the size of what
+    A's output adds to B's pre-activation(s) per unit of A's activation (module docstring).
+    """
+    n = len(neurons)
+    writes = torch.stack([adapter.W_out(l).detach().float()[i] for l, i in neurons]) if n else torch.zeros(0)
+    reads: list[list[torch.Tensor]] = [[] for _ in range(2 if adapter.has_gated_mlp else 1)]
+    for l, i in neurons:
+        for k, r in enumerate(read_vectors(adapter, l, [i], fold_norm)):
+            reads[k].append(r[0])
+    # dots[k][a, b] = w_out_A . read_k(B); combine up and gate as the length of the 2-vector.
+    dots = torch.stack([writes @ torch.stack(r).t() for r in reads]) if n else torch.zeros(1, 0, 0)
+    strength = dots.pow(2).sum(0).sqrt()  # (n, n), directed: row writes, column reads
+    layers = torch.tensor([l for l, _ in neurons])
+    gap = layers[None, :] - layers[:, None]
+    directed = torch.where((gap > 0) & (gap <= max_span), strength, torch.zeros_like(strength))
+    return directed + directed.t()  # each pair has at most one direction (the later one reads)
+
+
+def neuron_distances(adapter: ArchAdapter, neurons: Sequence[Neuron], max_span: int = 3,
+                     fold_norm: bool = True) -> np.ndarray:
+    """(n, n) distances 1 / strength (``inf`` = no direct edge, 0 on the diagonal)."""
+    s = connection_strengths(adapter, neurons, max_span, fold_norm).double().numpy()
+    with np.errstate(divide="ignore"):
+        dist = np.where(s > 0, 1.0 / np.where(s > 0, s, 1.0), np.inf)
+    np.fill_diagonal(dist, 0.0)
+    return dist
+
+
+# -- P(target) under suppression ------------------------------------------------------------------
+@torch.no_grad()
+def scaled_target_probs(lm: LoadedModel, prompt: str, target_ids: Sequence[int], neuron_sets: Sequence[Sequence[Neuron]],
+                        factors: float | Sequence[float] = 0.0, positions: str = "last",
+                        batch_size: int = 64) -> np.ndarray:
+    """P(target | prompt) with each neuron set's activations multiplied by its factor, (len(sets),).
+
+    P(target) is teacher-forced: the product over the target tokens, as in
+    ``engramlab.locate.neurons.target_probability``. ``positions="last"`` scales the neurons at
+    the last prompt token only, ``"all"`` at every position. Row r of a batch repeats the prompt
+    and scales set r, so every subset a search tests costs one row, not one forward pass.
+    """
+    prompt_ids = lm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    target_ids = list(target_ids)
+    ids = prompt_ids + target_ids[:-1]
+    where = [len(prompt_ids) - 1] if positions == "last" else None
+    factors = [float(factors)] * len(neuron_sets) if isinstance(factors, (int, float)) else list(factors)
+    d_mlp, out = lm.adapter.d_mlp, []
+    for start in range(0, len(neuron_sets), batch_size):
+        rows = neuron_sets[start:start + batch_size]
+        scales: dict[int, torch.Tensor] = {}
+        for r, (neurons, f) in enumerate(zip(rows, factors[start:start + batch_size])):
+            for l, i in neurons:
+                scales.setdefault(l, torch.ones(len(rows), d_mlp, dtype=lm.dtype, device=lm.device))[r, i] = f
+        with ExitStack() as stack:
+            for l, s in scales.items():
+                stack.enter_context(lm.hooks.edit(f"blocks.{l}.mlp.neurons", lambda t, s=s: t * s[:, None, :],
+                                                  positions=where))
+            logits = lm.model(input_ids=torch.tensor([ids] * len(rows), device=lm.device)).logits
+        # Position len(prompt) - 1 + k predicts target token k.
+        logp = logits[:, len(prompt_ids) - 1:].float().log_softmax(-1)
+        picked = logp.gather(-1, torch.tensor(target_ids, device=lm.device)[None, :, None].expand(len(rows), -1, 1))
+        out.append(picked.sum(dim=(1, 2)).exp().cpu())
+    return torch.cat(out).double().numpy() if out else np.zeros(0)
+
+
+class FactProbe:
+    """Relative drops of P(target) for one prompt, cached by neuron set (shared across methods)."""
+
+    def __init__(self, lm: LoadedModel, prompt: str, target_ids: Sequence[int], config: DKNConfig):
+        self.lm, self.prompt, self.target_ids, self.config = lm, prompt, list(target_ids), config
+        self._prob: dict[frozenset, float] = {}
+        self.base = self.probs([frozenset()])[0]
+
+    def probs(self, sets: Sequence[frozenset]) -> list[float]:
+        missing = list(dict.fromkeys(s for s in sets if s not in self._prob))
+        if missing:
+            p = scaled_target_probs(self.lm, self.prompt, self.target_ids, [sorted(s) for s in missing], 0.0,
+                                    self.config.positions, self.config.batch_size)
+            self._prob.update(zip(missing, p.tolist()))
+        return [self._prob[s] for s in sets]
+
+    def drops(self, sets: Sequence[frozenset]) -> list[float]:
+        """(P - P_suppressed) / P per neuron set; negative when suppression helps the target."""
+        return [(self.base - p) / self.base for p in self.probs(sets)]
+
+
+# -- the enforced search ----------------------------------------------------------------------------
+@dataclass
+class Search:
+    """Outcome of ``search_dkn`` for one fact and one clustering."""
+
+    dkn: list[int] | None  # cluster indices of the DKN, or None
+    partial_drop: float | None  # largest drop over the checked proper subsets of the DKN
+    full_drop: float | None  # drop with the whole DKN suppressed
+    all_drop: float  # drop with every cluster suppressed (measured whether or not a DKN exists)
+    max_single_drop: float  # largest drop from suppressing one cluster
+    check: str  # "exhaustive" or "sampled"
+    n_shed: int  # clusters set aside by the bounded search
+    n_subsets: int  # subsets whose drop was measured
+    reason: str | None  # why there is no DKN
+
+
+def _n_subsets(k: int, max_size: int) -> int:
+    return sum(math.comb(k, s) for s in range(1, max_size + 1))
+
+
+def search_dkn(drop_of: Callable[[list[frozenset]], list[float]], n_clusters: int, t_low: float = 0.05,
+               t_high: float = 0.3, max_dkn_clusters: int | None = None, max_subsets: int = 512,
+               subset_samples: int = 64, seed: int = 0) -> Search:
+    """Find the largest set of >= 2 clusters that passes the DKN test (module docstring).
+
+    ``drop_of`` maps subsets of cluster indices to relative drops. While testing every subset of
+    up to ``max_dkn_clusters`` clusters would take more than ``max_subsets`` measurements, the
+    search is *sampled*: the set of all remaining clusters is checked against its singletons, its
+    leave-one-outs and ``subset_samples`` random proper subsets, and if it fails one cluster is set
+    aside: the one whose absence the rest tolerates best (largest drop with the rest suppressed),
+    ties going to the one that hurts most alone. Once few enough remain, every subset is measured
+    and the largest passing set (then the largest full drop) wins.
+    """
+    cache: dict[frozenset, float] = {}
+
+    def drops(subsets: list[frozenset]) -> list[float]:
+        missing = list(dict.fromkeys(s for s in subsets if s not in cache))
+        if missing:
+            cache.update(zip(missing, drop_of(missing)))
+        return [cache[s] for s in subsets]
+
+    rng = random.Random(seed)
+    active = list(range(n_clusters))
+    if n_clusters == 0:
+        return Search(None, None, None, 0.0, 0.0, "exhaustive", 0, 0, "no clusters")
+    all_drop = drops([frozenset(active)])[0]
+    max_single = max(drops([frozenset([c]) for c in active]))
+    result = dict(all_drop=all_drop, max_single_drop=max_single)
+    if n_clusters < 2:
+        return Search(None, None, None, check="exhaustive", n_shed=0, n_subsets=len(cache),
+                      reason="only one cluster", **result)
+    shed = 0
+    limit = min(max_dkn_clusters or n_clusters, n_clusters)
+    while _n_subsets(len(active), limit) > max_subsets:
+        whole = frozenset(active)
+        alone = drops([frozenset([c]) for c in active])
+        rest = drops([whole - {c} for c in active])
+        if limit == len(active):  # the whole remaining set is itself a candidate: sample its subsets
+            samples = {frozenset(rng.sample(active, rng.randint(2, len(active) - 2)))
+                       for _ in range(subset_samples if len(active) >= 4 else 0)}
+            full = drops([whole])[0]
+            partial = max(alone + rest + drops(sorted(samples, key=sorted)))
+            if full <= t_high:
+                return Search(None, None, None, check="sampled", n_shed=shed, n_subsets=len(cache),
+                              reason=f"suppressing all {len(active)} remaining clusters drops P(target) "
+                                     f"by only {full:.3f} <= t_high", **result)
+            if partial < t_low:
+                return Search(sorted(active), partial, full, check="sampled", n_shed=shed,
+                              n_subsets=len(cache), reason=None, **result)
+        # Set aside the cluster the others do best without (largest drop of the rest), then the
+        # one that hurts most alone (the least degenerate).
+        active.pop(max(range(len(active)), key=lambda k: (rest[k], alone[k])))
+        shed += 1
+        limit = min(limit, len(active))
+
+    subsets = [frozenset(c) for s in range(1, limit + 1) for c in combinations(active, s)]
+    values = dict(zip(subsets, drops(subsets)))
+    within: dict[frozenset, float] = {}  # largest drop over the non-empty subsets of a set (itself incl.)
+    best, best_key, best_full = None, None, -math.inf
+    for s in subsets:  # ordered by size, so every subset's value is known before its supersets
+        partial = max((within[s - {c}] for c in s), default=-math.inf) if len(s) > 1 else -math.inf
+        within[s] = max(values[s], partial)
+        best_full = max(best_full, values[s]) if len(s) > 1 else best_full
+        if len(s) >= 2 and values[s] > t_high and partial < t_low:
+            key = (len(s), values[s])
+            if best_key is None or key > best_key:
+                best, best_key = (sorted(s), partial, values[s]), key
+    check = "sampled" if shed else "exhaustive"
+    if best is not None:
+        return Search(best[0], best[1], best[2], check=check, n_shed=shed, n_subsets=len(cache), reason=None,
+                      **result)
+    if best_full <= t_high:
+        reason = f"no set of clusters drops P(target) by more than t_high (best {best_full:.3f})"
+    else:
+        reason = "every set of clusters that drops P(target) by more than t_high has a proper subset " \
+                 "that drops it by t_low or more"
+    return Search(None, None, None, check=check, n_shed=shed, n_subsets=len(cache), reason=reason, **result)
+
+
+# -- per fact, per method -----------------------------------------------------------------------------
+Attribution = Callable[[LoadedModel, str, list[int]], torch.Tensor]  # -> (n_layers, d_mlp)
+
+
+def ig_attribution(config: DKNConfig) -> Attribution:
+    """Integrated-gradients neuron attribution from ``engramlab.locate.neurons`` with our settings."""
+    neuron_config = NeuronConfig(steps=config.steps, baseline=config.baseline, batch_layers=config.batch_layers,
+                                 seed=config.seed)
+    return lambda lm, prompt, target_ids: attribute_neurons(lm, prompt, target_ids, neuron_config)
+
+
+def candidate_neurons(attribution: torch.Tensor, threshold: float, max_candidates: int) -> list[tuple[int, int, float]]:
+    """Coarse knowledge neurons (layer, index, score) above ``threshold`` x max, the strongest
+    ``max_candidates`` of them, strongest first."""
+    return coarse_neurons(attribution.detach().float().cpu(), threshold)[:max_candidates]
+
+
+def analyse_fact(lm: LoadedModel, fact, config: DKNConfig, attribute: Attribution) -> dict:
+    """One dkn.jsonl record: candidates, and per method its clusters and the verified DKN (or why not)."""
+    tok = lm.tokenizer
+    prompt = fact.prompt(config.template)
+    target = target_token_ids(tok, prompt, fact.object)
+    probe = FactProbe(lm, prompt, target, config)
+    rank = first_token_ranks(lm, [prompt], [target])[0]
+    rec = {"relation": fact.relation, "subject": fact.subject, "object": fact.object, "prompt": prompt,
+           "target_tokens": tok.convert_ids_to_tokens(target), "base_prob": probe.base, "base_rank": rank,
+           "skipped": None, "candidates": [], "methods": {}}
+    if rank > config.known_rank:
+        rec["skipped"] = f"not recalled: target rank {rank} > known_rank {config.known_rank}"
+        return rec
+    cands = candidate_neurons(attribute(lm, prompt, target), config.threshold, config.max_candidates)
+    rec["candidates"] = [[l, i, round(s, 8)] for l, i, s in cands]
+    if len(cands) < 2:
+        rec["skipped"] = f"{len(cands)} candidate neuron(s) above threshold {config.threshold}; need 2"
+        return rec
+    neurons = [(l, i) for l, i, _ in cands]
+    dist = neuron_distances(lm.adapter, neurons, config.max_span, config.fold_norm)
+    rec["n_edges"] = int(np.isfinite(dist[np.triu_indices(len(neurons), 1)]).sum())
+    for method in config.methods:
+        clusters = cluster_neurons(dist, method, config.cluster)
+        members = [frozenset(neurons[a] for a in c) for c in clusters]
+
+        def drop_of(subsets, members=members):
+            return probe.drops([frozenset().union(*(members[c] for c in s)) for s in subsets])
+
+        found = search_dkn(drop_of, len(clusters), config.t_low, config.t_high, 2 if method == "pairs" else None,
+                           config.max_subsets, config.subset_samples, config.seed)
+        entry = {"clusters": [[list(neurons[a]) for a in c] for c in clusters], **asdict(found)}
+        entry["dkn_neurons"] = sorted(list(n) for c in (found.dkn or []) for n in members[c])
+        if found.dkn is not None and config.robustness:
+            from engramlab.locate.dkn_analyses import robustness
+
+            entry["robustness"] = robustness(lm, fact, [tuple(n) for n in entry["dkn_neurons"]], config)
+        rec["methods"][method] = entry
+    return rec
+
+
+def find_dkns(lm: LoadedModel, facts: FactSet, config: DKNConfig | None = None, attribute: Attribution | None = None,
+              show_progress: bool = False) -> "DKNResult":
+    """Degenerate knowledge neurons of every fact (see the module docstring).
+
+    ``attribute(lm, prompt, target_ids) -> (n_layers, d_mlp)`` defaults to integrated gradients
+    (``ig_attribution``); tests and other attribution methods can pass their own.
+    """
+    config = config or DKNConfig()
+    config.validate()
+    attribute = attribute or ig_attribution(config)
+    records = [analyse_fact(lm, fact, config, attribute) for fact in progress_bar(facts, "dkn", show_progress)]
+    return DKNResult(records, asdict(config))
+
+
+# -- the Result ------------------------------------------------------------------------------------------
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def method_summary(entries: list[dict]) -> dict:
+    """Headline numbers of one method over the evaluated facts' entries."""
+    found = [e for e in entries if e["dkn"] is not None]
+    out = {
+        "dkn_found_rate": len(found) / len(entries) if entries else None,
+        "n_dkn": len(found),
+        "mean_partial_drop": _mean(e["partial_drop"] for e in found),
+        "mean_full_drop": _mean(e["full_drop"] for e in found),
+        "mean_clusters": _mean(len(e["clusters"]) for e in entries),
+        "mean_dkn_clusters": _mean(len(e["dkn"]) for e in found),
+        "mean_dkn_neurons": _mean(len(e["dkn_neurons"]) for e in found),
+        "mean_all_clusters_drop": _mean(e["all_drop"] for e in entries),
+        "mean_max_single_drop": _mean(e["max_single_drop"] for e in entries),
+        "n_sampled_searches": sum(e["check"] == "sampled" for e in entries),
+    }
+    robust = [e["robustness"] for e in found if e.get("robustness")]
+    for kind in (robust[0] if robust else {}):
+        for condition in robust[0][kind]:
+            out[f"robustness.{kind}.{condition}"] = _mean(r[kind][condition] for r in robust if kind in r)
+    return out
+
+
+@dataclass
+class DKNResult:
+    """Per-fact DKN records (``dkn.jsonl``), the config, and the optional evolvability analysis."""
+
+    records: list[dict]
+    config: dict = field(default_factory=dict)
+    evolvability: dict | None = None
+
+    @property
+    def methods(self) -> list[str]:
+        return list(self.config.get("methods") or dict.fromkeys(m for r in self.records for m in r["methods"]))
+
+    def summary(self) -> dict:
+        """Flat numbers per method (``persistence.dkn_found_rate``...) plus the default method's unprefixed."""
+        evaluated = [r for r in self.records if not r["skipped"]]
+        out = {"n_facts": len(self.records), "n_evaluated": len(evaluated),
+               "n_skipped": len(self.records) - len(evaluated),
+               "mean_candidates": _mean(len(r["candidates"]) for r in evaluated)}
+        for method in self.methods:
+            for k, v in method_summary([r["methods"][method] for r in evaluated]).items():
+                out[f"{method}.{k}"] = v
+        default = self.config.get("method", "persistence")
+        out.update({k: out[f"{default}.{k}"] for k in method_summary([]) if f"{default}.{k}" in out})
+        for arm, numbers in (self.evolvability or {}).get("arms", {}).items():
+            out.update({f"evolvability.{arm}.{k}": v for k, v in numbers.items()})
+        return out
+
+    def save(self, directory: str | Path) -> None:
+        d = Path(directory)
+        atomic_write_jsonl(d / "dkn.jsonl", self.records)
+        atomic_write_json(d / "dkn_config.json", self.config)
+        if self.evolvability is not None:
+            atomic_write_json(d / "evolvability.json", self.evolvability)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "DKNResult":
+        d = Path(directory)
+        config = load_json(d / "dkn_config.json", "dkn config") if (d / "dkn_config.json").exists() else {}
+        evo = load_json(d / "evolvability.json", "evolvability") if (d / "evolvability.json").exists() else None
+        return cls(read_jsonl(d / "dkn.jsonl"), config, evo)

@@ -1,0 +1,234 @@
+"""What degenerate knowledge neurons are good for: robustness and evolvability.
+
+* **Robustness** (``robustness``): the fact's query with one word inserted, deleted or replaced
+  (outside the subject), scored with the DKN left alone, attenuated (activations x ``attenuate``,
+  default 0) and enhanced (x ``enhance``, default 2). If the DKN carries the fact across
+  rephrasings, attenuating it should hurt and enhancing it help on every variant.
+* **Evolvability** (``evolvability``): fine-tune on new facts (invented subjects of the same
+  relations) updating only the MLP in/out weights of the DKN neurons, of the coarse knowledge
+  neurons, of as many random neurons as the DKN has, or the whole model; report accuracy on the
+  new facts and retention of the old ones. Every arm gets the same optimiser, learning rate and
+  steps, and the model is restored between arms.
+"""
+
+from __future__ import annotations
+
+import random
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+
+from engramlab.data.facts import Fact, render, target_token_ids
+from engramlab.locate.degenerate import DKNConfig, DKNResult, Neuron, scaled_target_probs
+from engramlab.models.adapters import ArchAdapter
+from engramlab.models.loading import LoadedModel, pad_rows
+
+PERTURBATIONS = ("insert", "delete", "replace")
+# Words that change the wording of a query but not what it asks.
+FILLERS = ("really", "actually", "also", "indeed", "certainly", "now", "truly", "still")
+
+
+# -- robustness ------------------------------------------------------------------------------------
+def perturb(template: str, kind: str, rng: random.Random) -> str | None:
+    """The template with one word inserted, deleted or replaced; None if it has no word to edit.
+
+    The word holding the subject placeholder and the last word (which sets up the answer, e.g.
+    "is" or "in") are never edited, so the query still asks for the same object.
+    """
+    words = template.split(" ")
+    editable = [k for k, w in enumerate(words[:-1]) if "{}" not in w]
+    if kind == "insert":
+        words.insert(rng.randint(0, len(words) - 1), rng.choice(FILLERS))
+    elif not editable:
+        return None
+    elif kind == "delete":
+        del words[rng.choice(editable)]
+    else:
+        k = rng.choice(editable)
+        words[k] = rng.choice([f for f in FILLERS if f != words[k].lower()])
+    return " ".join(words)
+
+
+def robustness(lm: LoadedModel, fact: Fact, dkn: Sequence[Neuron], config: DKNConfig) -> dict:
+    """{variant: {"base", "attenuated", "enhanced"}} P(target) for the clean query and each perturbation."""
+    rng = random.Random(f"{config.seed}:{fact.relation}:{fact.subject}")  # str seeds are stable
+    template = fact.template(config.template)
+    variants = {"clean": template, **{k: perturb(template, k, rng) for k in PERTURBATIONS}}
+    out = {}
+    for kind, variant in variants.items():
+        if variant is None:
+            continue
+        prompt = render(variant, fact.subject)
+        target = target_token_ids(lm.tokenizer, prompt, fact.object)
+        p = scaled_target_probs(lm, prompt, target, [[], list(dkn), list(dkn)],
+                                [1.0, config.attenuate, config.enhance], config.positions)
+        out[kind] = {"base": float(p[0]), "attenuated": float(p[1]), "enhanced": float(p[2])}
+    return out
+
+
+# -- evolvability ------------------------------------------------------------------------------------
+@dataclass
+class EvolveConfig:
+    n_new: int = 8  # new facts to learn
+    steps: int = 30  # full-batch optimiser steps per arm
+    lr: float = 1e-3  # Adam, the same for every arm
+    arms: tuple[str, ...] = ("dkn", "kn", "random", "full")
+    seed: int = 0
+
+
+_SYLLABLES = ("bal", "dor", "ka", "ven", "tir", "mo", "zel", "qua", "ran", "thes", "lu", "vor", "nim", "pa")
+
+
+def invented_subjects(n: int, seed: int) -> list[str]:
+    """``n`` distinct made-up proper names (three syllables + "ia"), deterministic for a seed."""
+    rng, names = random.Random(seed), []
+    while len(names) < n:
+        name = "".join(rng.choice(_SYLLABLES) for _ in range(3)).capitalize() + "ia"
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def new_facts(old: Sequence[Fact], n: int, seed: int) -> list[Fact]:
+    """Facts the model cannot know: invented subjects with objects taken from other old facts of the
+    same relation (so the object is a plausible answer the model can say)."""
+    rng = random.Random(seed)
+    by_relation: dict[str, list[Fact]] = {}
+    for f in old:
+        by_relation.setdefault(f.relation, []).append(f)
+    relations = sorted(by_relation)
+    out = []
+    for k, subject in enumerate(invented_subjects(n, seed)):
+        donor = rng.choice(by_relation[relations[k % len(relations)]])
+        out.append(Fact(subject, donor.relation, donor.object, donor.templates))
+    return out
+
+
+def neuron_param_masks(adapter: ArchAdapter, neurons: Sequence[Neuron]) -> dict[str, tuple[torch.nn.Parameter, torch.Tensor]]:
+    """{parameter name: (parameter, 0/1 mask)} selecting the in/gate columns and out rows of ``neurons``.
+
+    The adapter's W_in/W_gate/W_out are views of the parameters (transposed or not, per family);
+    the same strides applied to a zero tensor shaped like the parameter mark exactly the entries
+    the view's neuron slice covers, whatever the layout.
+    """
+    names = {id(p): name for name, p in adapter.model.named_parameters()}
+    params = dict(adapter.model.named_parameters())
+    by_layer: dict[int, list[int]] = {}
+    for layer, index in neurons:
+        by_layer.setdefault(layer, []).append(index)
+    masks: dict[str, tuple[torch.nn.Parameter, torch.Tensor]] = {}
+    for layer, index in by_layer.items():
+        for view, axis in ((adapter.W_in(layer), 1), (adapter.W_gate(layer), 1), (adapter.W_out(layer), 0)):
+            if view is None:
+                continue
+            base = view if view._base is None else view._base
+            name = names[id(base)]
+            mask = masks.setdefault(name, (params[name], torch.zeros_like(base)))[1]
+            mask_view = mask.as_strided(view.shape, view.stride(), view.storage_offset() - base.storage_offset())
+            mask_view.index_fill_(axis, torch.tensor(index, device=mask.device), 1.0)
+    return masks
+
+
+def _batch(lm: LoadedModel, facts: Sequence[Fact], template: int):
+    """Teacher-forced rows prompt + target: ids, mask, and per row (prompt length, target ids)."""
+    rows, spans = [], []
+    for f in facts:
+        prompt = f.prompt(template)
+        p = lm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        t = target_token_ids(lm.tokenizer, prompt, f.object)
+        rows.append(p + t)
+        spans.append((len(p), t))
+    ids, mask = pad_rows(rows, lm.pad_id, lm.device)
+    return ids, mask, spans
+
+
+def _loss(lm: LoadedModel, batch) -> torch.Tensor:
+    """Mean cross-entropy of the target tokens given the prompt (and the earlier target tokens)."""
+    ids, mask, spans = batch
+    logits = lm.model(input_ids=ids, attention_mask=mask).logits.float()
+    losses = [torch.nn.functional.cross_entropy(logits[r, n - 1:n - 1 + len(t)], torch.tensor(t, device=ids.device))
+              for r, (n, t) in enumerate(spans)]
+    return torch.stack(losses).mean()
+
+
+@torch.no_grad()
+def _recall(lm: LoadedModel, batch) -> dict:
+    """Top-1 accuracy and mean probability of the first target token."""
+    ids, mask, spans = batch
+    logits = lm.model(input_ids=ids, attention_mask=mask).logits.float()
+    first = torch.stack([logits[r, n - 1] for r, (n, _) in enumerate(spans)])
+    target = torch.tensor([t[0] for _, t in spans], device=ids.device)
+    return {"top1": float((first.argmax(-1) == target).float().mean()),
+            "mean_prob": float(first.softmax(-1).gather(1, target[:, None]).mean())}
+
+
+@contextmanager
+def trained(lm: LoadedModel, masks: dict | None, batch, config: EvolveConfig) -> Iterator[int]:
+    """Inside the block the model is fine-tuned with Adam on the masked entries (``masks=None``:
+    every parameter); yields the number of trainable entries. The weights are restored on exit."""
+    if masks is None:
+        masks = {name: (p, None) for name, p in lm.model.named_parameters()}
+    saved = {name: p.detach().clone() for name, (p, _) in masks.items()}
+    hooks = []
+    try:
+        for p, m in masks.values():
+            p.requires_grad_(True)
+            if m is not None:  # zero gradients outside the neurons: Adam then never moves those entries
+                hooks.append(p.register_hook(lambda g, m=m: g * m))
+        opt = torch.optim.Adam([p for p, _ in masks.values()], lr=config.lr)
+        for _ in range(config.steps):
+            opt.zero_grad(set_to_none=True)
+            _loss(lm, batch).backward()
+            opt.step()
+        yield sum(int(p.numel() if m is None else m.sum()) for p, m in masks.values())
+    finally:
+        for h in hooks:
+            h.remove()
+        with torch.no_grad():
+            for name, (p, _) in masks.items():
+                p.requires_grad_(False)
+                p.copy_(saved[name])
+
+
+def evolvability(lm: LoadedModel, result: DKNResult, facts: Sequence[Fact], config: EvolveConfig | None = None,
+                 method: str | None = None) -> dict:
+    """Learn new facts through the DKN, the knowledge neurons, random neurons, or the whole model.
+
+    ``result`` gives the neuron sets: the union of ``method``'s DKN neurons over the facts, the
+    union of the coarse candidates (KN), and as many random neurons as the DKN set (seeded).
+    ``facts`` are the facts ``result`` was computed on; the evaluated ones are the old facts.
+    """
+    config = config or EvolveConfig()
+    method = method or result.config.get("method", "persistence")
+    template = int(result.config.get("template", 0))
+    evaluated = [r for r in result.records if not r["skipped"]]
+    keys = {(r["relation"], r["subject"], r["object"]) for r in evaluated}
+    old = [f for f in facts if (f.relation, f.subject, f.object) in keys]
+    if not old:
+        return {"method": method, "skipped": "no evaluated facts", "arms": {}}
+    dkn = sorted({tuple(n) for r in evaluated for n in r["methods"].get(method, {}).get("dkn_neurons", [])})
+    kn = sorted({(l, i) for r in evaluated for l, i, _ in r["candidates"]})
+    n_total = lm.adapter.n_layers * lm.adapter.d_mlp
+    picks = torch.randperm(n_total, generator=torch.Generator().manual_seed(config.seed))[:len(dkn)].tolist()
+    neuron_sets = {"dkn": dkn, "kn": kn, "random": sorted((k // lm.adapter.d_mlp, k % lm.adapter.d_mlp) for k in picks)}
+
+    learn = new_facts(old, config.n_new, config.seed)
+    new_batch, old_batch = _batch(lm, learn, template), _batch(lm, old, template)
+    before_new, before_old = _recall(lm, new_batch), _recall(lm, old_batch)
+    out = {"method": method, "n_old": len(old), "n_new": len(learn),
+           "new_facts": [{"prompt": f.prompt(template), "object": f.object} for f in learn],
+           "before": {"new_top1": before_new["top1"], "old_top1": before_old["top1"]}, "arms": {}, "skipped_arms": {}}
+    for arm in config.arms:
+        neurons = neuron_sets.get(arm)
+        if neurons is not None and not neurons:
+            out["skipped_arms"][arm] = f"no {'DKN' if arm != 'kn' else 'candidate'} neurons to train"
+            continue
+        masks = None if arm == "full" else neuron_param_masks(lm.adapter, neurons)
+        with trained(lm, masks, new_batch, config) as n_params:
+            new, kept = _recall(lm, new_batch), _recall(lm, old_batch)
+        out["arms"][arm] = {"n_neurons": len(neurons) if neurons is not None else None, "n_params": n_params,
+                            "new_top1": new["top1"], "new_mean_prob": new["mean_prob"],
+                            "old_top1": kept["top1"], "old_mean_prob": kept["mean_prob"]}
+    return out

@@ -1,0 +1,329 @@
+"""Integrated gradients over MLP neurons: the knowledge-neuron attribution kernels.
+
+For a prompt of P tokens and target tokens t_0..t_{T-1}, the attribution of neuron n of layer l is
+
+    Attr(n) = (a_n - b_n) * (1/m) * sum_{k=1..m} dF/dx_n  at  x = b + (k/m) * (a - b)
+
+where ``a`` (d_mlp,) is layer l's activation at the last prompt position, ``b`` the baseline
+(zero, or the mean over the prompt's other positions) and F the objective: the sum over target
+tokens of P(t_j | prompt, t_<j) ("prob") or of its log ("logprob"), teacher-forced. Only layer
+l's activation at the last prompt position is replaced; all other layers run as usual ("one layer
+at a time", as in Dai et al. 2022). The sum rule holds: sum_n Attr(n) -> F(a) - F(b) as m grows.
+
+The site is ``mlp.neurons`` (input of the MLP output projection: act(gate)*up or act(fc)) or
+``pre`` (the pre-activation: output of gate_proj / c_fc / dense_h_to_4h, what older tools edit).
+
+Why the batched kernel is fast (``integrated_gradients``):
+
+1. The prompt prefix (positions 0..P-2) runs once; its keys/values are shared by every row.
+2. The "segment" (last prompt token + t_0..t_{T-2}) runs once more on that cache, capturing each
+   layer's input (``resid_pre``), the clean activations, and the exact arguments HF passes to
+   each decoder layer (mask, rotary embeddings).
+3. For a chunk of layers, one batch holds m rows per layer. Rows that scale layer l enter the
+   batch at layer l from the cached ``resid_pre[l]`` (layers before l are never recomputed) and
+   only the segment positions are computed, reading the prefix from the shared keys/values
+   (nothing before the last prompt position can change, the model being causal).
+4. One backward of the summed objective gives every row its own gradient: rows never interact.
+
+``integrated_gradients_plain`` is the reference: for each layer and step, a full forward of the
+whole sequence with the activation replaced, and a backward. The tests check both agree.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from engramlab.errors import EngramError
+
+SITES = ("neurons", "pre")
+BASELINES = ("zero", "mean")
+OBJECTIVES = ("prob", "logprob")
+
+# The module whose output is the MLP pre-activation, per family (the "pre" site).
+_PRE_ACTIVATION = {"llama": "gate_proj", "gpt2": "c_fc", "gpt_neox": "dense_h_to_4h"}
+
+
+# -- sites and objective ----------------------------------------------------------------------
+def site_hook(lm, layer: int, site: str, fn: Callable[[torch.Tensor], torch.Tensor | None]):
+    """Context manager running ``fn`` on layer ``layer``'s neuron tensor (batch, pos, d_mlp).
+
+    ``fn`` returns a replacement tensor or None (leave it)."""
+    if site == "neurons":
+        return lm.hooks.hook(f"blocks.{layer}.mlp.neurons", fn)
+    if site == "pre":
+        return _module_output_hook(_pre_module(lm, layer), fn)
+    raise EngramError(f"neuron site {site!r}: choose one of {', '.join(SITES)}")
+
+
+def _pre_module(lm, layer: int) -> nn.Module:
+    name = _PRE_ACTIVATION.get(lm.adapter.family)
+    module = getattr(lm.adapter.mlp(layer), name, None) if name else None
+    if module is None:
+        raise EngramError(f"neuron site 'pre' is not available for {lm.model.config.model_type} models (no "
+                          f"separate pre-activation projection); use the site 'neurons'")
+    return module
+
+
+@contextmanager
+def _module_output_hook(module: nn.Module, fn) -> Iterator[None]:
+    handle = module.register_forward_hook(lambda mod, args, out: fn(out))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def objective_from_logits(logits: torch.Tensor, target_ids: Sequence[int], objective: str) -> torch.Tensor:
+    """logits (rows, T, vocab), position j predicting target j -> objective per row, (rows,).
+
+    "prob": sum_j P(t_j | ...); "logprob": sum_j log P(t_j | ...) (the object's log-probability)."""
+    if objective not in OBJECTIVES:
+        raise EngramError(f"objective {objective!r}: choose one of {', '.join(OBJECTIVES)}")
+    target = torch.as_tensor(list(target_ids), device=logits.device)
+    logp = logits.float().log_softmax(-1).gather(-1, target.expand(logits.shape[0], -1).unsqueeze(-1))[..., 0]
+    return logp.exp().sum(-1) if objective == "prob" else logp.sum(-1)
+
+
+def _put_position(t: torch.Tensor, pos: int, x: torch.Tensor) -> torch.Tensor:
+    """t (rows, pos, d) with position ``pos`` of every row replaced by x (rows, d) or (d,).
+
+    Built by concatenation (not in-place) so the graph reaches ``x``."""
+    x = x.expand(t.shape[0], t.shape[-1]).unsqueeze(1).to(t.dtype)
+    return torch.cat([t[:, :pos], x, t[:, pos + 1:]], dim=1)
+
+
+def _step_points(a: torch.Tensor, b: torch.Tensor, steps: int) -> torch.Tensor:
+    """The m integration points b + (k/m)(a - b), k = 1..m, as a leaf: (m, d_mlp)."""
+    alphas = torch.arange(1, steps + 1, dtype=torch.float32, device=a.device) / steps
+    return (b + alphas[:, None] * (a - b)).detach().requires_grad_(True)
+
+
+def check_options(steps: int, baseline: str, objective: str, site: str) -> None:
+    if not isinstance(steps, int) or steps < 1:
+        raise EngramError(f"steps must be a whole number >= 1, got {steps!r}")
+    if baseline not in BASELINES:
+        raise EngramError(f"baseline {baseline!r}: choose one of {', '.join(BASELINES)}")
+    if objective not in OBJECTIVES:
+        raise EngramError(f"objective {objective!r}: choose one of {', '.join(OBJECTIVES)}")
+    if site not in SITES:
+        raise EngramError(f"neuron site {site!r}: choose one of {', '.join(SITES)}")
+
+
+def _baseline(prefix_acts: torch.Tensor | None, a: torch.Tensor, baseline: str) -> torch.Tensor:
+    """The baseline for activations ``a`` (d_mlp,): zero, or the mean activation over the prompt's
+    other positions (``prefix_acts`` (P-1, d_mlp)); a one-token prompt has none, so zero."""
+    if baseline == "mean" and prefix_acts is not None and prefix_acts.shape[0] > 0:
+        return prefix_acts.float().mean(0)
+    return torch.zeros_like(a)
+
+
+# -- the batched kernel -------------------------------------------------------------------------
+class _SharedPrefixCache:
+    """Stands in for HF's key/value cache in the batched pass.
+
+    Every row attends to the same prompt prefix: its keys/values (1, kv_heads, P-1, d_head) per
+    layer are put in front of each row's own. Nothing is stored, so layers can be called in any
+    order and batches of any size share one cache."""
+
+    def __init__(self, keys: list[torch.Tensor | None], values: list[torch.Tensor | None]):
+        self.keys, self.values = keys, values
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        past_k, past_v = self.keys[layer_idx], self.values[layer_idx]
+        if past_k is None:
+            return key, value
+        rows = key.shape[0]
+        return (torch.cat([past_k.expand(rows, -1, -1, -1), key], dim=-2),
+                torch.cat([past_v.expand(rows, -1, -1, -1), value], dim=-2))
+
+
+class _CleanRun:
+    """What the batched pass needs from the unedited model, computed once per prompt.
+
+    resid[l]  (1, T, d_model)  input of layer l at the segment positions
+    acts[l]   (d_mlp,)         site activation at the last prompt position
+    prefix[l] (P-1, d_mlp)     site activations at the other prompt positions (mean baseline)
+    calls[l]  (args, kwargs)   what HF passed to layer l besides the hidden states
+    objective float            F of the unedited model (checks the batched pass)
+    """
+
+    def __init__(self, lm, prompt_ids: list[int], target_ids: list[int], site: str, objective: str):
+        from transformers.cache_utils import Cache
+
+        n_layers = lm.adapter.n_layers
+        device = lm.device
+        prefix_ids = torch.tensor([prompt_ids[:-1]], device=device)
+        segment_ids = torch.tensor([prompt_ids[-1:] + list(target_ids[:-1])], device=device)
+        self.prefix: list[torch.Tensor | None] = [None] * n_layers
+        keys: list[torch.Tensor | None] = [None] * n_layers
+        values: list[torch.Tensor | None] = [None] * n_layers
+        cache = None
+        with torch.no_grad():
+            if prefix_ids.shape[1] > 0:
+                with ExitStack() as stack:
+                    for l in range(n_layers):
+                        stack.enter_context(site_hook(lm, l, site, self._recorder(self.prefix, l)))
+                    cache = lm.model(input_ids=prefix_ids, use_cache=True).past_key_values
+                for l in range(n_layers):
+                    keys[l], values[l] = cache.layers[l].keys, cache.layers[l].values
+            self.resid: list[torch.Tensor] = [None] * n_layers
+            self.calls: list[tuple] = [None] * n_layers
+            site_acts: list[torch.Tensor] = [None] * n_layers
+            with ExitStack() as stack:
+                for l in range(n_layers):
+                    stack.enter_context(site_hook(lm, l, site, self._recorder(site_acts, l)))
+                    handle = lm.adapter.layers[l].register_forward_pre_hook(self._call_recorder(l), with_kwargs=True)
+                    stack.callback(handle.remove)
+                logits = lm.model(input_ids=segment_ids, past_key_values=cache, use_cache=cache is not None).logits
+        self.acts = [t[0, 0].float() for t in site_acts]
+        self.prefix = [None if t is None else t[0] for t in self.prefix]
+        self.objective = float(objective_from_logits(logits, target_ids, objective)[0])
+        # The batched pass must not touch HF's cache (it would grow); swap in the shared one.
+        shared = _SharedPrefixCache(keys, values)
+        swap = lambda v: shared if isinstance(v, Cache) else v  # noqa: E731
+        self.calls = [(tuple(swap(v) for v in args), {k: swap(v) for k, v in kw.items()})
+                      for args, kw in self.calls]
+
+    @staticmethod
+    def _recorder(store: list, layer: int):
+        def record(t):
+            store[layer] = t.detach()
+        return record
+
+    def _call_recorder(self, layer: int):
+        def record(module, args, kwargs):
+            if args:
+                hidden, rest = args[0], args[1:]
+            else:
+                kwargs = dict(kwargs)
+                hidden, rest = kwargs.pop("hidden_states"), ()
+            self.resid[layer] = hidden.detach()
+            self.calls[layer] = (rest, kwargs)
+        return record
+
+
+def _run_layers(lm, clean: _CleanRun, start: int, hidden: torch.Tensor | None, entering: dict[int, int]):
+    """Run decoder layers start..L-1 on ``hidden`` (rows, T, d_model); before layer l, append
+    ``entering[l]`` rows of the clean input of layer l. Returns the final hidden states."""
+    for l in range(start, lm.adapter.n_layers):
+        if l in entering:
+            fresh = clean.resid[l].expand(entering[l], -1, -1)
+            hidden = fresh if hidden is None else torch.cat([hidden, fresh], dim=0)
+        args, kwargs = clean.calls[l]
+        out = lm.adapter.layers[l](hidden, *args, **kwargs)
+        hidden = out[0] if isinstance(out, tuple) else out
+    return hidden
+
+
+def _logits(lm, hidden: torch.Tensor) -> torch.Tensor:
+    return lm.adapter.unembed(lm.adapter.final_norm(hidden))
+
+
+# On a CPU, batches beyond ~128 rows run no faster per row (the logits of every row, vocab wide,
+# stop fitting in cache), so the automatic size stops there; on a GPU only memory limits it.
+CPU_ROWS = 128
+
+
+def auto_batch_layers(lm, steps: int, n_segment: int, n_prompt: int, budget_bytes: int | None = None) -> int:
+    """How many layers one batch holds: within a memory budget (a rough upper estimate of what
+    autograd keeps: ~16 d_model + 6 d_mlp + attention scores per row, layer and position, plus
+    three copies of the logits per row) and, on a CPU, about ``CPU_ROWS`` rows."""
+    a = lm.adapter
+    if budget_bytes is None:
+        budget_bytes = 2 * 1024**3
+        if lm.device.type == "cuda":
+            budget_bytes = int(torch.cuda.mem_get_info(lm.device)[0] * 0.5)
+    item = torch.finfo(lm.dtype).bits // 8
+    per_row_layer = item * n_segment * (16 * a.d_model + 6 * a.d_mlp + 2 * a.n_heads * (n_prompt + n_segment))
+    per_row_head = 4 * 3 * n_segment * a.vocab_size
+    most = a.n_layers if lm.device.type == "cuda" else max(1, CPU_ROWS // steps)
+    for size in range(min(most, a.n_layers), 0, -1):
+        if steps * size * (a.n_layers * per_row_layer + per_row_head) <= budget_bytes:
+            return size
+    return 1
+
+
+def integrated_gradients(lm, prompt_ids: list[int], target_ids: list[int], steps: int = 20,
+                         baseline: str = "zero", objective: str = "prob", site: str = "neurons",
+                         layers: Sequence[int] | None = None, batch_layers: int | None = None) -> torch.Tensor:
+    """Attribution scores (n_layers, d_mlp) at the last prompt position (see module docstring).
+
+    Layers not in ``layers`` (default: all) get zeros. ``batch_layers`` layers share one batch of
+    ``batch_layers * steps`` rows (None: as many as ``auto_batch_layers`` allows)."""
+    check_options(steps, baseline, objective, site)
+    if not prompt_ids or not target_ids:
+        raise EngramError("integrated gradients needs a non-empty prompt and at least one target token")
+    n_layers = lm.adapter.n_layers
+    layers = sorted(set(range(n_layers) if layers is None else layers))
+    clean = _CleanRun(lm, list(prompt_ids), list(target_ids), site, objective)
+    size = batch_layers or auto_batch_layers(lm, steps, len(target_ids), len(prompt_ids))
+    scores = torch.zeros(n_layers, lm.adapter.d_mlp)
+    for first in range(0, len(layers), size):
+        chunk = layers[first: first + size]
+        points, bases = {}, {}
+        for l in chunk:
+            bases[l] = _baseline(clean.prefix[l], clean.acts[l], baseline)
+            points[l] = _step_points(clean.acts[l], bases[l], steps)
+
+        def scaler(l):
+            # The rows that scale layer l are the last `steps` rows when the batch reaches layer l.
+            return lambda t: torch.cat([t[:-steps], _put_position(t[-steps:], 0, points[l])], dim=0)
+
+        with torch.enable_grad(), ExitStack() as stack:
+            for l in chunk:
+                stack.enter_context(site_hook(lm, l, site, scaler(l)))
+            hidden = _run_layers(lm, clean, chunk[0], None, {l: steps for l in chunk})
+            values = objective_from_logits(_logits(lm, hidden), target_ids, objective)  # (rows,)
+            grads = torch.autograd.grad(values.sum(), [points[l] for l in chunk])
+        _check_against_clean(lm, values.detach().view(len(chunk), steps)[:, -1], clean.objective)
+        for l, g in zip(chunk, grads):
+            scores[l] = ((clean.acts[l] - bases[l]) * g.float().mean(0)).cpu()
+    return scores
+
+
+def _check_against_clean(lm, full_scale_values: torch.Tensor, clean_value: float) -> None:
+    """The rows at k = m run the unedited activation, so they must reproduce the model's own
+    forward; a family whose layers need inputs we did not capture would fail loudly here."""
+    tol = 1e-3 if lm.dtype == torch.float32 else 5e-2
+    worst = float((full_scale_values.float() - clean_value).abs().max())
+    if worst > tol * max(1.0, abs(clean_value)):
+        raise EngramError(f"batched integrated gradients disagree with the model's own forward pass by {worst:.3g} "
+                          f"({lm.model.config.model_type}); use integrated_gradients_plain and report this model")
+
+
+# -- the plain reference ------------------------------------------------------------------------
+def integrated_gradients_plain(lm, prompt_ids: list[int], target_ids: list[int], steps: int = 20,
+                               baseline: str = "zero", objective: str = "prob", site: str = "neurons",
+                               layers: Sequence[int] | None = None, batch_steps: bool = False) -> torch.Tensor:
+    """The same scores computed the plain way: for each layer and each step a full forward of
+    prompt + target[:-1] with the last prompt position replaced, then a backward.
+
+    ``batch_steps=True`` puts the m steps of one layer in one batch (what the knowledge-neurons
+    package does); the layers before the scaled one are still recomputed for every row."""
+    check_options(steps, baseline, objective, site)
+    n_layers = lm.adapter.n_layers
+    pos, n_target = len(prompt_ids) - 1, len(target_ids)
+    ids = torch.tensor([list(prompt_ids) + list(target_ids[:-1])], device=lm.device)
+    acts: list[torch.Tensor] = [None] * n_layers
+    with torch.no_grad(), ExitStack() as stack:
+        for l in range(n_layers):
+            stack.enter_context(site_hook(lm, l, site, _CleanRun._recorder(acts, l)))
+        lm.model(input_ids=ids)
+    scores = torch.zeros(n_layers, lm.adapter.d_mlp)
+    for l in (range(n_layers) if layers is None else sorted(set(layers))):
+        a = acts[l][0, pos].float()
+        b = _baseline(acts[l][0, :pos], a, baseline)
+        points = _step_points(a, b, steps)
+        total = torch.zeros_like(a)
+        groups = [points] if batch_steps else list(points.split(1))
+        for x in groups:
+            with torch.enable_grad(), site_hook(lm, l, site, lambda t, x=x: _put_position(t, pos, x)):
+                logits = lm.model(input_ids=ids.expand(x.shape[0], -1)).logits[:, pos: pos + n_target]
+                value = objective_from_logits(logits, target_ids, objective).sum()
+                total += torch.autograd.grad(value, points)[0].float().sum(0)
+        scores[l] = ((a - b) * total / steps).cpu()
+    return scores

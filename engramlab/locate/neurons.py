@@ -1,0 +1,443 @@
+"""Knowledge neurons (Dai et al., 2022): which MLP neurons hold a fact, and what editing them does.
+
+``find_knowledge_neurons(lm, facts, config)`` runs, per fact:
+
+1. a rank check: a fact whose first target token ranks beyond ``max_rank`` after its main prompt
+   is skipped with the reason recorded (attributing what the model does not know is noise);
+   paraphrases beyond it are left out of the selection;
+2. attribution: integrated gradients over every layer's MLP neurons at the last prompt position,
+   for each paraphrase (the fact's templates) - see ``engramlab.locate.ig``;
+3. selection: coarse neurons score > ``threshold`` x max per paraphrase; refined neurons are
+   those in the coarse sets of at least a fraction p of the paraphrases, p starting at ``p_start``
+   and moved by 0.05 until ``min_neurons``..``max_neurons`` remain (when no p gets there, the
+   candidates at the nearest p are ranked by paraphrase count, then mean score, and cut to
+   ``max_neurons``: with one paraphrase that is simply the top coarse neurons);
+4. interventions on the refined set at the last prompt position: suppress (x0) and enhance (x2),
+   measured as the relative change (p' - p) / p of the target probability on the fact, on other
+   facts of its relation, on facts of other relations, and for as many random neurons drawn from
+   the same layers.
+
+Relation neurons are those in the refined sets of at least ``relation_share`` of a relation's
+attributed facts. The consistency of a fact is the mean pairwise Jaccard index of its
+paraphrases' coarse sets (None with one paraphrase).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import io
+import random
+import time
+from collections import Counter
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field, fields
+from itertools import combinations
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from engramlab.data.facts import FactSet, target_token_ids
+from engramlab.errors import EngramError
+from engramlab.locate.ig import check_options, integrated_gradients
+from engramlab.models.loading import pad_rows
+from engramlab.progress import progress_bar
+from engramlab.runs import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, load_json, read_jsonl
+
+P_STEP = 0.05
+SUPPRESS, ENHANCE = 0.0, 2.0
+
+
+@dataclass
+class NeuronConfig:
+    """Settings of ``find_knowledge_neurons`` (defaults follow Dai et al. 2022)."""
+
+    steps: int = 20                # m, integration steps
+    baseline: str = "zero"         # "zero" | "mean" (mean activation over the prompt's other positions)
+    objective: str = "prob"        # "prob" | "logprob" of the target tokens (summed over tokens)
+    site: str = "neurons"          # "neurons" (input of the MLP output projection) | "pre" (pre-activation)
+    threshold: float = 0.2         # coarse: score > threshold * max score of the prompt
+    p_start: float = 0.5           # refined: kept by >= p of the paraphrases, p adapted...
+    min_neurons: int = 2           # ...until min_neurons..max_neurons remain
+    max_neurons: int = 5
+    relation_share: float = 0.1    # relation neurons: in >= this share of the relation's facts
+    max_rank: int = 100            # skip facts whose first target token ranks beyond this
+    batch_layers: int | None = None  # layers per IG batch (None = auto by memory)
+    n_random_repeats: int = 3      # random-neuron controls per fact
+    seed: int = 0
+    n_compare: int = 20            # at most this many facts of the same / other relations per fact
+
+    def __post_init__(self):
+        check_options(self.steps, self.baseline, self.objective, self.site)
+        if not 0 <= self.threshold < 1:
+            raise EngramError(f"threshold must be in [0, 1), got {self.threshold}")
+        if not 1 <= self.min_neurons <= self.max_neurons:
+            raise EngramError(f"need 1 <= min_neurons <= max_neurons, got {self.min_neurons}, {self.max_neurons}")
+        if not 0 < self.relation_share <= 1:
+            raise EngramError(f"relation_share must be in (0, 1], got {self.relation_share}")
+        if self.max_rank < 1:
+            raise EngramError(f"max_rank must be >= 1, got {self.max_rank}")
+
+
+# -- attribution and probabilities ----------------------------------------------------------------
+def _ids(lm, prompt: str | Sequence[int]) -> list[int]:
+    if isinstance(prompt, str):
+        return list(lm.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    return [int(i) for i in prompt]
+
+
+def attribute_neurons(lm, prompt: str | Sequence[int], target_ids: Sequence[int], config: NeuronConfig,
+                      layers: Sequence[int] | None = None) -> torch.Tensor:
+    """Integrated-gradients scores (n_layers, d_mlp) of every MLP neuron at the last prompt
+    position for the target tokens (summed over them). Layers not in ``layers`` are 0."""
+    return integrated_gradients(lm, _ids(lm, prompt), list(target_ids), steps=config.steps,
+                                baseline=config.baseline, objective=config.objective, site=config.site,
+                                layers=layers, batch_layers=config.batch_layers)
+
+
+# Where target_probabilities put each row's last prompt token, for intervene(positions=-1).
+_PROMPT_END: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("prompt_end", default=None)
+
+
+@contextmanager
+def intervene(lm, neurons: Sequence[tuple[int, int]], factor: float, positions=-1) -> Iterator[None]:
+    """Multiply the given (layer, index) ``mlp.neurons`` by ``factor`` (0 suppresses, 2 enhances).
+
+    ``positions=-1`` is the last prompt token: inside ``target_probability(ies)``, whose input also
+    holds the teacher-forced target tokens, that is where the prompt ends, row by row; elsewhere it
+    is the last position. ``None`` edits every position; an int or a list is passed on as is."""
+    by_layer: dict[int, list[int]] = {}
+    for layer, index in neurons:
+        by_layer.setdefault(int(layer), []).append(int(index))
+
+    def edit(index: list[int]):
+        def fn(t):  # (batch, pos, d_mlp)
+            where = positions
+            if positions == -1:
+                ends = _PROMPT_END.get()
+                where = ends if ends is not None and ends.shape[0] == t.shape[0] else -1
+            mask = torch.zeros(t.shape[1:], dtype=torch.bool, device=t.device)
+            mask[:, index] = True
+            if where is None:
+                mask = mask.expand_as(t)
+            elif isinstance(where, torch.Tensor):  # one position per row
+                rows = torch.zeros_like(t, dtype=torch.bool)
+                rows[torch.arange(t.shape[0]), where.to(t.device)] = mask[0]
+                mask = rows
+            else:
+                keep = torch.zeros(t.shape[1], 1, dtype=torch.bool, device=t.device)
+                keep[where] = True
+                mask = (mask & keep).expand_as(t)
+            return torch.where(mask, t * factor, t)
+        return fn
+
+    with ExitStack() as stack:
+        for layer, index in by_layer.items():
+            stack.enter_context(lm.hooks.hook(f"blocks.{layer}.mlp.neurons", edit(index)))
+        yield
+
+
+@torch.no_grad()
+def target_probabilities(lm, prompts: Sequence[str | Sequence[int]], targets: Sequence[Sequence[int]],
+                         objective: str = "prob", batch_size: int = 32) -> list[float]:
+    """Teacher-forced probability of each target (the product over its tokens; "logprob": the
+    sum of log-probabilities), one padded forward per batch of prompts."""
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        rows = [_ids(lm, p) for p in prompts[start: start + batch_size]]
+        tgts = [list(t) for t in targets[start: start + batch_size]]
+        ids, mask = pad_rows([r + t[:-1] for r, t in zip(rows, tgts)], lm.pad_id, lm.device)
+        ends = torch.tensor([len(r) - 1 for r in rows], device=lm.device)
+        token = _PROMPT_END.set(ends)
+        try:
+            logp = lm.model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
+        finally:
+            _PROMPT_END.reset(token)
+        for i, (r, t) in enumerate(zip(rows, tgts)):
+            picked = logp[i, len(r) - 1: len(r) - 1 + len(t)].gather(-1, torch.tensor(t, device=lm.device)[:, None])
+            total = float(picked.sum())
+            out.append(total if objective == "logprob" else float(torch.tensor(total).exp()))
+    return out
+
+
+def target_probability(lm, prompt: str | Sequence[int], target_ids: Sequence[int], objective: str = "prob") -> float:
+    """Teacher-forced probability of the target tokens after ``prompt`` (product over tokens)."""
+    return target_probabilities(lm, [prompt], [target_ids], objective)[0]
+
+
+@torch.no_grad()
+def first_token_ranks(lm, prompts: Sequence[str], targets: Sequence[Sequence[int]], batch_size: int = 32) -> list[int]:
+    """Rank (1 = most likely) of each target's first token right after its prompt."""
+    ranks = []
+    for start in range(0, len(prompts), batch_size):
+        rows = [_ids(lm, p) for p in prompts[start: start + batch_size]]
+        ids, mask = pad_rows(rows, lm.pad_id, lm.device)
+        logits = lm.model(input_ids=ids, attention_mask=mask).logits
+        for i, (r, t) in enumerate(zip(rows, targets[start: start + batch_size])):
+            last = logits[i, len(r) - 1]
+            ranks.append(int((last > last[t[0]]).sum()) + 1)
+    return ranks
+
+
+# -- selection --------------------------------------------------------------------------------------
+def coarse_neurons(scores: torch.Tensor, threshold: float) -> list[tuple[int, int, float]]:
+    """(layer, index, score) of the neurons scoring above ``threshold`` x the maximum, best first.
+
+    ``scores`` (n_layers, d_mlp). Nothing is selected when no score is positive."""
+    top = float(scores.max())
+    if top <= 0:
+        return []
+    layer, index = torch.nonzero(scores > threshold * top, as_tuple=True)
+    found = [(int(l), int(i), float(scores[l, i])) for l, i in zip(layer, index)]
+    return sorted(found, key=lambda n: -n[2])
+
+
+def refine_neurons(coarse_sets: Sequence[Sequence[tuple[int, int, float]]], p_start: float = 0.5,
+                   min_neurons: int = 2, max_neurons: int = 5) -> tuple[list[tuple[int, int, float]], float]:
+    """Neurons shared by at least a fraction p of the paraphrases' coarse sets, p adapted.
+
+    p starts at ``p_start``; while more than ``max_neurons`` are kept it rises by 0.05 (but not
+    past a p that keeps fewer than ``min_neurons``), while fewer than ``min_neurons`` it falls by
+    0.05. Whatever remains is cut to the best ``max_neurons`` by number of paraphrases, then mean
+    score (with one paraphrase: the top coarse neurons). Returns ((layer, index, mean score) best first, final p)."""
+    n = len(coarse_sets)
+    if n == 0:
+        return [], p_start
+    count: Counter = Counter()
+    total: dict[tuple[int, int], float] = {}
+    for neurons in coarse_sets:
+        for l, i, s in neurons:
+            count[(l, i)] += 1
+            total[(l, i)] = total.get((l, i), 0.0) + s
+
+    def kept(p: float) -> list[tuple[int, int]]:
+        # round() guards against 0.1 + 0.2-style drift making p * n a hair above a whole count.
+        return [key for key, c in count.items() if c >= round(p * n, 9)]
+
+    p, chosen = p_start, kept(p_start)
+    if len(chosen) > max_neurons:
+        while len(chosen) > max_neurons and p + P_STEP <= 1 + 1e-9:
+            fewer = kept(round(p + P_STEP, 9))
+            if len(fewer) < min_neurons:  # overshoot: stay at p and cut the ranking instead
+                break
+            p, chosen = round(p + P_STEP, 9), fewer
+    else:
+        while len(chosen) < min_neurons and p - P_STEP > 1e-9:
+            p = round(p - P_STEP, 9)
+            chosen = kept(p)
+    ranked = sorted(chosen, key=lambda k: (-count[k], -total[k] / count[k], k))[:max_neurons]
+    return [(l, i, total[(l, i)] / count[(l, i)]) for l, i in ranked], p
+
+
+def relation_neurons(neuron_sets: Sequence[Sequence[tuple[int, int]]], share: float = 0.1) -> list[list[int]]:
+    """[layer, index] of the neurons in at least ``share`` of the given sets (one set per fact)."""
+    if not neuron_sets:
+        return []
+    count = Counter((int(l), int(i)) for s in neuron_sets for l, i in set((n[0], n[1]) for n in s))
+    need = share * len(neuron_sets)
+    return sorted([l, i] for (l, i), c in count.items() if c >= need - 1e-9)
+
+
+def consistency(coarse_sets: Sequence[Sequence[tuple]]) -> float | None:
+    """Mean pairwise Jaccard index of the paraphrases' coarse sets (None for fewer than two)."""
+    sets = [{(n[0], n[1]) for n in s} for s in coarse_sets]
+    pairs = list(combinations(sets, 2))
+    if not pairs:
+        return None
+    return sum(len(a & b) / len(a | b) if a | b else 1.0 for a, b in pairs) / len(pairs)
+
+
+# -- the locator ------------------------------------------------------------------------------------
+@dataclass
+class NeuronResult:
+    """Per-fact knowledge neurons and intervention effects (one record per fact, in order).
+
+    A record: relation, subject, object, ``prompts`` (the paraphrases), ``ranks`` (first target
+    token after each), ``neurons`` ([layer, index, mean score] refined, best first), ``coarse``
+    (per paraphrase: [layer, index, score] lists, None where left out), ``p`` (the final share),
+    ``consistency``, ``skipped`` (reason or None), ``effects`` (see ``measure_effects``)."""
+
+    records: list[dict]
+    relation_neurons: dict[str, list[list[int]]]
+    config: dict
+    stats: dict = field(default_factory=dict)
+
+    def attributed(self) -> list[dict]:
+        return [r for r in self.records if r["skipped"] is None]
+
+    def summary(self) -> dict:
+        done = self.attributed()
+        effects = [r["effects"] for r in done if r.get("effects")]
+
+        def mean(values):
+            values = [v for v in values if v is not None]
+            return sum(values) / len(values) if values else None
+
+        out = {"n_facts": len(self.records), "n_attributed": len(done),
+               "n_skipped": len(self.records) - len(done)}
+        for key in ("own", "same_relation", "other_relation", "random"):
+            # A drop is minus the relative change: 1 means the probability went to zero.
+            out[f"mean_{key}_drop"] = mean([-e["suppress"][key] if e["suppress"][key] is not None else None
+                                            for e in effects])
+            out[f"mean_{key}_enhance"] = mean([e["enhance"][key] for e in effects])
+        out["mean_neurons_per_fact"] = mean([len(r["neurons"]) for r in done])
+        out["mean_coarse_per_prompt"] = mean([len(c) for r in done for c in r["coarse"] if c is not None])
+        out["mean_consistency"] = mean([r["consistency"] for r in done])
+        out["n_relation_neurons"] = sum(len(v) for v in self.relation_neurons.values())
+        out["seconds_per_fact"] = self.stats.get("seconds_per_fact")
+        return out
+
+    def save(self, directory: str | Path) -> None:
+        d = Path(directory)
+        atomic_write_jsonl(d / "neurons.jsonl", self.records)
+        atomic_write_json(d / "relation_neurons.json", self.relation_neurons)
+        atomic_write_json(d / "neurons_config.json", {"config": self.config, "stats": self.stats})
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "NeuronResult":
+        d = Path(directory)
+        meta = load_json(d / "neurons_config.json", "knowledge-neuron config")
+        return cls(read_jsonl(d / "neurons.jsonl"), load_json(d / "relation_neurons.json", "relation neurons"),
+                   meta["config"], meta.get("stats", {}))
+
+
+def find_knowledge_neurons(lm, facts: FactSet, config: NeuronConfig | None = None,
+                           show_progress: bool = False) -> NeuronResult:
+    """Attribute, select and test the knowledge neurons of every fact (see module docstring)."""
+    config = config or NeuronConfig()
+    start = time.time()
+    tok = lm.tokenizer
+    prompts = [[fact.prompt(j) for j in range(len(fact.templates))] for fact in facts]
+    targets = [[target_token_ids(tok, p, fact.object) for p in ps] for fact, ps in zip(facts, prompts)]
+    flat_ranks = iter(first_token_ranks(lm, [p for ps in prompts for p in ps], [t for ts in targets for t in ts]))
+    ranks = [[next(flat_ranks) for _ in ps] for ps in prompts]
+
+    records = []
+    for fact, ps, ts, rs in progress_bar(list(zip(facts, prompts, targets, ranks)), "knowledge neurons",
+                                         enabled=show_progress):
+        record = {"relation": fact.relation, "subject": fact.subject, "object": fact.object, "prompts": ps,
+                  "target_tokens": tok.convert_ids_to_tokens(ts[0]), "ranks": rs, "neurons": [], "coarse": [],
+                  "p": None, "consistency": None, "skipped": None, "effects": None}
+        records.append(record)
+        if rs[0] > config.max_rank:
+            record["skipped"] = (f"object {fact.object!r} ranks {rs[0]} after {ps[0]!r}, beyond max_rank "
+                                 f"{config.max_rank}: the model does not predict it")
+            continue
+        coarse: list[list | None] = []
+        for p, t, r in zip(ps, ts, rs):
+            coarse.append(None if r > config.max_rank else
+                          coarse_neurons(attribute_neurons(lm, p, t, config), config.threshold))
+        used = [c for c in coarse if c is not None]
+        refined, share = refine_neurons(used, config.p_start, config.min_neurons, config.max_neurons)
+        record.update(neurons=[[l, i, _short(s)] for l, i, s in refined], p=share, consistency=consistency(used),
+                      coarse=[None if c is None else [[l, i, _short(s)] for l, i, s in c] for c in coarse])
+    attributed_seconds = time.time() - start
+
+    by_relation: dict[str, list] = {}
+    for r in records:
+        if r["skipped"] is None:
+            by_relation.setdefault(r["relation"], []).append([(l, i) for l, i, _ in r["neurons"]])
+    rel_neurons = {rel: relation_neurons(sets, config.relation_share) for rel, sets in by_relation.items()}
+    measure_effects(lm, records, [ts[0] for ts in targets], config)
+    n_done = sum(r["skipped"] is None for r in records)
+    total = time.time() - start
+    stats = {"attribution_seconds": round(attributed_seconds, 3), "total_seconds": round(total, 3),
+             "seconds_per_fact": round(total / n_done, 3) if n_done else None}
+    meta = {**asdict(config), "model": getattr(lm, "spec", None), "n_layers": lm.adapter.n_layers,
+            "d_mlp": lm.adapter.d_mlp}
+    return NeuronResult(records, rel_neurons, meta, stats)
+
+
+def _short(x: float) -> float:
+    return float(f"{x:.6g}")
+
+
+def measure_effects(lm, records: list[dict], targets: list[list[int]], config: NeuronConfig) -> None:
+    """Fill ``record["effects"]`` of every attributed fact that has neurons.
+
+    effects = {"base_prob": p, "suppress": {...}, "enhance": {...}}, each with the relative change
+    (p' - p) / p of the target probability on the main prompt of: "own" (the fact), "same_relation"
+    and "other_relation" (mean over up to ``n_compare`` other attributed facts), "random" (the fact,
+    with as many random neurons from the same layers, mean over ``n_random_repeats`` draws)."""
+    known = [k for k, r in enumerate(records) if r["skipped"] is None]
+    if not known:
+        return
+    prompts = {k: records[k]["prompts"][0] for k in known}
+    base = dict(zip(known, target_probabilities(lm, [prompts[k] for k in known], [targets[k] for k in known])))
+    rng = random.Random(config.seed)
+    d_mlp = lm.adapter.d_mlp
+    for k in known:
+        neurons = [(l, i) for l, i, _ in records[k]["neurons"]]
+        if not neurons:
+            continue
+        rel = records[k]["relation"]
+        same = [j for j in known if j != k and records[j]["relation"] == rel]
+        other = [j for j in known if records[j]["relation"] != rel]
+        same = rng.sample(same, min(config.n_compare, len(same)))
+        other = rng.sample(other, min(config.n_compare, len(other)))
+        controls = [_random_like(neurons, d_mlp, rng) for _ in range(config.n_random_repeats)]
+        group = [k, *same, *other]
+        effects = {"base_prob": _short(base[k])}
+        for name, factor in (("suppress", SUPPRESS), ("enhance", ENHANCE)):
+            with intervene(lm, neurons, factor):
+                probs = target_probabilities(lm, [prompts[j] for j in group], [targets[j] for j in group])
+            change = [(p - base[j]) / base[j] if base[j] > 0 else None for p, j in zip(probs, group)]
+            randoms = []
+            for control in controls:
+                with intervene(lm, control, factor):
+                    p = target_probability(lm, prompts[k], targets[k])
+                randoms.append((p - base[k]) / base[k] if base[k] > 0 else None)
+            effects[name] = {"own": change[0], "same_relation": _mean(change[1: 1 + len(same)]),
+                             "other_relation": _mean(change[1 + len(same):]), "random": _mean(randoms)}
+        records[k]["effects"] = effects
+
+
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _random_like(neurons: list[tuple[int, int]], d_mlp: int, rng: random.Random) -> list[tuple[int, int]]:
+    """As many random neurons as ``neurons``, each in the same layer as one of them, none of them."""
+    taken = set(neurons)
+    out = []
+    for layer, _ in neurons:
+        pick = (layer, rng.randrange(d_mlp))
+        while pick in taken:
+            pick = (layer, rng.randrange(d_mlp))
+        taken.add(pick)
+        out.append(pick)
+    return out
+
+
+def plot_neuron_layers(result: NeuronResult, path: str | Path) -> Path:
+    """Where the refined neurons sit: a histogram over layers, stacked by relation (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n_layers = int(result.config.get("n_layers") or 1 + max((n[0] for r in result.records for n in r["neurons"]),
+                                                             default=0))
+    relations = sorted({r["relation"] for r in result.attributed()})
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    bottom = [0] * n_layers
+    for rel in relations:
+        counts = [0] * n_layers
+        for r in result.attributed():
+            if r["relation"] == rel:
+                for layer, _, _ in r["neurons"]:
+                    counts[layer] += 1
+        ax.bar(range(n_layers), counts, bottom=bottom, label=rel)
+        bottom = [b + c for b, c in zip(bottom, counts)]
+    ax.set_xlabel("layer")
+    ax.set_ylabel("knowledge neurons")
+    ax.set_title("refined knowledge neurons per layer")
+    if relations:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
