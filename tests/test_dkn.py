@@ -11,8 +11,9 @@ from typer.testing import CliRunner
 
 from engramlab.data.facts import Fact, FactSet
 from engramlab.locate import topology
-from engramlab.locate.degenerate import (DKNConfig, DKNResult, FactProbe, find_dkns, neuron_distances,
+from engramlab.locate.degenerate import (DKNConfig, DKNResult, FactProbe, find_dkns,
                                          scaled_target_probs, search_dkn)
+from engramlab.locate.neuron_graph import neuron_distances
 from engramlab.locate.dkn_analyses import EvolveConfig, evolvability, neuron_param_masks, perturb
 from engramlab.locate.neurons import intervene, target_probability
 from engramlab.locate.topology import ClusterConfig, cluster_neurons, persistence_diagram
@@ -231,10 +232,10 @@ def test_scaled_probs_match_intervene(family):
     lm = wrap_model(tiny_model(family, vocab_size=len(tok), n_layers=3, seed=1), tok)
     prompt, target = "the capital of france is", tok.convert_tokens_to_ids(["paris", "city"])
     sets = [[], [(0, 3)], [(1, 5), (2, 7), (0, 1)]]
-    for factor in (0.0, 2.0):
-        ours = scaled_target_probs(lm, prompt, target, sets, factor)
+    for factor, positions, theirs in ((0.0, "last", -1), (2.0, "last", -1), (0.0, "all", None)):
+        ours = scaled_target_probs(lm, prompt, target, sets, factor, positions, batch_size=2)
         for s, p in zip(sets, ours):
-            with intervene(lm, s, factor):
+            with intervene(lm, s, factor, positions=theirs):
                 assert p == pytest.approx(target_probability(lm, prompt, target), rel=1e-4)
 
 

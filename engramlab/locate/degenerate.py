@@ -5,13 +5,9 @@ Pipeline per fact (``find_dkns``):
 1. **Candidates**: integrated-gradients attribution of every MLP neuron at the last prompt
    position (``engramlab.locate.neurons.attribute_neurons``); the coarse knowledge neurons are
    those above ``threshold`` x the largest attribution, at most ``max_candidates`` of them.
-2. **Neuron graph** (``neuron_distances``): neuron A in layer i writes ``w_out_A`` (its row of
-   W_out) into the residual stream; neuron B in layer j > i reads it through the MLP norm and its
-   input column(s). The connection strength is ``|w_out_A . r_B|`` with ``r_B = gain_j * w_in_B``
-   (the norm's elementwise weight folded in; LayerNorm's mean subtraction too), and for gated MLPs
-   ``sqrt((w_out_A . r_gate_B)^2 + (w_out_A . r_up_B)^2)``. Distance = 1 / strength. Neurons in
-   the same layer, or more than ``max_span`` layers apart, have no direct edge: they are linked
-   only through paths over other candidate neurons of the fact (see ``topology``).
+2. **Neuron graph** (``engramlab.locate.neuron_graph``): distance 1 / |w_out_A . r_B| between a
+   neuron A and a neuron B up to ``max_span`` layers later that reads what A writes; others are
+   linked only through paths over other candidates of the fact.
 3. **Clusters** by each method of ``engramlab.locate.topology`` (persistence by default).
 4. **Verification, enforced** (``search_dkn``): a DKN is a set of >= 2 clusters such that
    suppressing any proper subset lowers P(target) by less than ``t_low`` (relative) and
@@ -19,12 +15,13 @@ Pipeline per fact (``find_dkns``):
    a fact without one gets ``dkn: null`` and the reason.
 
 Suppression multiplies the neurons' activations (site ``blocks.{l}.mlp.neurons``) by 0 at the last
-prompt position (``positions="all"``: every position); P(target) is the probability of the first
-target token after the prompt. See docs/dkn.md for the choices and their reasons.
+prompt position (``positions="all"``: every position); P(target) is the teacher-forced probability
+of the target tokens, as in ``engramlab.locate.neurons``. See docs/dkn.md for the choices and why.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 from contextlib import ExitStack
@@ -35,18 +32,16 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
 from engramlab.data.facts import FactSet, target_token_ids
 from engramlab.errors import EngramError
+from engramlab.locate.neuron_graph import Neuron, neuron_distances
 from engramlab.locate.neurons import NeuronConfig, attribute_neurons, coarse_neurons, first_token_ranks
 from engramlab.locate.topology import METHODS, ClusterConfig, cluster_neurons
-from engramlab.models.adapters import ArchAdapter
 from engramlab.models.loading import LoadedModel
 from engramlab.progress import progress_bar
 from engramlab.runs import atomic_write_json, atomic_write_jsonl, load_json, read_jsonl
 
-Neuron = tuple[int, int]  # (layer, index)
 POSITIONS = ("last", "all")
 
 
@@ -97,70 +92,6 @@ class DKNConfig:
             raise EngramError("--max-candidates must be >= 2, --max-span >= 1, --max-subsets >= 3")
 
 
-# -- the neuron graph ---------------------------------------------------------------------------
-def norm_read(norm: nn.Module) -> tuple[torch.Tensor | None, bool]:
-    """(elementwise gain (d_model,) or None, whether the norm subtracts the mean) of an MLP norm."""
-    name = type(norm).__name__
-    gain = getattr(norm, "weight", None)
-    if gain is not None and "Gemma" in name:
-        gain = 1.0 + gain  # Gemma's RMSNorm scales by (1 + weight)
-    centres = isinstance(norm, nn.LayerNorm) or ("LayerNorm" in name and "RMS" not in name)
-    return gain, centres
-
-
-def read_vectors(adapter: ArchAdapter, layer: int, index: Sequence[int], fold_norm: bool = True) -> list[torch.Tensor]:
-    """The directions neurons ``index`` of ``layer`` read from the residual stream.
-
-    Returns [up (k, d_model)] or, for gated MLPs, [up, gate]. With ``fold_norm`` the MLP norm's
-    elementwise weight multiplies each read vector, and a LayerNorm's mean subtraction is applied
-    to it (centring the read vector is the same as centring what is written, since the centring
-    matrix is symmetric); the norm's data-dependent 1/rms factor is not static and is left out.
-    """
-    mats = [adapter.W_in(layer)] + ([adapter.W_gate(layer)] if adapter.has_gated_mlp else [])
-    gain, centres = norm_read(adapter.mlp_norm(layer)) if fold_norm else (None, False)
-    out = []
-    for w in mats:
-        r = w.detach().float()[:, list(index)].t()  # (k, d_model)
-        if gain is not None:
-            r = r * gain.detach().float()
-        if centres:
-            r = r - r.mean(dim=1, keepdim=True)
-        out.append(r)
-    return out
-
-
-def connection_strengths(adapter: ArchAdapter, neurons: Sequence[Neuron], max_span: int = 3,
-                         fold_norm: bool = True) -> torch.Tensor:
-    """Symmetric (n, n) strengths of the direct connections between ``neurons``; 0 = no edge.
-
-    For A in layer i and B in layer j with 0 < j - i <= max_span the strength is the size of what
-    A's output adds to B's pre-activation(s) per unit of A's activation (module docstring).
-    """
-    n = len(neurons)
-    writes = torch.stack([adapter.W_out(l).detach().float()[i] for l, i in neurons]) if n else torch.zeros(0)
-    reads: list[list[torch.Tensor]] = [[] for _ in range(2 if adapter.has_gated_mlp else 1)]
-    for l, i in neurons:
-        for k, r in enumerate(read_vectors(adapter, l, [i], fold_norm)):
-            reads[k].append(r[0])
-    # dots[k][a, b] = w_out_A . read_k(B); combine up and gate as the length of the 2-vector.
-    dots = torch.stack([writes @ torch.stack(r).t() for r in reads]) if n else torch.zeros(1, 0, 0)
-    strength = dots.pow(2).sum(0).sqrt()  # (n, n), directed: row writes, column reads
-    layers = torch.tensor([l for l, _ in neurons])
-    gap = layers[None, :] - layers[:, None]
-    directed = torch.where((gap > 0) & (gap <= max_span), strength, torch.zeros_like(strength))
-    return directed + directed.t()  # each pair has at most one direction (the later one reads)
-
-
-def neuron_distances(adapter: ArchAdapter, neurons: Sequence[Neuron], max_span: int = 3,
-                     fold_norm: bool = True) -> np.ndarray:
-    """(n, n) distances 1 / strength (``inf`` = no direct edge, 0 on the diagonal)."""
-    s = connection_strengths(adapter, neurons, max_span, fold_norm).double().numpy()
-    with np.errstate(divide="ignore"):
-        dist = np.where(s > 0, 1.0 / np.where(s > 0, s, 1.0), np.inf)
-    np.fill_diagonal(dist, 0.0)
-    return dist
-
-
 # -- P(target) under suppression ------------------------------------------------------------------
 @torch.no_grad()
 def scaled_target_probs(lm: LoadedModel, prompt: str, target_ids: Sequence[int], neuron_sets: Sequence[Sequence[Neuron]],
@@ -170,14 +101,22 @@ def scaled_target_probs(lm: LoadedModel, prompt: str, target_ids: Sequence[int],
 
     P(target) is teacher-forced: the product over the target tokens, as in
     ``engramlab.locate.neurons.target_probability``. ``positions="last"`` scales the neurons at
-    the last prompt token only, ``"all"`` at every position. Row r of a batch repeats the prompt
-    and scales set r, so every subset a search tests costs one row, not one forward pass.
+    the last prompt token only, ``"all"`` at every position. Row r of a batch scales set r, so
+    every subset a search tests costs one row. With ``"last"`` nothing before the last prompt
+    token can change (the model is causal), so the prompt prefix runs once and every row only
+    computes the segment (last prompt token + target tokens but the last) on its keys/values.
     """
     prompt_ids = lm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
     target_ids = list(target_ids)
-    ids = prompt_ids + target_ids[:-1]
-    where = [len(prompt_ids) - 1] if positions == "last" else None
     factors = [float(factors)] * len(neuron_sets) if isinstance(factors, (int, float)) else list(factors)
+    prefix = None
+    if positions == "last" and len(prompt_ids) > 1:
+        prefix = lm.model(input_ids=torch.tensor([prompt_ids[:-1]], device=lm.device), use_cache=True).past_key_values
+        segment, where = prompt_ids[-1:] + target_ids[:-1], [0]
+    else:
+        segment = prompt_ids + target_ids[:-1]
+        where = None if positions == "all" else [len(prompt_ids) - 1]
+    target = torch.tensor(target_ids, device=lm.device)
     d_mlp, out = lm.adapter.d_mlp, []
     for start in range(0, len(neuron_sets), batch_size):
         rows = neuron_sets[start:start + batch_size]
@@ -185,15 +124,19 @@ def scaled_target_probs(lm: LoadedModel, prompt: str, target_ids: Sequence[int],
         for r, (neurons, f) in enumerate(zip(rows, factors[start:start + batch_size])):
             for l, i in neurons:
                 scales.setdefault(l, torch.ones(len(rows), d_mlp, dtype=lm.dtype, device=lm.device))[r, i] = f
+        cache = None
+        if prefix is not None:  # a fresh copy per batch: the forward pass appends to the cache
+            cache = copy.deepcopy(prefix)
+            cache.batch_repeat_interleave(len(rows))
         with ExitStack() as stack:
             for l, s in scales.items():
                 stack.enter_context(lm.hooks.edit(f"blocks.{l}.mlp.neurons", lambda t, s=s: t * s[:, None, :],
                                                   positions=where))
-            logits = lm.model(input_ids=torch.tensor([ids] * len(rows), device=lm.device)).logits
-        # Position len(prompt) - 1 + k predicts target token k.
-        logp = logits[:, len(prompt_ids) - 1:].float().log_softmax(-1)
-        picked = logp.gather(-1, torch.tensor(target_ids, device=lm.device)[None, :, None].expand(len(rows), -1, 1))
-        out.append(picked.sum(dim=(1, 2)).exp().cpu())
+            logits = lm.model(input_ids=torch.tensor([segment] * len(rows), device=lm.device), past_key_values=cache,
+                              use_cache=cache is not None, logits_to_keep=len(target_ids)).logits
+        # The last len(target) positions predict the target tokens, one each.
+        logp = logits[:, -len(target_ids):].float().log_softmax(-1)
+        out.append(logp.gather(-1, target.expand(len(rows), -1)[..., None]).sum(dim=(1, 2)).exp().cpu())
     return torch.cat(out).double().numpy() if out else np.zeros(0)
 
 
@@ -259,19 +202,21 @@ def search_dkn(drop_of: Callable[[list[frozenset]], list[float]], n_clusters: in
             cache.update(zip(missing, drop_of(missing)))
         return [cache[s] for s in subsets]
 
-    rng = random.Random(seed)
     active = list(range(n_clusters))
-    if n_clusters == 0:
-        return Search(None, None, None, 0.0, 0.0, "exhaustive", 0, 0, "no clusters")
-    all_drop = drops([frozenset(active)])[0]
-    max_single = max(drops([frozenset([c]) for c in active]))
-    result = dict(all_drop=all_drop, max_single_drop=max_single)
+    all_drop = drops([frozenset(active)])[0] if active else 0.0
+    max_single = max(drops([frozenset([c]) for c in active]), default=0.0)
+    sampled, shed = False, 0
+
+    def outcome(dkn=None, partial=None, full=None, reason=None) -> Search:
+        return Search(dkn, partial, full, all_drop, max_single, "sampled" if sampled else "exhaustive", shed,
+                      len(cache), reason)
+
     if n_clusters < 2:
-        return Search(None, None, None, check="exhaustive", n_shed=0, n_subsets=len(cache),
-                      reason="only one cluster", **result)
-    shed = 0
+        return outcome(reason=f"{n_clusters} cluster(s); a DKN needs 2")
+    rng = random.Random(seed)
     limit = min(max_dkn_clusters or n_clusters, n_clusters)
     while _n_subsets(len(active), limit) > max_subsets:
+        sampled = True
         whole = frozenset(active)
         alone = drops([frozenset([c]) for c in active])
         rest = drops([whole - {c} for c in active])
@@ -280,41 +225,35 @@ def search_dkn(drop_of: Callable[[list[frozenset]], list[float]], n_clusters: in
                        for _ in range(subset_samples if len(active) >= 4 else 0)}
             full = drops([whole])[0]
             partial = max(alone + rest + drops(sorted(samples, key=sorted)))
-            if full <= t_high:
-                return Search(None, None, None, check="sampled", n_shed=shed, n_subsets=len(cache),
-                              reason=f"suppressing all {len(active)} remaining clusters drops P(target) "
-                                     f"by only {full:.3f} <= t_high", **result)
+            if full <= t_high:  # fewer clusters suppressed are assumed not to drop it more
+                return outcome(reason=f"suppressing all {len(active)} remaining clusters drops P(target) by "
+                                      f"only {full:.3f} <= t_high")
             if partial < t_low:
-                return Search(sorted(active), partial, full, check="sampled", n_shed=shed,
-                              n_subsets=len(cache), reason=None, **result)
+                return outcome(sorted(active), partial, full)
         # Set aside the cluster the others do best without (largest drop of the rest), then the
         # one that hurts most alone (the least degenerate).
         active.pop(max(range(len(active)), key=lambda k: (rest[k], alone[k])))
         shed += 1
         limit = min(limit, len(active))
 
-    subsets = [frozenset(c) for s in range(1, limit + 1) for c in combinations(active, s)]
+    subsets = [frozenset(c) for size in range(1, limit + 1) for c in combinations(active, size)]
     values = dict(zip(subsets, drops(subsets)))
-    within: dict[frozenset, float] = {}  # largest drop over the non-empty subsets of a set (itself incl.)
+    within: dict[frozenset, float] = {}  # largest drop over a set's non-empty subsets, itself included
     best, best_key, best_full = None, None, -math.inf
-    for s in subsets:  # ordered by size, so every subset's value is known before its supersets
-        partial = max((within[s - {c}] for c in s), default=-math.inf) if len(s) > 1 else -math.inf
+    for s in subsets:  # ordered by size: every subset is done before its supersets
+        partial = max(within[s - {c}] for c in s) if len(s) > 1 else -math.inf
         within[s] = max(values[s], partial)
-        best_full = max(best_full, values[s]) if len(s) > 1 else best_full
-        if len(s) >= 2 and values[s] > t_high and partial < t_low:
-            key = (len(s), values[s])
-            if best_key is None or key > best_key:
-                best, best_key = (sorted(s), partial, values[s]), key
-    check = "sampled" if shed else "exhaustive"
+        if len(s) < 2:
+            continue
+        best_full = max(best_full, values[s])
+        if values[s] > t_high and partial < t_low and (best_key is None or (len(s), values[s]) > best_key):
+            best, best_key = (sorted(s), partial, values[s]), (len(s), values[s])
     if best is not None:
-        return Search(best[0], best[1], best[2], check=check, n_shed=shed, n_subsets=len(cache), reason=None,
-                      **result)
+        return outcome(*best)
     if best_full <= t_high:
-        reason = f"no set of clusters drops P(target) by more than t_high (best {best_full:.3f})"
-    else:
-        reason = "every set of clusters that drops P(target) by more than t_high has a proper subset " \
-                 "that drops it by t_low or more"
-    return Search(None, None, None, check=check, n_shed=shed, n_subsets=len(cache), reason=reason, **result)
+        return outcome(reason=f"no set of clusters drops P(target) by more than t_high (best {best_full:.3f})")
+    return outcome(reason="every set of clusters that drops P(target) by more than t_high has a proper subset "
+                          "that drops it by t_low or more")
 
 
 # -- per fact, per method -----------------------------------------------------------------------------

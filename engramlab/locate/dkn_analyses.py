@@ -21,7 +21,8 @@ from typing import Iterator, Sequence
 import torch
 
 from engramlab.data.facts import Fact, render, target_token_ids
-from engramlab.locate.degenerate import DKNConfig, DKNResult, Neuron, scaled_target_probs
+from engramlab.locate.degenerate import DKNConfig, DKNResult, scaled_target_probs
+from engramlab.locate.neuron_graph import Neuron
 from engramlab.models.adapters import ArchAdapter
 from engramlab.models.loading import LoadedModel, pad_rows
 
@@ -170,7 +171,7 @@ def trained(lm: LoadedModel, masks: dict | None, batch, config: EvolveConfig) ->
     every parameter); yields the number of trainable entries. The weights are restored on exit."""
     if masks is None:
         masks = {name: (p, None) for name, p in lm.model.named_parameters()}
-    saved = {name: p.detach().clone() for name, (p, _) in masks.items()}
+    saved = {name: (p.detach().clone(), p.requires_grad) for name, (p, _) in masks.items()}
     hooks = []
     try:
         for p, m in masks.values():
@@ -188,8 +189,8 @@ def trained(lm: LoadedModel, masks: dict | None, batch, config: EvolveConfig) ->
             h.remove()
         with torch.no_grad():
             for name, (p, _) in masks.items():
-                p.requires_grad_(False)
-                p.copy_(saved[name])
+                p.copy_(saved[name][0])
+                p.requires_grad_(saved[name][1])
 
 
 def evolvability(lm: LoadedModel, result: DKNResult, facts: Sequence[Fact], config: EvolveConfig | None = None,

@@ -154,32 +154,16 @@ class _CleanRun:
     def __init__(self, lm, prompt_ids: list[int], target_ids: list[int], site: str, objective: str):
         from transformers.cache_utils import Cache
 
-        n_layers = lm.adapter.n_layers
-        device = lm.device
-        prefix_ids = torch.tensor([prompt_ids[:-1]], device=device)
-        segment_ids = torch.tensor([prompt_ids[-1:] + list(target_ids[:-1])], device=device)
-        self.prefix: list[torch.Tensor | None] = [None] * n_layers
-        keys: list[torch.Tensor | None] = [None] * n_layers
-        values: list[torch.Tensor | None] = [None] * n_layers
-        cache = None
+        n = lm.adapter.n_layers
+        self.prefix: list[torch.Tensor | None] = [None] * n
+        self.resid: list[torch.Tensor] = [None] * n
+        self.calls: list[tuple] = [None] * n
         with torch.no_grad():
-            if prefix_ids.shape[1] > 0:
-                with ExitStack() as stack:
-                    for l in range(n_layers):
-                        stack.enter_context(site_hook(lm, l, site, self._recorder(self.prefix, l)))
-                    cache = lm.model(input_ids=prefix_ids, use_cache=True).past_key_values
-                for l in range(n_layers):
-                    keys[l], values[l] = cache.layers[l].keys, cache.layers[l].values
-            self.resid: list[torch.Tensor] = [None] * n_layers
-            self.calls: list[tuple] = [None] * n_layers
-            site_acts: list[torch.Tensor] = [None] * n_layers
-            with ExitStack() as stack:
-                for l in range(n_layers):
-                    stack.enter_context(site_hook(lm, l, site, self._recorder(site_acts, l)))
-                    handle = lm.adapter.layers[l].register_forward_pre_hook(self._call_recorder(l), with_kwargs=True)
-                    stack.callback(handle.remove)
-                logits = lm.model(input_ids=segment_ids, past_key_values=cache, use_cache=cache is not None).logits
-        self.acts = [t[0, 0].float() for t in site_acts]
+            cache = self._prefix_pass(lm, prompt_ids[:-1], site)
+            keys = [None if cache is None else cache.layers[l].keys for l in range(n)]
+            values = [None if cache is None else cache.layers[l].values for l in range(n)]
+            logits, acts = self._segment_pass(lm, prompt_ids[-1:] + list(target_ids[:-1]), cache, site)
+        self.acts = [t[0, 0].float() for t in acts]
         self.prefix = [None if t is None else t[0] for t in self.prefix]
         self.objective = float(objective_from_logits(logits, target_ids, objective)[0])
         # The batched pass must not touch HF's cache (it would grow); swap in the shared one.
@@ -187,6 +171,29 @@ class _CleanRun:
         swap = lambda v: shared if isinstance(v, Cache) else v  # noqa: E731
         self.calls = [(tuple(swap(v) for v in args), {k: swap(v) for k, v in kw.items()})
                       for args, kw in self.calls]
+
+    def _prefix_pass(self, lm, prefix_ids: list[int], site: str):
+        """Positions 0..P-2: HF's key/value cache (None for a one-token prompt) and the site
+        activations there (for the mean baseline)."""
+        if not prefix_ids:
+            return None
+        with ExitStack() as stack:
+            for l in range(lm.adapter.n_layers):
+                stack.enter_context(site_hook(lm, l, site, self._recorder(self.prefix, l)))
+            return lm.model(input_ids=torch.tensor([prefix_ids], device=lm.device), use_cache=True).past_key_values
+
+    def _segment_pass(self, lm, segment_ids: list[int], cache, site: str):
+        """The last prompt token and the target tokens but the last, on the prefix cache: logits
+        (1, T, vocab), site activations per layer, and each layer's input and call arguments."""
+        acts: list[torch.Tensor] = [None] * lm.adapter.n_layers
+        with ExitStack() as stack:
+            for l in range(lm.adapter.n_layers):
+                stack.enter_context(site_hook(lm, l, site, self._recorder(acts, l)))
+                handle = lm.adapter.layers[l].register_forward_pre_hook(self._call_recorder(l), with_kwargs=True)
+                stack.callback(handle.remove)
+            logits = lm.model(input_ids=torch.tensor([segment_ids], device=lm.device), past_key_values=cache,
+                              use_cache=cache is not None).logits
+        return logits, acts
 
     @staticmethod
     def _recorder(store: list, layer: int):
@@ -257,6 +264,8 @@ def integrated_gradients(lm, prompt_ids: list[int], target_ids: list[int], steps
     check_options(steps, baseline, objective, site)
     if not prompt_ids or not target_ids:
         raise EngramError("integrated gradients needs a non-empty prompt and at least one target token")
+    if batch_layers is not None and batch_layers < 1:
+        raise EngramError(f"batch_layers must be >= 1 (or None for automatic), got {batch_layers}")
     n_layers = lm.adapter.n_layers
     layers = sorted(set(range(n_layers) if layers is None else layers))
     clean = _CleanRun(lm, list(prompt_ids), list(target_ids), site, objective)

@@ -9,9 +9,8 @@
    for each paraphrase (the fact's templates) - see ``engramlab.locate.ig``;
 3. selection: coarse neurons score > ``threshold`` x max per paraphrase; refined neurons are
    those in the coarse sets of at least a fraction p of the paraphrases, p starting at ``p_start``
-   and moved by 0.05 until ``min_neurons``..``max_neurons`` remain (when no p gets there, the
-   candidates at the nearest p are ranked by paraphrase count, then mean score, and cut to
-   ``max_neurons``: with one paraphrase that is simply the top coarse neurons);
+   and moved by 0.05 towards ``min_neurons``..``max_neurons`` kept; what remains is ranked by
+   paraphrase count, then mean score, and cut to ``max_neurons`` (see ``refine_neurons``);
 4. interventions on the refined set at the last prompt position: suppress (x0) and enhance (x2),
    measured as the relative change (p' - p) / p of the target probability on the fact, on other
    facts of its relation, on facts of other relations, and for as many random neurons drawn from
@@ -25,12 +24,12 @@ paraphrases' coarse sets (None with one paraphrase).
 from __future__ import annotations
 
 import contextvars
-import io
+import math
 import random
 import time
 from collections import Counter
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from itertools import combinations
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -42,7 +41,7 @@ from engramlab.errors import EngramError
 from engramlab.locate.ig import check_options, integrated_gradients
 from engramlab.models.loading import pad_rows
 from engramlab.progress import progress_bar
-from engramlab.runs import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, load_json, read_jsonl
+from engramlab.runs import atomic_write_json, atomic_write_jsonl, load_json, read_jsonl
 
 P_STEP = 0.05
 SUPPRESS, ENHANCE = 0.0, 2.0
@@ -80,6 +79,11 @@ class NeuronConfig:
 
 
 # -- attribution and probabilities ----------------------------------------------------------------
+def _pad_id(lm) -> int:
+    # Right padding never reaches the scored positions, so any id does when there is no tokenizer.
+    return lm.pad_id if lm.tokenizer is not None else 0
+
+
 def _ids(lm, prompt: str | Sequence[int]) -> list[int]:
     if isinstance(prompt, str):
         return list(lm.tokenizer(prompt, add_special_tokens=False)["input_ids"])
@@ -113,7 +117,7 @@ def intervene(lm, neurons: Sequence[tuple[int, int]], factor: float, positions=-
     def edit(index: list[int]):
         def fn(t):  # (batch, pos, d_mlp)
             where = positions
-            if positions == -1:
+            if isinstance(positions, int) and positions == -1:
                 ends = _PROMPT_END.get()
                 where = ends if ends is not None and ends.shape[0] == t.shape[0] else -1
             mask = torch.zeros(t.shape[1:], dtype=torch.bool, device=t.device)
@@ -146,7 +150,7 @@ def target_probabilities(lm, prompts: Sequence[str | Sequence[int]], targets: Se
     for start in range(0, len(prompts), batch_size):
         rows = [_ids(lm, p) for p in prompts[start: start + batch_size]]
         tgts = [list(t) for t in targets[start: start + batch_size]]
-        ids, mask = pad_rows([r + t[:-1] for r, t in zip(rows, tgts)], lm.pad_id, lm.device)
+        ids, mask = pad_rows([r + t[:-1] for r, t in zip(rows, tgts)], _pad_id(lm), lm.device)
         ends = torch.tensor([len(r) - 1 for r in rows], device=lm.device)
         token = _PROMPT_END.set(ends)
         try:
@@ -156,7 +160,7 @@ def target_probabilities(lm, prompts: Sequence[str | Sequence[int]], targets: Se
         for i, (r, t) in enumerate(zip(rows, tgts)):
             picked = logp[i, len(r) - 1: len(r) - 1 + len(t)].gather(-1, torch.tensor(t, device=lm.device)[:, None])
             total = float(picked.sum())
-            out.append(total if objective == "logprob" else float(torch.tensor(total).exp()))
+            out.append(total if objective == "logprob" else math.exp(total))
     return out
 
 
@@ -171,7 +175,7 @@ def first_token_ranks(lm, prompts: Sequence[str], targets: Sequence[Sequence[int
     ranks = []
     for start in range(0, len(prompts), batch_size):
         rows = [_ids(lm, p) for p in prompts[start: start + batch_size]]
-        ids, mask = pad_rows(rows, lm.pad_id, lm.device)
+        ids, mask = pad_rows(rows, _pad_id(lm), lm.device)
         logits = lm.model(input_ids=ids, attention_mask=mask).logits
         for i, (r, t) in enumerate(zip(rows, targets[start: start + batch_size])):
             last = logits[i, len(r) - 1]
@@ -285,6 +289,7 @@ class NeuronResult:
         out["mean_consistency"] = mean([r["consistency"] for r in done])
         out["n_relation_neurons"] = sum(len(v) for v in self.relation_neurons.values())
         out["seconds_per_fact"] = self.stats.get("seconds_per_fact")
+        out["cpu_seconds_per_fact"] = self.stats.get("cpu_seconds_per_fact")
         return out
 
     def save(self, directory: str | Path) -> None:
@@ -305,7 +310,7 @@ def find_knowledge_neurons(lm, facts: FactSet, config: NeuronConfig | None = Non
                            show_progress: bool = False) -> NeuronResult:
     """Attribute, select and test the knowledge neurons of every fact (see module docstring)."""
     config = config or NeuronConfig()
-    start = time.time()
+    start, cpu_start = time.time(), time.process_time()
     tok = lm.tokenizer
     prompts = [[fact.prompt(j) for j in range(len(fact.templates))] for fact in facts]
     targets = [[target_token_ids(tok, p, fact.object) for p in ps] for fact, ps in zip(facts, prompts)]
@@ -340,9 +345,11 @@ def find_knowledge_neurons(lm, facts: FactSet, config: NeuronConfig | None = Non
     rel_neurons = {rel: relation_neurons(sets, config.relation_share) for rel, sets in by_relation.items()}
     measure_effects(lm, records, [ts[0] for ts in targets], config)
     n_done = sum(r["skipped"] is None for r in records)
-    total = time.time() - start
+    total, cpu = time.time() - start, time.process_time() - cpu_start
+    # CPU seconds (all threads of this process) are the steadier figure on a shared machine.
     stats = {"attribution_seconds": round(attributed_seconds, 3), "total_seconds": round(total, 3),
-             "seconds_per_fact": round(total / n_done, 3) if n_done else None}
+             "cpu_seconds": round(cpu, 3), "seconds_per_fact": round(total / n_done, 3) if n_done else None,
+             "cpu_seconds_per_fact": round(cpu / n_done, 3) if n_done else None}
     meta = {**asdict(config), "model": getattr(lm, "spec", None), "n_layers": lm.adapter.n_layers,
             "d_mlp": lm.adapter.d_mlp}
     return NeuronResult(records, rel_neurons, meta, stats)
@@ -409,35 +416,3 @@ def _random_like(neurons: list[tuple[int, int]], d_mlp: int, rng: random.Random)
         out.append(pick)
     return out
 
-
-def plot_neuron_layers(result: NeuronResult, path: str | Path) -> Path:
-    """Where the refined neurons sit: a histogram over layers, stacked by relation (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n_layers = int(result.config.get("n_layers") or 1 + max((n[0] for r in result.records for n in r["neurons"]),
-                                                             default=0))
-    relations = sorted({r["relation"] for r in result.attributed()})
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    bottom = [0] * n_layers
-    for rel in relations:
-        counts = [0] * n_layers
-        for r in result.attributed():
-            if r["relation"] == rel:
-                for layer, _, _ in r["neurons"]:
-                    counts[layer] += 1
-        ax.bar(range(n_layers), counts, bottom=bottom, label=rel)
-        bottom = [b + c for b, c in zip(bottom, counts)]
-    ax.set_xlabel("layer")
-    ax.set_ylabel("knowledge neurons")
-    ax.set_title("refined knowledge neurons per layer")
-    if relations:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return Path(path)

@@ -35,6 +35,7 @@ from engramlab.models.hooks import HookPoints
 from engramlab.models.adapters import get_adapter
 from engramlab.models.loading import CHECKPOINT_DIR, list_checkpoints, load_model, load_tokenizer, resolve_device
 from engramlab.progress import progress_bar
+from engramlab.report.curves import plot_training_curves
 from engramlab.runs import append_jsonl, atomic_directory, atomic_write_jsonl, read_jsonl
 from engramlab.train.checkpoints import checkpoint_steps
 from engramlab.train.metrics import EvalSet, baseline_loss, evaluate
@@ -341,7 +342,11 @@ class Trainer:
             if plateau_over or (stop_after is not None and step >= stop_after):
                 break
         wall = time.time() - t0
-        return self.summary(wall, tokens)
+        summary = self.summary(wall, tokens)
+        plot_training_curves(read_jsonl(metrics_path), self.out / "curves.png",
+                             (summary["plateau_start_step"], summary["plateau_end_step"]),
+                             title=f"{self.out.name}: {len(self.world.people)} people, sampler {cfg.sampler}")
+        return summary
 
     def _plateau(self) -> tuple[int | None, int | None]:
         rows = read_jsonl(self.out / "metrics.jsonl")

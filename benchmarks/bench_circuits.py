@@ -1,0 +1,171 @@
+"""EAP-IG edge attribution against the floor it cannot beat: m plain forward+backward passes.
+
+    .venv/bin/python benchmarks/bench_circuits.py [--models smollm2-135m,gpt2-small] [--batch 8]
+        [--seq 12] [--steps 5] [--repeats 3] [--threads 1] [--device cpu] [--json out.json]
+
+For each model, on one batch of random token pairs (clean and corrupted, ``--seq`` tokens):
+
+* time: EAP-IG with m = ``--steps`` (``attribute_batch``: one corrupted forward, m forward+backward
+  passes with the per-head gradient hooks, the scores) against m plain passes of the same batch
+  (forward from input embeddings that require grad, metric, gradient w.r.t. the embeddings).
+  Target: ratio < 1.5.
+* peak memory: the extra memory one EAP-IG call needs over the loaded model, against one plain
+  forward+backward. Target: ratio < 1.5. On CPU it is the peak resident set (VmHWM, reset through
+  /proc/self/clear_refs) minus the resident set before the call, with glibc told to return large
+  blocks to the system at once (MALLOC_MMAP_THRESHOLD_), so freed tensors do not linger; on CUDA
+  it is torch's peak allocation.
+
+``gpt2-small`` is GPT-2 small's shape (12 x 12 heads, d_model 768) with random weights, built from
+``GPT2Config()``: no download. Each model runs in its own process so one cannot inflate the
+other's memory figures. Wall times on a shared machine vary; the ratios are what to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+MODELS = ("smollm2-135m", "gpt2-small")
+
+
+def _load(name: str, device: str):
+    from engramlab.models import load_model, wrap_model
+
+    if name == "gpt2-small":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config()).eval().to(device)
+        model.requires_grad_(False)
+        return wrap_model(model)
+    return load_model(name, device=device)
+
+
+def _batch(lm, batch: int, seq: int):
+    from engramlab.locate.circuits.data import batch_from_ids
+
+    g = torch.Generator().manual_seed(0)
+    vocab = lm.adapter.vocab_size
+    clean = torch.randint(0, vocab, (batch, seq), generator=g).tolist()
+    corrupt = [row[:1] + torch.randint(0, vocab, (seq - 1,), generator=g).tolist() for row in clean]
+    answers = torch.randint(0, vocab, (2, batch), generator=g).tolist()
+    return batch_from_ids(clean, corrupt, answers[0], answers[1], device=lm.device)
+
+
+def _plain_pass(lm, b) -> None:
+    """One forward+backward: the gradient of the metric w.r.t. the input embeddings."""
+    from engramlab.locate.circuits.attribute import metric_values
+
+    embeds = lm.adapter.embed(b.clean_ids).detach().requires_grad_(True)
+    logits = lm.model(inputs_embeds=embeds, attention_mask=b.mask).logits
+    torch.autograd.grad(metric_values(logits, b, "logit_diff").sum(), embeds)
+
+
+def _rss_kib(field: str) -> int:
+    return int(re.search(rf"{field}:\s+(\d+)", open("/proc/self/status").read()).group(1))
+
+
+def _peak_extra_mib(fn, device: str) -> float:
+    """Extra memory (MiB) ``fn`` needs at its peak over what is resident before it."""
+    import gc
+
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    before = _rss_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the high-water mark to the current resident set
+    fn()
+    return (_rss_kib("VmHWM") - before) / 1024
+
+
+def _timed(fn, device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def measure(name: str, batch: int, seq: int, steps: int, repeats: int, device: str) -> dict:
+    from engramlab.locate.circuits import CircuitGraph, attribute_batch
+
+    lm = _load(name, device)
+    graph = CircuitGraph.from_model(lm)
+    b = _batch(lm, batch, seq)
+    eap_ig = lambda: attribute_batch(lm, graph, b, "eap-ig", steps)  # noqa: E731
+
+    def plain_m():
+        for _ in range(steps):
+            _plain_pass(lm, b)
+
+    # memory first, each call's first run after one warm-up of both
+    eap_ig(), plain_m()
+    mem_plain = _peak_extra_mib(lambda: _plain_pass(lm, b), device)
+    mem_eap = _peak_extra_mib(eap_ig, device)
+    t_plain, t_eap = [], []
+    for _ in range(repeats):  # interleaved, so drifting load hits both alike
+        t_plain.append(_timed(plain_m, device))
+        t_eap.append(_timed(eap_ig, device))
+    plain_s, eap_s = statistics.median(t_plain), statistics.median(t_eap)
+    return {"model": name, "device": device, "threads": torch.get_num_threads(), "batch": batch, "seq": seq,
+            "steps": steps, "n_edges": graph.n_edges,
+            "eap_ig_seconds_per_example": eap_s / batch, "plain_seconds_per_example": plain_s / batch,
+            "time_ratio": eap_s / plain_s,
+            "eap_ig_peak_extra_mib": mem_eap, "plain_fwd_bwd_peak_extra_mib": mem_plain,
+            "memory_ratio": mem_eap / mem_plain}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: measure one model here
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.one:
+        print(json.dumps(measure(args.one, args.batch, args.seq, args.steps, args.repeats, args.device)))
+        return
+    rows = []
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "TQDM_DISABLE": "1"}
+    for name in args.models.split(","):
+        cmd = [sys.executable, __file__, "--one", name] + [f"--{k}={getattr(args, k)}" for k in
+                                                           ("batch", "seq", "steps", "repeats", "threads", "device")]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.exit(f"{name}: benchmark failed:\n{done.stderr[-2000:]}")
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    for r in rows:
+        print(f"{r['model']:>13}  {r['device']} x{r['threads']}  batch {r['batch']} x {r['seq']} tokens, m={r['steps']}: "
+              f"EAP-IG {r['eap_ig_seconds_per_example']:.3f} s/example vs {r['steps']} plain fwd+bwd "
+              f"{r['plain_seconds_per_example']:.3f} s/example -> {r['time_ratio']:.2f}x (target < 1.5); "
+              f"peak extra memory {r['eap_ig_peak_extra_mib']:.0f} MiB vs one fwd+bwd "
+              f"{r['plain_fwd_bwd_peak_extra_mib']:.0f} MiB -> {r['memory_ratio']:.2f}x (target < 1.5)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

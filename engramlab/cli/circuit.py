@@ -1,0 +1,79 @@
+"""``engram circuit``: the edges of the head/MLP graph that carry facts, found with EAP-IG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from engramlab.cli.common import (DeviceOpt, DtypeOpt, ModelOpt, OutOpt, SeedOpt, app, console, print_summary,
+                                  user_errors)
+
+SUMMARY_KEYS = ["n_nodes", "n_edges_total", "n_edges_kept", "edge_fraction", "faithfulness",
+                "discovery_faithfulness", "hit_at_10_model", "hit_at_10_circuit", "n_discovery", "n_evaluation",
+                "n_wrong", "n_skipped", "n_mover_heads", "n_relation_heads", "n_mixture_heads", "seconds"]
+
+
+@app.command()
+@user_errors
+def circuit(model: str = ModelOpt,
+            facts: str = typer.Option(..., "--facts", "-f", help="Fact file (.json LRE / .jsonl), directory, "
+                                      "or bundled name (e.g. country_capital_city, lre)."),
+            relation: Optional[List[str]] = typer.Option(None, "--relation", "-r", help="Keep only this relation "
+                                                         "(repeatable)."),
+            limit: Optional[int] = typer.Option(None, "--limit", "-n", help="At most N facts (after --relation)."),
+            out: Path = OutOpt,
+            method: str = typer.Option("eap-ig", "--method", help="eap-ig | eap | clean-corrupted."),
+            steps: int = typer.Option(5, "--steps", help="EAP-IG integration steps m."),
+            metric: str = typer.Option("logit_diff", "--metric", help="logit_diff (clean vs corrupted answer) | "
+                                       "logprob (clean answer)."),
+            rule: str = typer.Option("topn", "--rule", help="topn | threshold | greedy."),
+            top_n: Optional[int] = typer.Option(None, "--top-n", help="Edges to keep (default: the smallest N, "
+                                                "at most --max-fraction of the edges, reaching "
+                                                "--target-faithfulness on the discovery facts)."),
+            threshold: Optional[float] = typer.Option(None, "--threshold", help="|score| cut for --rule threshold."),
+            target_faithfulness: float = typer.Option(0.9, "--target-faithfulness"),
+            max_fraction: float = typer.Option(0.1, "--max-fraction"),
+            ablation: str = typer.Option("corrupted", "--ablation", help="What edges outside the circuit carry: "
+                                         "corrupted | zero | mean."),
+            split: float = typer.Option(0.5, "--split", help="Share of each relation's subjects used for "
+                                        "discovery; the rest is held out for evaluation."),
+            template: int = typer.Option(0, "--template", help="Index of the prompt template to use."),
+            batch_size: int = typer.Option(8, "--batch-size"),
+            keep_wrong: bool = typer.Option(False, "--keep-wrong", help="Keep facts the model gets wrong."),
+            eapig_json: bool = typer.Option(False, "--eapig-json", help="Also write circuit_eapig.json (every "
+                                            "edge, EAP-IG layout)."),
+            draw: bool = typer.Option(True, "--draw/--no-draw", help="Write circuit.svg and circuit.dot."),
+            seed: int = SeedOpt, dtype: str = DtypeOpt, device: str = DeviceOpt):
+    """Find the circuit behind facts (EAP-IG edge scores on discovery facts) and evaluate it on
+    held-out facts: faithfulness, Hit@10, faithfulness vs N, head roles, logit lens."""
+    from engramlab.data.facts import load_facts
+    from engramlab.locate.circuits import CircuitConfig, find_circuit
+    from engramlab.locate.circuits.draw import draw_circuit
+    from engramlab.models import load_model
+    from engramlab.runs import RunDir, set_seed
+
+    ccfg = CircuitConfig(relation=relation or None, limit=limit, method=method, steps=steps, metric=metric,
+                         rule=rule, top_n=top_n, threshold=threshold, target_faithfulness=target_faithfulness,
+                         max_fraction=max_fraction, ablation=ablation, split=split, template=template, seed=seed,
+                         require_correct=not keep_wrong, batch_size=batch_size)
+    loaded = load_facts(facts)
+    if relation:
+        loaded.filter(relation=relation)  # an unknown relation is an error before the model loads
+    config = {"model": model, "facts": facts, "dtype": dtype, "device": device, **vars(ccfg)}
+    with RunDir(out, "circuit", config, seed=seed) as run:
+        set_seed(seed)
+        lm = load_model(model, dtype=dtype, device=device)
+        result = find_circuit(lm, loaded, ccfg, show_progress=True)
+        result.save(run.path, eapig=eapig_json)
+        if draw:
+            draw_circuit(result.scores, result.kept, result.graph, run.file("circuit.svg"))
+        summary = result.summary()
+        run.finish(summary)
+    print_summary(f"circuit: {model} on {facts}", out, summary, SUMMARY_KEYS)
+    if result.skipped:
+        console.print(f"skipped {len(result.skipped)} fact(s) (reasons in skipped.jsonl)")
+    console.print(f"wrote {out}/scores.safetensors, circuit.json, evaluation.json, components.json"
+                  + (", circuit.svg" if draw else "") + ", summary.json")
+

@@ -1,0 +1,198 @@
+"""``find_circuit(lm, facts, config) -> CircuitResult``: the circuit locator end to end.
+
+1. Pairs: filter facts (answer tokenizes, model gets it right), split subjects into discovery and
+   evaluation, corrupt each prompt with another subject of its side (``data.split_pairs``).
+2. Scores: edge attribution on the discovery pairs (``attribute.attribute_edges``).
+3. Circuit: prune by top-N, threshold or greedy growth, then drop unreachable edges. Without an
+   explicit N, the smallest N (at most ``max_fraction`` of the edges) whose circuit reaches
+   ``target_faithfulness`` *on the discovery pairs* is used, so the evaluation pairs stay unseen.
+4. Evaluation on the held-out pairs: faithfulness, Hit@10 and a faithfulness-versus-N curve, all
+   under one named ablation; head roles and a logit lens.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from engramlab.data.facts import FactSet
+from engramlab.errors import EngramError
+from engramlab.locate.circuits.attribute import attribute_edges, check_method
+from engramlab.locate.circuits.components import head_roles, logit_lens
+from engramlab.locate.circuits.data import encode_pairs, split_pairs
+from engramlab.locate.circuits.evaluate import ABLATIONS, CircuitEvaluator, faithfulness_curve
+from engramlab.locate.circuits.graph import CircuitGraph
+from engramlab.locate.circuits.prune import RULES, circuit_nodes, prune
+from engramlab.progress import progress_bar
+
+
+@dataclass
+class CircuitConfig:
+    """Settings of ``find_circuit``; defaults follow EAP-IG (Hanna et al. 2024)."""
+
+    relation: str | list[str] | None = None  # keep only these relations (None: all)
+    limit: int | None = None          # at most this many facts (after ``relation``)
+    method: str = "eap-ig"            # eap | eap-ig | clean-corrupted
+    steps: int = 5                    # m, EAP-IG integration steps
+    metric: str = "logit_diff"        # logit_diff (clean vs corrupted answer) | logprob (clean answer)
+    rule: str = "topn"                # topn | threshold | greedy
+    top_n: int | None = None          # edges to keep; None: chosen on the discovery pairs (see module doc)
+    threshold: float | None = None    # |score| cut for rule="threshold"
+    target_faithfulness: float = 0.9  # what the automatic N aims for on discovery pairs (a margin:
+                                      # held-out pairs usually come out a little lower)...
+    max_fraction: float = 0.1         # ...with at most this share of the edges
+    ablation: str = "corrupted"       # corrupted | zero | mean: what a missing edge carries
+    split: float = 0.5                # share of each relation's subjects used for discovery
+    template: int = 0                 # prompt template index
+    seed: int = 0
+    require_correct: bool = True      # skip facts whose answer is not the model's top-1 token
+    batch_size: int = 8
+    curve: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)  # edge shares
+    mover_ratio: float = 10.0         # head roles: |subject| / |relation| direct effect thresholds
+    relation_ratio: float = 0.1
+
+    def __post_init__(self):
+        check_method(self.method, self.steps, self.metric)
+        if self.rule not in RULES:
+            raise EngramError(f"rule {self.rule!r}: choose one of {', '.join(RULES)}")
+        if self.ablation not in ABLATIONS:
+            raise EngramError(f"ablation {self.ablation!r}: choose one of {', '.join(ABLATIONS)}")
+        if self.rule == "threshold" and self.threshold is None:
+            raise EngramError("rule 'threshold' needs --threshold (keep edges with |score| >= it)")
+        if self.top_n is not None and self.top_n < 1:
+            raise EngramError(f"top_n must be >= 1, got {self.top_n}")
+        if not 0 < self.max_fraction <= 1:
+            raise EngramError(f"max_fraction must be in (0, 1], got {self.max_fraction}")
+        if self.batch_size < 1:
+            raise EngramError(f"batch_size must be >= 1, got {self.batch_size}")
+        self.curve = tuple(float(c) for c in self.curve)
+
+
+@dataclass
+class CircuitResult:
+    """Scores, the circuit and its evaluation (the Result shape every locator shares)."""
+
+    graph: CircuitGraph
+    scores: torch.Tensor          # (n_writers, n_readers) float32, averaged over discovery pairs
+    kept: torch.Tensor            # (n_writers, n_readers) bool, the circuit
+    config: dict
+    metrics: dict                 # evaluation on held-out pairs (faithfulness, Hit@10, ...)
+    curve: list[dict] = field(default_factory=list)       # faithfulness vs N on held-out pairs
+    heads: list[dict] = field(default_factory=list)       # roles of the circuit's heads
+    lens: list[dict] = field(default_factory=list)        # logit lens per layer
+    pairs: dict = field(default_factory=dict)             # discovery / evaluation subjects
+    skipped: list[dict] = field(default_factory=list)     # facts left out, with reasons
+    stats: dict = field(default_factory=dict)             # counts and seconds
+
+    def summary(self) -> dict:
+        roles = [h["role"] for h in self.heads]
+        out = {"n_nodes": self.graph.n_nodes, "n_edges_total": self.graph.n_edges,
+               "n_edges_kept": int(self.kept.sum()),
+               "n_nodes_kept": int(circuit_nodes(self.kept, self.graph).sum()),
+               "edge_fraction": int(self.kept.sum()) / self.graph.n_edges}
+        for key in ("faithfulness", "hit_at_10_model", "hit_at_10_circuit", "ablation"):
+            out[key] = self.metrics.get(key)
+        out["discovery_faithfulness"] = self.metrics.get("discovery_faithfulness")
+        out.update({f"n_{r}_heads": roles.count(r) for r in ("mover", "relation", "mixture")})
+        out.update(self.stats)
+        return out
+
+    def edges(self) -> list[dict]:
+        """Kept edges, largest |score| first: from, to, kind, score."""
+        from engramlab.locate.circuits.graph import READER_KINDS
+
+        w_names, r_names = self.graph.writer_names(), self.graph.reader_names()
+        rows = []
+        for w, r in self.kept.nonzero().tolist():
+            rows.append({"from": w_names[w], "to": r_names[r], "kind": READER_KINDS[int(self.graph.reader_kind[r])],
+                         "score": float(self.scores[w, r])})
+        return sorted(rows, key=lambda e: -abs(e["score"]))
+
+    def save(self, directory: str | Path, eapig: bool = False) -> None:
+        """Write the files listed in ``store``; ``eapig`` adds circuit_eapig.json (every edge)."""
+        from engramlab.locate.circuits import store
+
+        store.save_result(self, Path(directory), eapig)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "CircuitResult":
+        from engramlab.locate.circuits import store
+
+        return store.load_result(cls, Path(directory))
+
+
+def _auto_n(evaluator: CircuitEvaluator, scores: torch.Tensor, graph: CircuitGraph, config: CircuitConfig) -> int:
+    """Smallest N <= max_fraction * edges whose circuit reaches the target on ``evaluator``'s pairs:
+    the curve grid first, then bisection between the last grid point below and the first above."""
+    cap = max(1, int(config.max_fraction * graph.n_edges))
+    grid = sorted({max(1, min(cap, round(f * graph.n_edges))) for f in config.curve} | {cap})
+
+    def ok(n: int) -> bool:
+        f = evaluator.evaluate(prune(scores, graph, config.rule, n=n))["faithfulness"]
+        return not math.isnan(f) and f >= config.target_faithfulness
+
+    low = 0
+    for n in grid:
+        if ok(n):
+            high = n
+            break
+        low = n
+    else:
+        return cap
+    while high - low > max(1, high // 20):  # 5% resolution is plenty
+        mid = (low + high) // 2
+        low, high = (low, mid) if ok(mid) else (mid, high)
+    return high
+
+
+def find_circuit(lm, facts: FactSet, config: CircuitConfig | None = None,
+                 show_progress: bool = False) -> CircuitResult:
+    """Find the circuit behind ``facts`` in ``lm`` and evaluate it on held-out facts."""
+    config = config or CircuitConfig()
+    start = time.time()
+    facts = facts.filter(relation=config.relation, limit=config.limit)
+    if len(facts) == 0:
+        raise EngramError(f"{facts.source}: no facts to work on (check --relation / --limit)")
+    split = split_pairs(lm, facts, config.split, config.template, config.seed, config.require_correct)
+    discovery = encode_pairs(lm, split.discovery, config.template)
+    evaluation = encode_pairs(lm, split.evaluation, config.template)
+    graph = CircuitGraph.from_model(lm)
+
+    t0 = time.time()
+    bar = (lambda chunks: progress_bar(chunks, f"attribute ({config.method})")) if show_progress else None
+    scores = attribute_edges(lm, graph, discovery, config.method, config.steps, config.metric,
+                             config.batch_size, progress=bar)
+    attribute_seconds = time.time() - t0
+
+    disc_eval = CircuitEvaluator(lm, graph, discovery, config.ablation, config.metric, config.batch_size)
+    if config.rule == "threshold":
+        kept = prune(scores, graph, "threshold", tau=config.threshold)
+        n = int(kept.sum())
+    else:
+        n = config.top_n if config.top_n is not None else _auto_n(disc_eval, scores, graph, config)
+        kept = prune(scores, graph, config.rule, n=n)
+    held_out = CircuitEvaluator(lm, graph, evaluation, config.ablation, config.metric, config.batch_size)
+    metrics = held_out.evaluate(kept)
+    metrics["discovery_faithfulness"] = disc_eval.evaluate(kept)["faithfulness"]
+    sizes = [max(1, round(f * graph.n_edges)) for f in config.curve]
+    curve = faithfulness_curve(held_out, scores, graph, sizes, "greedy" if config.rule == "greedy" else "topn")
+
+    nodes = circuit_nodes(kept, graph)
+    heads = [(l, h) for l in range(graph.n_layers) for h in range(graph.n_heads) if nodes[graph.head_writer(l, h)]]
+    roles = head_roles(lm, graph, evaluation, heads, config.mover_ratio, config.relation_ratio, config.batch_size)
+    lens = logit_lens(lm, evaluation, config.batch_size)
+    total = time.time() - start
+    stats = {"n_facts": split.n_facts, "n_wrong": split.n_wrong, "n_skipped": len(split.skipped),
+             "n_discovery": len(discovery), "n_evaluation": len(evaluation), "top_n": n,
+             "seconds": round(total, 3), "attribute_seconds": round(attribute_seconds, 3),
+             "attribute_seconds_per_example": round(attribute_seconds / len(discovery), 4)}
+    pairs = {side: [{"subject": p.fact.subject, "object": p.fact.object, "corrupt_subject": p.corrupt_subject,
+                     "corrupt_object": p.corrupt_object, "relation": p.fact.relation} for p in ps]
+             for side, ps in (("discovery", split.discovery), ("evaluation", split.evaluation))}
+    meta = {**asdict(config), "model": getattr(lm, "spec", None), "dtype": str(lm.dtype).replace("torch.", ""),
+            "d_model": lm.adapter.d_model}
+    return CircuitResult(graph, scores, kept, meta, metrics, curve, roles, lens, pairs, split.skipped, stats)

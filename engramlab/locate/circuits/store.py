@@ -1,0 +1,88 @@
+"""Reading and writing circuit results (every file atomically).
+
+=======================  ===========================================================================
+file                     content
+=======================  ===========================================================================
+``scores.safetensors``   ``scores`` (n_writers, n_readers) float32, ``valid`` and ``kept`` (uint8);
+                         metadata ``graph`` (the sizes, JSON)
+``circuit.json``         graph sizes, node names in the circuit, kept edges with scores (best first)
+``circuit_eapig.json``   (``write_eapig``) every edge in the EAP-IG JSON layout:
+                         ``{"cfg": ..., "nodes": {name: in_graph}, "edges": {name: {"score", "in_graph"}}}``
+``evaluation.json``      config, held-out metrics, faithfulness-vs-N curve, counts and seconds
+``components.json``      head roles and logit lens
+``pairs.json``           discovery and evaluation pairs; ``skipped.jsonl``: facts left out and why
+=======================  ===========================================================================
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from engramlab.errors import EngramError
+from engramlab.locate.circuits.graph import CircuitGraph
+from engramlab.locate.circuits.prune import circuit_nodes
+from engramlab.runs import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, load_json, read_jsonl
+
+
+def save_scores(path: Path, graph: CircuitGraph, scores: torch.Tensor, kept: torch.Tensor) -> None:
+    from safetensors.torch import save
+
+    data = save({"scores": scores.float().contiguous().cpu(), "valid": graph.valid.to(torch.uint8),
+                 "kept": kept.to(torch.uint8).cpu()}, metadata={"graph": json.dumps(graph.to_dict())})
+    atomic_write_bytes(path, data)
+
+
+def load_scores(path: Path) -> tuple[CircuitGraph, torch.Tensor, torch.Tensor]:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise EngramError(f"{path}: circuit scores not found; run `engram circuit ... --out DIR` first")
+    with safe_open(str(path), "pt") as f:
+        graph = CircuitGraph.from_dict(json.loads(f.metadata()["graph"]))
+        return graph, f.get_tensor("scores"), f.get_tensor("kept").bool()
+
+
+def circuit_json(result) -> dict:
+    names = result.graph.node_names()
+    nodes = circuit_nodes(result.kept, result.graph)
+    return {"graph": result.graph.to_dict(), "n_edges_total": result.graph.n_edges,
+            "nodes": [names[i] for i in nodes.nonzero().flatten().tolist()], "edges": result.edges()}
+
+
+def write_eapig(path: Path, graph: CircuitGraph, scores: torch.Tensor, kept: torch.Tensor, d_model: int | None = None):
+    """Every edge in the EAP-IG graph JSON layout (for tools that read EAP-IG circuits)."""
+    w_names, r_names = graph.writer_names(), graph.reader_names()
+    nodes = circuit_nodes(kept, graph)
+    edges = {}
+    for w, r in graph.valid.nonzero().tolist():
+        edges[f"{w_names[w]}->{r_names[r]}"] = {"score": float(scores[w, r]), "in_graph": bool(kept[w, r])}
+    doc = {"cfg": {"n_layers": graph.n_layers, "n_heads": graph.n_heads, "n_kv_heads": graph.n_kv_heads,
+                   "parallel_attn_mlp": graph.parallel_residual, "d_model": d_model},
+           "nodes": {name: bool(nodes[i]) for i, name in enumerate(graph.node_names())},
+           "edges": edges}
+    atomic_write_bytes(path, json.dumps(doc).encode("utf-8"))
+
+
+def save_result(result, d: Path, eapig: bool = False) -> None:
+    save_scores(d / "scores.safetensors", result.graph, result.scores, result.kept)
+    atomic_write_json(d / "circuit.json", circuit_json(result))
+    atomic_write_json(d / "evaluation.json", {"config": result.config, "metrics": result.metrics,
+                                              "curve": result.curve, "stats": result.stats})
+    atomic_write_json(d / "components.json", {"heads": result.heads, "logit_lens": result.lens})
+    atomic_write_json(d / "pairs.json", result.pairs)
+    atomic_write_jsonl(d / "skipped.jsonl", result.skipped)
+    if eapig:
+        write_eapig(d / "circuit_eapig.json", result.graph, result.scores, result.kept, result.config.get("d_model"))
+
+
+def load_result(cls, d: Path):
+    graph, scores, kept = load_scores(d / "scores.safetensors")
+    ev = load_json(d / "evaluation.json", "circuit evaluation")
+    comp = load_json(d / "components.json", "circuit components") if (d / "components.json").exists() else {}
+    pairs = load_json(d / "pairs.json", "circuit pairs") if (d / "pairs.json").exists() else {}
+    skipped = read_jsonl(d / "skipped.jsonl") if (d / "skipped.jsonl").exists() else []
+    return cls(graph, scores, kept, ev["config"], ev["metrics"], ev.get("curve", []), comp.get("heads", []),
+               comp.get("logit_lens", []), pairs, skipped, ev.get("stats", {}))

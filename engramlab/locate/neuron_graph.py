@@ -1,0 +1,99 @@
+"""The neuron graph of a fact: how strongly the weights connect two MLP neurons.
+
+Neuron A in layer i writes ``w_out_A`` (its row of W_out, (d_model,)) into the residual stream per
+unit of activation. Neuron B in layer j > i reads the residual stream through the MLP norm and its
+input column(s) of W_in (and W_gate). The *connection strength* is what A's output adds to B's
+pre-activation(s) per unit of A's activation, from the weights alone:
+
+    plain MLP:   s(A, B) = |w_out_A . r_B|                       r_B = norm-folded column of W_in
+    gated MLP:   s(A, B) = sqrt((w_out_A . r_up_B)^2 + (w_out_A . r_gate_B)^2)
+
+The gated form is the length of A's push on B's two inputs (up, gate): it reduces to the plain
+form when there is one input, does not prefer either projection, and does not let the two cancel
+(a sum of signed dot products would). The direction is always earlier layer writes, later layer
+reads; nothing flows backwards.
+
+Norm folding (default on): the MLP norm multiplies the normalised residual elementwise by its
+weight before W_in reads it, so ``r_B = weight * w_in_B`` (Gemma's RMSNorm: ``1 + weight``); a
+LayerNorm also subtracts the mean, so ``r_B`` is centred. The norm's 1/rms factor depends on the
+input, not the weights, and is left out (it scales all edges into one layer alike at a position).
+
+The graph: distance ``1 / s(A, B)`` for 0 < j - i <= ``max_span``; same-layer pairs and pairs
+further apart have no direct edge (``inf``): they are linked only through paths over other
+neurons of the fact, which is what single-linkage (persistence) clustering and the shortest-path
+distances of the baselines do (``engramlab.locate.topology``).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from engramlab.models.adapters import ArchAdapter
+
+Neuron = tuple[int, int]  # (layer, index)
+
+
+def norm_read(norm: nn.Module) -> tuple[torch.Tensor | None, bool]:
+    """(elementwise gain (d_model,) or None, whether the norm subtracts the mean) of an MLP norm."""
+    name = type(norm).__name__
+    gain = getattr(norm, "weight", None)
+    if gain is not None and "Gemma" in name:
+        gain = 1.0 + gain  # Gemma's RMSNorm scales by (1 + weight)
+    centres = isinstance(norm, nn.LayerNorm) or ("LayerNorm" in name and "RMS" not in name)
+    return gain, centres
+
+
+def read_vectors(adapter: ArchAdapter, layer: int, index: Sequence[int], fold_norm: bool = True) -> list[torch.Tensor]:
+    """The directions neurons ``index`` of ``layer`` read from the residual stream.
+
+    Returns [up (k, d_model)] or, for gated MLPs, [up, gate]. With ``fold_norm`` the MLP norm's
+    elementwise weight multiplies each read vector, and a LayerNorm's mean subtraction is applied
+    to it (centring the read vector is the same as centring what is written, since the centring
+    matrix is symmetric); the norm's data-dependent 1/rms factor is not static and is left out.
+    """
+    mats = [adapter.W_in(layer)] + ([adapter.W_gate(layer)] if adapter.has_gated_mlp else [])
+    gain, centres = norm_read(adapter.mlp_norm(layer)) if fold_norm else (None, False)
+    out = []
+    for w in mats:
+        r = w.detach().float()[:, list(index)].t()  # (k, d_model)
+        if gain is not None:
+            r = r * gain.detach().float()
+        if centres:
+            r = r - r.mean(dim=1, keepdim=True)
+        out.append(r)
+    return out
+
+
+def connection_strengths(adapter: ArchAdapter, neurons: Sequence[Neuron], max_span: int = 3,
+                         fold_norm: bool = True) -> torch.Tensor:
+    """Symmetric (n, n) strengths of the direct connections between ``neurons``; 0 = no edge.
+
+    For A in layer i and B in layer j with 0 < j - i <= max_span the strength is the size of what
+    A's output adds to B's pre-activation(s) per unit of A's activation (module docstring).
+    """
+    if not neurons:
+        return torch.zeros(0, 0)
+    writes = torch.stack([adapter.W_out(l).detach().float()[i] for l, i in neurons])  # (n, d_model)
+    per_neuron = [read_vectors(adapter, l, [i], fold_norm) for l, i in neurons]
+    reads = [torch.cat(kind) for kind in zip(*per_neuron)]  # [up (n, d_model)] (+ gate)
+    # dots[k, a, b] = w_out_A . read_k(B); up and gate combine as the length of the 2-vector.
+    dots = torch.stack([writes @ r.t() for r in reads])
+    strength = dots.pow(2).sum(0).sqrt()  # (n, n), directed: row writes, column reads
+    layers = torch.tensor([l for l, _ in neurons])
+    gap = layers[None, :] - layers[:, None]
+    directed = torch.where((gap > 0) & (gap <= max_span), strength, torch.zeros_like(strength))
+    return directed + directed.t()  # each pair has at most one direction (the later one reads)
+
+
+def neuron_distances(adapter: ArchAdapter, neurons: Sequence[Neuron], max_span: int = 3,
+                     fold_norm: bool = True) -> np.ndarray:
+    """(n, n) distances 1 / strength (``inf`` = no direct edge, 0 on the diagonal)."""
+    s = connection_strengths(adapter, neurons, max_span, fold_norm).double().numpy()
+    dist = np.full_like(s, np.inf)
+    dist[s > 0] = 1.0 / s[s > 0]
+    np.fill_diagonal(dist, 0.0)
+    return dist

@@ -1,0 +1,299 @@
+"""Circuits: graph sizes, EAP-IG scores against a plain reference, pruning, faithfulness, CLI.
+
+The reference attribution below is deliberately naive: every reader gets its own copy of the
+residual stream (x + delta_v, delta_v a zero leaf), every integration step is its own forward and
+backward pass, and the gradient with respect to delta_v is read off autograd. The fast code must
+agree with it to 1e-4 relative on every family.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import ExitStack
+
+import pytest
+import torch
+from conftest import word_tokenizer
+
+from engramlab.data.facts import Fact, FactSet, load_facts
+from engramlab.errors import EngramError
+from engramlab.locate.circuits import (CircuitConfig, CircuitEvaluator, CircuitGraph, CircuitResult, attribute_batch,
+                                       edge_count, find_circuit, greedy, prune, prune_unreachable, top_n)
+from engramlab.locate.circuits.attribute import metric_values
+from engramlab.locate.circuits.data import batch_from_ids, split_pairs
+from engramlab.locate.circuits.evaluate import patched_logits, writer_activations
+from engramlab.models import tiny_model, wrap_model
+
+CASES = [("llama", {}), ("gpt2", {}), ("gpt_neox", {}), ("gpt_neox", {"use_parallel_residual": False})]
+CASE_IDS = ["llama-gqa", "gpt2", "neox-parallel", "neox-sequential"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models gain nothing from threads, and on a shared 2-core machine spinning OpenMP
+    # threads can make them a thousand times slower.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _lm(family, **kw):
+    return wrap_model(tiny_model(family, seed=0, **kw))
+
+
+def _batch(seed=1):
+    """Two pairs of different lengths (padding) with distinct answers."""
+    g = torch.Generator().manual_seed(seed)
+    rows = [torch.randint(0, 64, (n,), generator=g).tolist() for n in (6, 4, 6, 4)]
+    return batch_from_ids(rows[:2], rows[2:], [3, 5], [7, 9])
+
+
+# -- the plain reference ------------------------------------------------------------------------
+def _writers(lm, ids, mask):
+    a = lm.adapter
+    names = ["blocks.0.resid_pre"] + [f"blocks.{l}.{s}" for l in range(a.n_layers) for s in ("attn.heads", "mlp.out")]
+    with torch.no_grad(), lm.hooks.capture(names) as c:
+        lm.model(input_ids=ids, attention_mask=mask)
+    cols = [c["blocks.0.resid_pre"]]
+    for l in range(a.n_layers):
+        cols += [c[f"blocks.{l}.attn.heads"][:, :, h] @ a.W_O(l)[h] for h in range(a.n_heads)]
+        cols.append(c[f"blocks.{l}.mlp.out"])
+    return torch.stack(cols, 2).float()
+
+
+def reference_scores(lm, graph, batch, alphas, metric="logit_diff"):
+    """Mean over ``alphas`` of sum_pos (a_corr - a_clean) . dM/d(reader's own residual copy)."""
+    a = lm.adapter
+    clean, corrupt = _writers(lm, batch.clean_ids, batch.mask), _writers(lm, batch.corrupt_ids, batch.mask)
+    delta = (corrupt - clean) * batch.mask[:, :, None, None]
+    grad_sum = torch.zeros(*batch.clean_ids.shape, graph.n_readers, a.d_model)
+    for alpha in alphas:
+        copies = torch.zeros(*batch.clean_ids.shape, graph.n_readers, a.d_model, requires_grad=True)
+        seen = {}
+
+        def own_copy(l, kind):
+            weight = {"q": a.W_Q, "k": a.W_K, "v": a.W_V}[kind](l)
+            first = {"q": graph.q_reader, "k": graph.k_reader, "v": graph.v_reader}[kind](l)
+
+            def fn(t):  # each head projects its own copy x + delta_r through the norm
+                x, norm = seen[l], a.attn_norm(l)
+                return torch.stack([t[:, :, h] + (norm.forward(x + copies[:, :, first + h]) - norm.forward(x)) @ weight[h]
+                                    for h in range(t.shape[2])], 2)
+            return fn
+
+        def plus(reader):
+            return lambda mod, args: (args[0] + copies[:, :, reader],)
+
+        point = (corrupt[:, :, 0] + alpha * (clean[:, :, 0] - corrupt[:, :, 0])).to(lm.dtype)
+        with ExitStack() as st:
+            st.enter_context(lm.hooks.hook("blocks.0.resid_pre", lambda x: point))
+            handles = [a.final_norm.register_forward_pre_hook(plus(graph.logits_reader))]
+            for l in range(a.n_layers):
+                handles.append(a.attn_norm(l).register_forward_pre_hook(lambda m, args, l=l: seen.__setitem__(l, args[0])))
+                handles.append(a.mlp_norm(l).register_forward_pre_hook(plus(graph.mlp_reader(l))))
+                for kind in "qkv":
+                    st.enter_context(lm.hooks.hook(f"blocks.{l}.attn.{kind}", own_copy(l, kind)))
+            st.callback(lambda: [h.remove() for h in handles])
+            logits = lm.model(input_ids=batch.clean_ids, attention_mask=batch.mask).logits
+            (g,) = torch.autograd.grad(metric_values(logits, batch, metric).sum(), copies)
+        grad_sum += g
+    return torch.einsum("bpnd,bprd->nr", delta, grad_sum / len(alphas)) * graph.valid
+
+
+def _close(fast, ref, tol=1e-4):
+    return float((fast - ref).abs().max() / ref.abs().max().detach()) <= tol
+
+
+# -- graph ------------------------------------------------------------------------------------------
+def test_graph_sizes_gpt2_small_and_tiny_families():
+    from transformers import GPT2Config
+
+    cfg = GPT2Config()
+    g = CircuitGraph(cfg.n_layer, cfg.n_head, cfg.n_head, False)
+    assert (g.n_nodes, g.n_edges, edge_count(12, 12)) == (158, 32491, 32491)
+    for family, kw in CASES:
+        g = CircuitGraph.from_model(_lm(family, **kw))
+        assert g.n_edges == edge_count(g.n_layers, g.n_heads, g.n_kv_heads, g.parallel_residual)
+        # the MLP reads its own layer's heads only without a parallel residual
+        assert bool(g.valid[g.head_writer(1, 0), g.mlp_reader(1)]) == (not g.parallel_residual)
+        assert not g.valid[g.head_writer(1, 0), g.q_reader(1, 0)]
+    gqa = CircuitGraph(2, 4, 2)
+    assert gqa.readers_per_layer == 4 + 2 + 2 + 1 and gqa.reader_nodes[gqa.k_reader(0, 1)].sum() == 2
+
+
+# -- attribution ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_eap_ig_matches_plain_reference(case):
+    lm = _lm(case[0], **case[1])
+    graph, batch = CircuitGraph.from_model(lm), _batch()
+    fast = attribute_batch(lm, graph, batch, "eap-ig", steps=5)
+    assert _close(fast, reference_scores(lm, graph, batch, [k / 5 for k in range(1, 6)]))
+    assert not fast[~graph.valid].any()
+
+
+def test_methods_match_their_definitions():
+    lm = _lm("llama")
+    graph, batch = CircuitGraph.from_model(lm), _batch(seed=2)
+    at_clean = reference_scores(lm, graph, batch, [1.0])
+    at_corrupt = reference_scores(lm, graph, batch, [0.0])
+    eap = attribute_batch(lm, graph, batch, "eap")
+    assert _close(eap, at_clean)
+    assert torch.allclose(attribute_batch(lm, graph, batch, "eap-ig", steps=1), eap)
+    assert _close(attribute_batch(lm, graph, batch, "clean-corrupted"), (at_clean + at_corrupt) / 2)
+    logprob = attribute_batch(lm, graph, batch, "eap-ig", steps=2, metric="logprob")
+    assert _close(logprob, reference_scores(lm, graph, batch, [0.5, 1.0], metric="logprob"))
+
+
+def test_bfloat16_scores_follow_float32():
+    lm = _lm("llama")
+    graph, batch = CircuitGraph.from_model(lm), _batch()
+    f32 = attribute_batch(lm, graph, batch, "eap-ig", steps=3)
+    lm.model.to(torch.bfloat16)
+    bf16 = attribute_batch(lm, graph, batch, "eap-ig", steps=3)
+    assert bf16.dtype == torch.float32
+    assert torch.nn.functional.cosine_similarity(f32.flatten(), bf16.flatten(), dim=0) > 0.99
+
+
+# -- evaluation -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_full_graph_is_faithful_and_empty_graph_is_not(case):
+    lm = _lm(case[0], **case[1])
+    graph, batch = CircuitGraph.from_model(lm), _batch()
+    for ablation in ("corrupted", "zero", "mean"):
+        ev = CircuitEvaluator(lm, graph, batch, ablation)
+        assert ev.evaluate(graph.valid)["faithfulness"] == pytest.approx(1.0, abs=1e-5)
+        assert ev.evaluate(torch.zeros_like(graph.valid))["faithfulness"] == pytest.approx(0.0, abs=1e-4)
+
+
+def test_cutting_all_edges_of_a_head_equals_patching_that_head():
+    lm = _lm("llama")
+    graph, batch = CircuitGraph.from_model(lm), _batch()
+    kept = graph.valid.clone()
+    kept[graph.head_writer(0, 2)] = False
+    patched = patched_logits(lm, graph, batch, ~kept, writer_activations(lm, graph, batch.corrupt_ids, batch.mask))
+    with torch.no_grad():
+        with lm.hooks.capture(["blocks.0.attn.heads"]) as c:
+            lm.model(input_ids=batch.corrupt_ids, attention_mask=batch.mask)
+        with lm.hooks.replace("blocks.0.attn.heads", c["blocks.0.attn.heads"], index=[2]):
+            plain = lm.model(input_ids=batch.clean_ids, attention_mask=batch.mask).logits
+    real = batch.mask.bool()
+    assert torch.allclose(patched[real], plain[real], atol=1e-5)
+
+
+# -- pruning ----------------------------------------------------------------------------------------
+def _hand_scores():
+    """2 layers x 2 heads: a chain input -> a0.h1 -> m0 -> m1 -> logits plus input -> a1.h0 -> logits,
+    and one strong edge into a0.h0, which nothing downstream reads."""
+    g = CircuitGraph(2, 2, 2)
+    s = torch.zeros(g.n_writers, g.n_readers)
+    s[g.mlp_writer(1), g.logits_reader] = 5.0
+    s[g.head_writer(1, 0), g.logits_reader] = -4.0
+    s[0, g.q_reader(1, 0)] = 3.0
+    s[0, g.k_reader(0, 0)] = 3.2  # dangling: a0.h0 never reaches the logits
+    s[g.mlp_writer(0), g.mlp_reader(1)] = 2.5
+    s[g.head_writer(0, 1), g.mlp_reader(0)] = -2.0
+    s[0, g.v_reader(0, 1)] = 1.5
+    s[0, g.logits_reader] = 0.1
+    return g, s
+
+
+def test_greedy_and_top_n_agree_on_a_hand_made_matrix():
+    g, s = _hand_scores()
+    by_top_n = prune(s, g, "topn", n=7)
+    by_greedy = prune(s, g, "greedy", n=6)
+    assert int(by_top_n.sum()) == 6 and torch.equal(by_top_n, by_greedy)
+    assert not by_top_n[0, g.k_reader(0, 0)]
+    assert torch.equal(greedy(s, g, 6), by_greedy)  # greedy never takes the dangling edge
+
+
+def test_vectorised_greedy_equals_one_edge_at_a_time():
+    g = CircuitGraph(3, 3, 3)
+    s = torch.randn(g.n_writers, g.n_readers, generator=torch.Generator().manual_seed(0)) * g.valid
+    kept = torch.zeros_like(g.valid)
+    inside = torch.zeros(g.n_nodes, dtype=torch.bool)
+    inside[-1] = True
+    for _ in range(40):
+        open_ = g.valid & ~kept & g.reader_nodes[:, inside].any(1)[None]
+        w, r = divmod(int(torch.where(open_, s.abs(), torch.tensor(-1.0)).argmax()), g.n_readers)
+        kept[w, r], inside[w] = True, True
+    assert torch.equal(greedy(s, g, 40), kept)
+
+
+def test_unreachable_edges_are_removed():
+    g = CircuitGraph(2, 2, 2)
+    kept = torch.zeros_like(g.valid)
+    kept[g.head_writer(0, 0), g.logits_reader] = True  # a0.h0 has no input -> it is dropped
+    kept[0, g.q_reader(1, 1)] = True  # a1.h1 reaches nothing -> dropped
+    kept[0, g.mlp_reader(0)] = kept[g.mlp_writer(0), g.logits_reader] = True  # a real path
+    out = prune_unreachable(kept, g)
+    assert out.sum() == 2 and out[0, g.mlp_reader(0)] and out[g.mlp_writer(0), g.logits_reader]
+    assert torch.equal(top_n(torch.ones_like(kept, dtype=torch.float), g, g.n_edges), g.valid)
+
+
+# -- data and bad input -------------------------------------------------------------------------------
+def _capital_lm():
+    facts = load_facts("country_capital_city")
+    tok = word_tokenizer([f.prompt() + " " + f.object for f in facts])
+    return wrap_model(tiny_model("llama", vocab_size=len(tok), seed=0), tok), facts
+
+
+def test_split_keeps_evaluation_away_from_discovery_and_bad_input_is_clear():
+    lm, facts = _capital_lm()
+    split = split_pairs(lm, facts, 0.5, require_correct=False)
+    disc = {p.fact.subject for p in split.discovery} | {p.corrupt_subject for p in split.discovery}
+    held = {p.fact.subject for p in split.evaluation} | {p.corrupt_subject for p in split.evaluation}
+    assert disc and held and not disc & held
+    with pytest.raises(EngramError, match="corrupted prompt has 3 tokens, the clean one 2"):
+        batch_from_ids([[1, 2]], [[1, 2, 3]], [4], [5], names=["fact 'X'"])
+    lonely = FactSet([Fact("France", "capital", "Paris", ("The capital of {} is",))])
+    with pytest.raises(EngramError, match="relation 'capital' has 1 subject"):
+        split_pairs(lm, lonely, require_correct=False)
+
+
+def test_answer_that_tokenizes_to_nothing_is_skipped_with_its_reason():
+    from tokenizers import normalizers
+
+    lm, facts = _capital_lm()
+    lm.tokenizer.backend_tokenizer.normalizer = normalizers.Replace("#", "")
+    odd = Fact(facts[0].subject, facts[0].relation, "##", facts[0].templates)
+    split = split_pairs(lm, FactSet([odd, *facts[1:]]), require_correct=False)
+    assert [s["reason"].startswith("answer tokenizes to nothing") for s in split.skipped if s["object"] == "##"] == [True]
+
+
+# -- end to end -------------------------------------------------------------------------------------------
+def test_find_circuit_saves_and_loads(tmp_path):
+    lm, facts = _capital_lm()
+    config = CircuitConfig(require_correct=False, top_n=20, curve=(0.1, 1.0))
+    result = find_circuit(lm, facts, config)
+    summary = result.summary()
+    for key in ("n_nodes", "n_edges_total", "n_edges_kept", "faithfulness", "hit_at_10_model", "hit_at_10_circuit",
+                "seconds"):
+        assert key in summary
+    assert summary["n_edges_total"] == result.graph.n_edges and 0 < summary["n_edges_kept"] <= 20
+    assert result.curve[-1]["faithfulness"] == pytest.approx(1.0, abs=1e-5)
+    assert len(result.lens) == lm.adapter.n_layers and all(h["role"] in ("mover", "relation", "mixture")
+                                                           for h in result.heads)
+    result.save(tmp_path, eapig=True)
+    again = CircuitResult.load(tmp_path)
+    assert torch.equal(again.kept, result.kept) and again.summary() == summary
+    eapig = json.loads((tmp_path / "circuit_eapig.json").read_text())
+    assert len(eapig["edges"]) == result.graph.n_edges and "input->a0.h0<q>" in eapig["edges"]
+
+
+def test_cli_writes_a_run_directory(tiny_hf_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    import engramlab.cli.circuit  # noqa: F401  (registers the verb)
+    from engramlab.cli.common import app
+
+    out = tmp_path / "run"
+    args = ["circuit", "--model", str(tiny_hf_dir), "--facts", "country_capital_city", "--keep-wrong",
+            "--top-n", "15", "--steps", "2", "--out", str(out)]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    for name in ("summary.json", "manifest.json", "scores.safetensors", "circuit.json", "circuit.svg", "circuit.dot"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "summary.json").read_text())["n_edges_kept"] <= 15
+    res = CliRunner().invoke(app, args[:5] + ["--relation", "nope", "--out", str(out)])
+    assert res.exit_code == 2 and "unknown relation 'nope'" in res.output
