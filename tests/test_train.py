@@ -167,6 +167,17 @@ def test_cli_world_train_and_bad_input(tmp_path):
                 "heldout_loss_final", "train_wall_seconds", "tokens_per_second"):
         assert key in s, key
     assert json.loads((run / "manifest.json").read_text())["status"] == "complete"
+    assert (run / "curves.png").stat().st_size > 0
+    # A fine-tuning population: new names only, same pools (so the same vocabulary).
+    w2 = tmp_path / "world2"
+    r = runner.invoke(app, ["world", "--preset", "tiny", "--n-people", "30", "--seed", "1", "--disjoint-from", str(w),
+                            "--out", str(w2)])
+    assert r.exit_code == 0, r.output
+    from engramlab.data.world import World
+
+    a, b = World.load(w), World.load(w2)
+    assert not {p.name for p in a.people + a.heldout_people} & {p.name for p in b.people + b.heldout_people}
+    assert a.pools == b.pools
     # Bad input: each a one-line error with exit status 2.
     r = runner.invoke(app, ["train", "--world", str(w), "--out", str(tmp_path / "r2"), "--sampler", "zipf:q=1"])
     assert r.exit_code == 2 and "sampler spec" in r.output

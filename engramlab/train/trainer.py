@@ -384,6 +384,9 @@ class Trainer:
             out["old_acc_initial"] = rows[0]["old.attr_acc"]
             out["old_acc_final"] = last["old.attr_acc"]
             out["old_acc_min"] = min(r["old.attr_acc"] for r in rows)
+            # Forgetting speed: first evaluation where the old population's accuracy is halved.
+            halved = [r["step"] for r in rows if r["old.attr_acc"] < rows[0]["old.attr_acc"] / 2]
+            out["old_acc_halved_step"] = halved[0] if halved else None
         return out
 
 
