@@ -204,3 +204,16 @@ def test_continual_world_with_a_hf_tokenizer(tmp_path):
     assert {k.rsplit(".", 1)[1] for k in row if k.startswith("eval.attr_acc.bucket.")} <= buckets
     assert any(k.startswith("eval.attr_acc.bucket.") for k in row)
     assert summary["final_step"] == 2 and math.isfinite(summary["final_attr_loss"])
+
+
+def test_non_uniform_sampler_also_measures_the_training_distribution(world, tmp_path):
+    cfg = TrainConfig(steps=4, checkpoints="none", sampler="powerlaw:alpha=1.5", **SMALL)
+    summary = train(world, tmp_path, cfg, show_progress=False)
+    row = read_jsonl(tmp_path / "metrics.jsonl")[-1]
+    assert "dist.attr_loss" in row and "plateau_end_step_train_dist" in summary
+    trainer = Trainer(cfg, world, tmp_path / "again")
+    dist = next(es for es in trainer.evalsets if es.name == "dist")
+    drawn = dist.input_ids.shape[0] // (6 * SMALL["eval_templates"])
+    assert drawn == SMALL["eval_people"]
+    uniform = Trainer(TrainConfig(steps=4, checkpoints="none", **SMALL), world, tmp_path / "u")
+    assert all(es.name != "dist" for es in uniform.evalsets)

@@ -231,7 +231,7 @@ class World:
         return Biography(" ".join(sentences), spans, person_index)
 
     def eval_items(self, split: str = "heldout_templates", max_people: int | None = None,
-                   max_templates: int | None = None) -> list[EvalItem]:
+                   max_templates: int | None = None, people: list[int] | None = None) -> list[EvalItem]:
         """Evaluation sentences of ``split``, one per (person, attribute, template).
 
         heldout_templates: trained people, their 5 held-out templates (the test of knowledge);
@@ -239,13 +239,17 @@ class World:
         heldout_people: the never-trained population, its held-out templates (hallucination).
         ``max_people`` keeps a random but fixed subset (the same people for both splits of the
         trained population); ``max_templates`` keeps the first k templates per attribute.
+        ``people`` lists the person indices explicitly instead (repeats allowed: a sample drawn
+        from a training distribution).
         """
         if split not in EVAL_SPLITS:
             raise EngramError(f"eval split {split!r} is unknown; use one of {EVAL_SPLITS}")
         population = "heldout_people" if split == "heldout_people" else "people"
         members = getattr(self, population)
         chosen = range(len(members))
-        if max_people is not None and max_people < len(members):
+        if people is not None:
+            chosen = list(people)
+        elif max_people is not None and max_people < len(members):
             subset_rng = random.Random(f"engramlab-eval-{self.config.seed}-{population}")
             chosen = sorted(subset_rng.sample(chosen, max_people))
         which = "train_templates" if split == "train_templates" else "heldout_templates"

@@ -52,8 +52,8 @@ class EvalSet:
 
     @classmethod
     def build(cls, name: str, world: World, split: str, tokenizer, max_people: int, max_templates: int,
-              population=None) -> "EvalSet":
-        items = world.eval_items(split, max_people=max_people, max_templates=max_templates)
+              people: list[int] | None = None) -> "EvalSet":
+        items = world.eval_items(split, max_people=max_people, max_templates=max_templates, people=people)
         enc = encode_eval_items(tokenizer, items)
         # Name tokens: encode the same texts with the name's character span as the "value".
         people = world.heldout_people if split == "heldout_people" else world.people

@@ -23,6 +23,7 @@ from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -208,6 +209,14 @@ class Trainer:
         c, tok = self.cfg, self.tokenizer
         sets = [EvalSet.build("eval", self.world, "heldout_templates", tok, c.eval_people, c.eval_templates),
                 EvalSet.build("train", self.world, "train_templates", tok, c.eval_people, c.eval_templates)]
+        p = self.sampler.probabilities()[self.population.n_old:]
+        if self.world.config.kind == "bio" and not np.allclose(p, p[0]):
+            # A non-uniform sampler: also measure knowledge on the training distribution itself,
+            # people drawn (with repeats) as often as the sampler shows them.
+            rng = np.random.default_rng([c.seed, 7])
+            drawn = sorted(rng.choice(len(p), size=c.eval_people, p=p / p.sum()).tolist())
+            sets.append(EvalSet.build("dist", self.world, "heldout_templates", tok, None, c.eval_templates,
+                                      people=drawn))
         if self.world.heldout_people:
             sets.append(EvalSet.build("heldout", self.world, "heldout_people", tok, c.eval_people, c.eval_templates))
         if self.old_world is not None:
@@ -348,9 +357,9 @@ class Trainer:
                              title=f"{self.out.name}: {len(self.world.people)} people, sampler {cfg.sampler}")
         return summary
 
-    def _plateau(self) -> tuple[int | None, int | None]:
+    def _plateau(self, which: str = "eval") -> tuple[int | None, int | None]:
         rows = read_jsonl(self.out / "metrics.jsonl")
-        return detect_plateau([r["step"] for r in rows], [r["eval.attr_loss"] for r in rows], self.baseline,
+        return detect_plateau([r["step"] for r in rows], [r[f"{which}.attr_loss"] for r in rows], self.baseline,
                               self.cfg.plateau_reach, self.cfg.plateau_exit)
 
     def summary(self, wall: float, tokens: int) -> dict:
@@ -370,6 +379,9 @@ class Trainer:
             "n_people": len(self.world.people),
             "sampler": self.cfg.sampler,
         }
+        if "dist.attr_loss" in last:  # knowledge on the training distribution (non-uniform samplers)
+            out["plateau_start_step_train_dist"], out["plateau_end_step_train_dist"] = self._plateau("dist")
+            out["final_attr_acc_train_dist"] = last["dist.attr_acc"]
         if "heldout.attr_loss" in last:
             out["heldout_loss_final"] = last["heldout.attr_loss"]
             out["heldout_top1_prob_final"] = last["heldout.first_token_top1_prob"]
