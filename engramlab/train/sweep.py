@@ -136,7 +136,8 @@ def plot_sweep(out: Path, rows: list[dict], fits: dict, keys: list[str]) -> None
         ax.set_xlabel("individuals N")
         ax.set_ylabel("plateau end (steps)")
         ax.set_title("Plateau length vs population size")
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / "plateau_vs_n.png", dpi=120)
         plt.close(fig)
