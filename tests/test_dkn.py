@@ -270,12 +270,14 @@ def test_evolvability_runs_and_restores_the_model():
     attribution = lambda lm, prompt, target: torch.tensor([[1.0, 0.9] + [0.0] * 6, [0.8, 0.7] + [0.0] * 6])
     facts = [_fact()]
     result = find_dkns(lm, FactSet(facts), DKNConfig(methods=("persistence",), robustness=False), attribute=attribution)
-    before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+    lm.model.requires_grad_(False)  # as load_model leaves it
+    lm.adapter.mlp_out_proj(1).weight.requires_grad_(True)  # ...but one, whose flag must survive too
+    before = {n: (p.detach().clone(), p.requires_grad) for n, p in lm.model.named_parameters()}
     evo = evolvability(lm, result, facts, EvolveConfig(n_new=2, steps=2))
     assert set(evo["arms"]) == {"dkn", "kn", "random", "full"}
     assert evo["arms"]["dkn"]["n_neurons"] == 4 and evo["arms"]["random"]["n_neurons"] == 4
     for name, p in lm.model.named_parameters():
-        assert torch.equal(p, before[name]) and not p.requires_grad, name
+        assert torch.equal(p, before[name][0]) and p.requires_grad == before[name][1], name
     result.evolvability = evo
     assert "evolvability.full.new_top1" in result.summary()
 
