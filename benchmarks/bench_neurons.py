@@ -1,13 +1,16 @@
 """Knowledge-neuron attribution speed: the batched IG kernel against plain loops and against the
 ``knowledge-neurons`` package (PyPI, version 0.0.2).
 
-    .venv/bin/python benchmarks/bench_neurons.py [--prompts 2] [--steps 20] [--threads 1] [--skip-kn]
+    .venv/bin/python benchmarks/bench_neurons.py [--per-relation 2] [--steps 20] [--threads 1] [--skip-kn]
+
+Prompts: the first ``--per-relation`` facts of each relation of ``--facts`` (default the three
+relations of the README's knowledge-neuron result), their main template.
 
 Part 1, SmolLM2-135M (30 layers), every layer, m steps, site ``mlp.neurons``, zero baseline,
-probability objective, prompts of the bundled country_capital_city relation:
+probability objective:
   * batched: ``engramlab.locate.ig.integrated_gradients``;
   * plain per-layer, per-step loop: the reference the tests use (a full forward + backward per
-    layer and step);
+    layer and step), on the first ``--per-step-prompts`` prompts only (minutes each);
   * plain per-layer loop with the m steps in one batch (how the knowledge-neurons package works).
   Target: same scores (Pearson >= 0.999) and >= 4x faster than the plain per-layer loop.
 
@@ -20,7 +23,9 @@ k = 1..m, so their scores agree closely but not exactly (Pearson reported).
 The package is not a project dependency: it is installed with ``pip install --no-deps --target``
 into its own directory (default /tmp/kn-pkgs, with its missing dependency einops) and put on
 sys.path only here; nothing in it is patched. Timings are the median of ``--repeats`` runs after
-a warm-up, interleaved so that load from other processes hits every method alike.
+a warm-up, interleaved so that load from other processes hits every method alike; both wall
+seconds and this process's CPU seconds are reported (with ``--threads 1`` on a shared machine
+the CPU seconds are the steadier figure). Speed-ups are ratios of totals over the prompts.
 """
 
 from __future__ import annotations
@@ -66,36 +71,44 @@ def interleaved(runs: dict, repeats: int, cold: tuple = ()) -> tuple[dict, dict,
 
 
 def summarize(rows: list[dict], base: str, others: list[str]) -> dict:
-    """Mean seconds per method over prompts and the speed-ups of ``base`` over the others."""
-    out = {"prompts": rows}
+    """Total seconds per method over the prompts that ran it (the cost of attributing all of
+    them) and the speed-ups of ``base`` over each other method on those same prompts."""
+    out = {}
     for clock in ("wall", "cpu"):
-        for name in [base, *others]:
-            out[f"{name}_{clock}_s"] = statistics.mean(r[f"{name}_{clock}_s"] for r in rows)
         for name in others:
-            out[f"speedup_vs_{name}_{clock}"] = out[f"{name}_{clock}_s"] / out[f"{base}_{clock}_s"]
+            ran = [r for r in rows if f"{name}_{clock}_s" in r]
+            mine, theirs = (sum(r[f"{n}_{clock}_s"] for r in ran) for n in (base, name))
+            out[f"{name}_{clock}_s_total"], out[f"{base}_{clock}_s_total_same_prompts_as_{name}"] = theirs, mine
+            out[f"speedup_vs_{name}_{clock}"] = theirs / mine
     return out
 
 
-def bench_smollm2(n_prompts: int, steps: int, repeats: int, per_step: bool) -> dict:
+def sample_facts(spec: str, per_relation: int) -> list:
+    """The first ``per_relation`` facts of each relation of ``spec``."""
+    return [f for group in load_facts(spec).by_relation().values() for f in list(group)[:per_relation]]
+
+
+def bench_smollm2(facts: list, steps: int, repeats: int, per_step_prompts: int) -> dict:
     lm = load_model("smollm2-135m")
     rows = []
-    for fact in load_facts("country_capital_city")[:n_prompts]:
+    for n, fact in enumerate(facts):
         prompt = fact.prompt()
         ids = lm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         target = target_token_ids(lm.tokenizer, prompt, fact.object)
         runs = {"batched": lambda: integrated_gradients(lm, ids, target, steps=steps),
                 "per_layer": lambda: integrated_gradients_plain(lm, ids, target, steps=steps, batch_steps=True)}
-        if per_step:  # minutes per prompt: timed once, without a warm-up
+        if n < per_step_prompts:  # minutes per prompt: timed once, without a warm-up
             runs["per_layer_per_step"] = lambda: integrated_gradients_plain(lm, ids, target, steps=steps)
-        wall, cpu, res = interleaved(runs, repeats if not per_step else 1, cold=("per_layer_per_step",))
-        row = {"prompt": prompt, "n_tokens": len(ids), **{f"{k}_wall_s": v for k, v in wall.items()},
-               **{f"{k}_cpu_s": v for k, v in cpu.items()},
+        wall, cpu, res = interleaved(runs, repeats, cold=("per_layer_per_step",))
+        row = {"prompt": prompt, "object": fact.object, "n_tokens": len(ids), "n_target_tokens": len(target),
+               **{f"{k}_wall_s": v for k, v in wall.items()}, **{f"{k}_cpu_s": v for k, v in cpu.items()},
                **{f"pearson_vs_{k}": pearson(res["batched"], res[k]) for k in runs if k != "batched"},
                "max_abs_diff": max(float((res["batched"] - res[k]).abs().max()) for k in runs if k != "batched"),
                "max_abs_score": float(res["per_layer"].abs().max())}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    out = summarize(rows, "batched", [k for k in runs if k != "batched"])
+    others = ["per_layer"] + (["per_layer_per_step"] if per_step_prompts else [])
+    out = {"prompts": rows, **summarize(rows, "batched", others)}
     out["min_pearson"] = min(v for r in rows for k, v in r.items() if k.startswith("pearson"))
     return out
 
@@ -108,7 +121,7 @@ def install_kn(directory: Path) -> None:
                     f"knowledge-neurons=={KN_VERSION}", "einops"], check=True)
 
 
-def bench_kn(kn_dir: Path, n_prompts: int, steps: int, repeats: int) -> dict:
+def bench_kn(kn_dir: Path, facts: list, steps: int, repeats: int) -> dict:
     install_kn(kn_dir)
     sys.path.insert(0, str(kn_dir))
     from knowledge_neurons import KnowledgeNeurons
@@ -123,7 +136,7 @@ def bench_kn(kn_dir: Path, n_prompts: int, steps: int, repeats: int) -> dict:
     lm = wrap_model(model, tok, "gpt2-small-config")
     kn = KnowledgeNeurons(model, tok, model_type="gpt2", device="cpu")
     rows = []
-    for fact in load_facts("country_capital_city")[:n_prompts]:
+    for fact in facts:
         prompt = fact.prompt()
         target = target_token_ids(tok, prompt, fact.object)
         if len(target) != 1:
@@ -142,18 +155,20 @@ def bench_kn(kn_dir: Path, n_prompts: int, steps: int, repeats: int) -> dict:
                "pearson_vs_kn": pearson(res["engramlab"], res["kn_batch_20"])}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    out = summarize(rows, "engramlab", ["kn_batch_20", "kn_batch_10"])
+    out = {"prompts": rows, **summarize(rows, "engramlab", ["kn_batch_20", "kn_batch_10"])}
     out["min_pearson"] = min(r["pearson_vs_kn"] for r in rows)
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--prompts", type=int, default=2, help="prompts of country_capital_city to time")
+    ap.add_argument("--facts", default="country_capital_city,country_language,country_largest_city")
+    ap.add_argument("--per-relation", type=int, default=2, help="facts per relation to time")
     ap.add_argument("--steps", type=int, default=20, help="integration steps m")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=1, help="timed rounds after the warm-up")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    ap.add_argument("--no-per-step", action="store_true", help="skip the slow per-layer, per-step loop")
+    ap.add_argument("--per-step-prompts", type=int, default=1, help="prompts also timed with the (slow) "
+                    "per-layer, per-step loop")
     ap.add_argument("--skip-kn", action="store_true", help="skip the knowledge-neurons comparison")
     ap.add_argument("--skip-smollm2", action="store_true")
     ap.add_argument("--kn-dir", type=Path, default=Path("/tmp/kn-pkgs"), help="where the package is installed")
@@ -162,10 +177,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     report = {"threads": torch.get_num_threads(), "steps": args.steps, "torch": torch.__version__}
+    facts = sample_facts(args.facts, args.per_relation)
     if not args.skip_smollm2:
-        report["smollm2"] = bench_smollm2(args.prompts, args.steps, args.repeats, not args.no_per_step)
+        report["smollm2"] = bench_smollm2(facts, args.steps, args.repeats, args.per_step_prompts)
     if not args.skip_kn:
-        report["knowledge_neurons"] = bench_kn(args.kn_dir, args.prompts, args.steps, args.repeats)
+        report["knowledge_neurons"] = bench_kn(args.kn_dir, facts, args.steps, args.repeats)
     text = json.dumps({k: v for k, v in report.items()}, indent=2)
     print(text)
     if args.json:

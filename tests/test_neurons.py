@@ -21,11 +21,11 @@ from conftest import HAS_SMOLLM2, word_tokenizer
 PROMPT = [1, 5, 3, 8, 2]
 
 
-def assert_close(fast, plain):
+def assert_close(fast, plain, rel=1e-5):
     # float32 rounding relative to the scores' own scale (sums of products of ~1e-4 numbers).
     scale = float(plain.abs().max())
     assert scale > 0
-    assert float((fast - plain).abs().max()) <= 1e-5 * scale
+    assert float((fast - plain).abs().max()) <= rel * scale
 
 
 # -- the IG kernel ----------------------------------------------------------------------------------
@@ -93,7 +93,9 @@ def test_batched_equals_plain_on_smollm2(smollm2):
     layers = [2, 29]
     fast = integrated_gradients(smollm2, ids, target, steps=3, layers=layers)
     plain = integrated_gradients_plain(smollm2, ids, target, steps=3, layers=layers, batch_steps=True)
-    assert_close(fast[layers], plain[layers])
+    # 30 layers and a 49k-way softmax, summed in other orders by other batch shapes (and, with
+    # several threads, other blockings): rounding reaches ~1e-4 of the largest score.
+    assert_close(fast[layers], plain[layers], rel=3e-4)
 
 
 # -- selection ----------------------------------------------------------------------------------------
@@ -215,6 +217,16 @@ def test_find_knowledge_neurons_end_to_end(tmp_path, tiny_word_lm):
         assert key in summary
     result.save(tmp_path)
     assert NeuronResult.load(tmp_path).summary() == summary
+
+
+def test_ranks_match_recall(tiny_word_lm):
+    from engramlab.locate.neurons import first_token_ranks
+    from engramlab.recall import score_recall
+
+    lm, facts = tiny_word_lm
+    prompts = [f.prompt() for f in facts]
+    ranks = first_token_ranks(lm, prompts, [target_token_ids(lm.tokenizer, p, f.object) for p, f in zip(prompts, facts)])
+    assert ranks == [r["target_rank"] for r in score_recall(lm, facts).records]
 
 
 def test_cli_neurons(tmp_path, tiny_word_lm):

@@ -126,7 +126,7 @@ def intervene(lm, neurons: Sequence[tuple[int, int]], factor: float, positions=-
                 mask = mask.expand_as(t)
             elif isinstance(where, torch.Tensor):  # one position per row
                 rows = torch.zeros_like(t, dtype=torch.bool)
-                rows[torch.arange(t.shape[0]), where.to(t.device)] = mask[0]
+                rows[torch.arange(t.shape[0], device=t.device), where.to(t.device)] = mask[0]
                 mask = rows
             else:
                 keep = torch.zeros(t.shape[1], 1, dtype=torch.bool, device=t.device)
@@ -141,6 +141,22 @@ def intervene(lm, neurons: Sequence[tuple[int, int]], factor: float, positions=-
         yield
 
 
+def _logits_at(lm, prompts: list[list[int]], inputs: list[list[int]], wanted: list[list[int]]) -> list[torch.Tensor]:
+    """One right-padded forward of ``inputs``; per row, the logits (len(wanted[i]), vocab) at the
+    positions ``wanted[i]``. Only the positions some row wants go through the unembedding, and
+    ``intervene(positions=-1)`` sees where each row's prompt ends."""
+    ids, mask = pad_rows(inputs, _pad_id(lm), lm.device)
+    keep = sorted({p for ps in wanted for p in ps})
+    token = _PROMPT_END.set(torch.tensor([len(r) - 1 for r in prompts], device=lm.device))
+    try:
+        logits = lm.model(input_ids=ids, attention_mask=mask,
+                          logits_to_keep=torch.tensor(keep, device=lm.device)).logits  # (batch, len(keep), vocab)
+    finally:
+        _PROMPT_END.reset(token)
+    column = {p: c for c, p in enumerate(keep)}
+    return [logits[i, [column[p] for p in ps]] for i, ps in enumerate(wanted)]
+
+
 @torch.no_grad()
 def target_probabilities(lm, prompts: Sequence[str | Sequence[int]], targets: Sequence[Sequence[int]],
                          objective: str = "prob", batch_size: int = 32) -> list[float]:
@@ -150,16 +166,10 @@ def target_probabilities(lm, prompts: Sequence[str | Sequence[int]], targets: Se
     for start in range(0, len(prompts), batch_size):
         rows = [_ids(lm, p) for p in prompts[start: start + batch_size]]
         tgts = [list(t) for t in targets[start: start + batch_size]]
-        ids, mask = pad_rows([r + t[:-1] for r, t in zip(rows, tgts)], _pad_id(lm), lm.device)
-        ends = torch.tensor([len(r) - 1 for r in rows], device=lm.device)
-        token = _PROMPT_END.set(ends)
-        try:
-            logp = lm.model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
-        finally:
-            _PROMPT_END.reset(token)
-        for i, (r, t) in enumerate(zip(rows, tgts)):
-            picked = logp[i, len(r) - 1: len(r) - 1 + len(t)].gather(-1, torch.tensor(t, device=lm.device)[:, None])
-            total = float(picked.sum())
+        # Position len(prompt) - 1 + j predicts target token j.
+        wanted = [list(range(len(r) - 1, len(r) - 1 + len(t))) for r, t in zip(rows, tgts)]
+        for logits, t in zip(_logits_at(lm, rows, [r + t[:-1] for r, t in zip(rows, tgts)], wanted), tgts):
+            total = float(logits.float().log_softmax(-1).gather(-1, torch.tensor(t, device=lm.device)[:, None]).sum())
             out.append(total if objective == "logprob" else math.exp(total))
     return out
 
@@ -175,11 +185,9 @@ def first_token_ranks(lm, prompts: Sequence[str], targets: Sequence[Sequence[int
     ranks = []
     for start in range(0, len(prompts), batch_size):
         rows = [_ids(lm, p) for p in prompts[start: start + batch_size]]
-        ids, mask = pad_rows(rows, _pad_id(lm), lm.device)
-        logits = lm.model(input_ids=ids, attention_mask=mask).logits
-        for i, (r, t) in enumerate(zip(rows, targets[start: start + batch_size])):
-            last = logits[i, len(r) - 1]
-            ranks.append(int((last > last[t[0]]).sum()) + 1)
+        last = _logits_at(lm, rows, rows, [[len(r) - 1] for r in rows])
+        for logits, t in zip(last, targets[start: start + batch_size]):
+            ranks.append(int((logits[0] > logits[0, t[0]]).sum()) + 1)
     return ranks
 
 
@@ -273,23 +281,20 @@ class NeuronResult:
         done = self.attributed()
         effects = [r["effects"] for r in done if r.get("effects")]
 
-        def mean(values):
-            values = [v for v in values if v is not None]
-            return sum(values) / len(values) if values else None
-
         out = {"n_facts": len(self.records), "n_attributed": len(done),
-               "n_skipped": len(self.records) - len(done)}
-        for key in ("own", "same_relation", "other_relation", "random"):
-            # A drop is minus the relative change: 1 means the probability went to zero.
-            out[f"mean_{key}_drop"] = mean([-e["suppress"][key] if e["suppress"][key] is not None else None
-                                            for e in effects])
-            out[f"mean_{key}_enhance"] = mean([e["enhance"][key] for e in effects])
-        out["mean_neurons_per_fact"] = mean([len(r["neurons"]) for r in done])
-        out["mean_coarse_per_prompt"] = mean([len(c) for r in done for c in r["coarse"] if c is not None])
-        out["mean_consistency"] = mean([r["consistency"] for r in done])
+               "n_skipped": len(self.records) - len(done), **_effect_means(effects)}
+        out["mean_neurons_per_fact"] = _mean([len(r["neurons"]) for r in done])
+        out["mean_coarse_per_prompt"] = _mean([len(c) for r in done for c in r["coarse"] if c is not None])
+        out["mean_consistency"] = _mean([r["consistency"] for r in done])
         out["n_relation_neurons"] = sum(len(v) for v in self.relation_neurons.values())
         out["seconds_per_fact"] = self.stats.get("seconds_per_fact")
         out["cpu_seconds_per_fact"] = self.stats.get("cpu_seconds_per_fact")
+        for rel in sorted({r["relation"] for r in done}):
+            mine = [r for r in done if r["relation"] == rel]
+            out[f"relation.{rel}.n_attributed"] = len(mine)
+            for key, value in _effect_means([r["effects"] for r in mine if r.get("effects")]).items():
+                if key.endswith("_drop"):
+                    out[f"relation.{rel}.{key}"] = value
         return out
 
     def save(self, directory: str | Path) -> None:
@@ -304,6 +309,17 @@ class NeuronResult:
         meta = load_json(d / "neurons_config.json", "knowledge-neuron config")
         return cls(read_jsonl(d / "neurons.jsonl"), load_json(d / "relation_neurons.json", "relation neurons"),
                    meta["config"], meta.get("stats", {}))
+
+
+def _effect_means(effects: list[dict]) -> dict:
+    """Mean drop (minus the relative change under suppression: 1 = the probability went to zero)
+    and mean relative change under enhancement, per kind of target."""
+    out = {}
+    for key in ("own", "same_relation", "other_relation", "random"):
+        out[f"mean_{key}_drop"] = _mean([None if e["suppress"][key] is None else -e["suppress"][key]
+                                         for e in effects])
+        out[f"mean_{key}_enhance"] = _mean([e["enhance"][key] for e in effects])
+    return out
 
 
 def find_knowledge_neurons(lm, facts: FactSet, config: NeuronConfig | None = None,

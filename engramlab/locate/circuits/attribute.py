@@ -10,7 +10,8 @@ where g_v is taken:
 
 * ``eap``: at the clean input;
 * ``eap-ig``: averaged over m points on the straight line between the corrupted and the clean input
-  embeddings, x_k = e_corr + (k/m)(e_clean - e_corr), k = 1..m (k = m is the clean input);
+  embeddings (resid_pre of layer 0), x_k = e_corr + (k/m)(e_clean - e_corr), k = 1..m (k = m is
+  the clean input; every pass runs the clean token ids, only the embeddings are replaced);
 * ``clean-corrupted``: the average of the gradients at the clean and at the corrupted input.
 
 Scores are summed over the examples of a batch; ``attribute_edges`` averages over all examples.
@@ -21,15 +22,19 @@ the same residual x through a norm N. For the query of head h, q_h = N(x) @ W_Q[
     g_{q,h} = J_N(x)^T (W_Q[h] dM/dq_h)
 
 dM/dq_h comes from a tensor hook on the ``attn.q`` site (likewise ``attn.k``/``attn.v``, one per
-key/value head with grouped-query attention); W_Q[h] takes it to d_model, and ``norm_vjp`` pulls
-all of a layer's readers through the norm at once. The MLP and the logits each read through their
-own norm, so a hook on an alias of that norm's input gives their gradient directly. The alias of
-the attention norm's input is the trigger: its gradient is complete only after every q/k/v gradient
-of the layer, so the layer's scores are computed there, during the backward pass, and the per-layer
-gradients are freed at once (peak memory stays close to one forward + backward).
+key/value head with grouped-query attention); ``readers.AttentionReaders`` applies W_Q[h] and the
+norm's Jacobian. The MLP and the logits each read through their own norm, so a hook on an alias of
+that norm's input gives their gradient directly. The alias of the attention norm's input is the
+trigger for a layer: its gradient is complete only after every q/k/v gradient of the layer.
 
-The m integration points run one after another, not as one m-times-larger batch: a batch of m
-points would need m times the activation memory, and the points share nothing a batch could reuse.
+Cost. The integration points run one after another, not as one m-times-larger batch (that would
+need m times the activation memory). During the passes only small per-reader sums are kept: the
+head-space gradients, the MLP/logit gradients and the normalised residuals x_hat, and only at the
+positions where the two prompts can differ. Then one no-grad forward of the clean and corrupted
+prompts together records the differences of their writer outputs, and the activation differences
+(positions x n_writers x d_model, the largest tensor here) are formed from them in chunks and
+multiplied with the sums (``sums.GradientSums``). So peak memory stays near one forward+backward
+and the time near m of them. Logits are computed at each row's last real token only.
 """
 
 from __future__ import annotations
@@ -41,7 +46,8 @@ import torch
 from engramlab.errors import EngramError
 from engramlab.locate.circuits.data import PairBatch
 from engramlab.locate.circuits.graph import CircuitGraph
-from engramlab.locate.circuits.hooks import AttentionReaders, norm_pre_hook, writer_hooks
+from engramlab.locate.circuits.hooks import answer_logits, input_embeddings
+from engramlab.locate.circuits.sums import GradientSums, kept_positions
 
 METHODS = ("eap", "eap-ig", "clean-corrupted")
 METRICS = ("logit_diff", "logprob")
@@ -57,25 +63,24 @@ def check_method(method: str, steps: int, metric: str) -> None:
 
 
 def metric_values(logits: torch.Tensor, batch: PairBatch, metric: str) -> torch.Tensor:
-    """Per-example metric at each row's last real token: logits (b, pos, vocab) -> (b,).
+    """Per-example metric from the logits at each row's last real token: (b, vocab) -> (b,).
 
     ``logit_diff``: logit of the clean answer minus logit of the corrupted answer;
     ``logprob``: log-probability of the clean answer."""
     rows = torch.arange(logits.shape[0], device=logits.device)
-    last = logits[rows, batch.last].float()  # (b, vocab)
+    logits = logits.float()
     if metric == "logit_diff":
-        return last[rows, batch.clean_answer] - last[rows, batch.corrupt_answer]
-    return last.log_softmax(-1)[rows, batch.clean_answer]
+        return logits[rows, batch.clean_answer] - logits[rows, batch.corrupt_answer]
+    return logits.log_softmax(-1)[rows, batch.clean_answer]
 
 
 def integration_points(method: str, steps: int) -> list[tuple[float, float]]:
-    """(alpha, weight) pairs, alpha = 1 (the clean input) first: its forward pass also records the
-    clean activations that every later gradient is multiplied with."""
+    """(alpha, weight) pairs: gradients are taken at e_corr + alpha (e_clean - e_corr)."""
     if method == "eap":
         return [(1.0, 1.0)]
     if method == "clean-corrupted":
         return [(1.0, 0.5), (0.0, 0.5)]
-    return [(k / steps, 1.0 / steps) for k in range(steps, 0, -1)]
+    return [(k / steps, 1.0 / steps) for k in range(1, steps + 1)]
 
 
 def attribute_batch(lm, graph: CircuitGraph, batch: PairBatch, method: str = "eap-ig", steps: int = 5,
@@ -83,165 +88,20 @@ def attribute_batch(lm, graph: CircuitGraph, batch: PairBatch, method: str = "ea
     """Edge scores summed over the rows of ``batch``: (n_writers, n_readers) float32.
 
     Invalid (non-causal) entries stay 0. ``closed_form=False`` pulls every gradient through the
-    attention norms with torch.func each step instead (slower; for checking)."""
+    attention norms with torch.func instead (slower, more memory; for checking)."""
     check_method(method, steps, metric)
-    scorer = _EdgeScorer(lm, graph, batch, closed_form)
-    embeds: dict[str, torch.Tensor] = {}
-    with torch.no_grad(), writer_hooks(lm, graph, scorer.store), \
-            lm.hooks.hook("blocks.0.resid_pre", lambda x: embeds.__setitem__("corrupt", x.detach())):
-        lm.model(input_ids=batch.corrupt_ids, attention_mask=batch.mask)
-
-    for i, (alpha, weight) in enumerate(integration_points(method, steps)):
+    embeds = {1.0: input_embeddings(lm, batch.clean_ids, batch.mask),
+              0.0: input_embeddings(lm, batch.corrupt_ids, batch.mask)}
+    sums = GradientSums(lm, graph, kept_positions(batch.clean_ids, batch.corrupt_ids, batch.mask), closed_form)
+    for alpha, weight in integration_points(method, steps):
+        point = embeds[alpha] if alpha in embeds else embeds[0.0] + alpha * (embeds[1.0] - embeds[0.0])
+        point = point.detach().requires_grad_(True)
         with ExitStack() as stack:
-            leaves: list[torch.Tensor] = []
-            stack.enter_context(lm.hooks.hook("blocks.0.resid_pre", _embedding_step(alpha, embeds, leaves)))
-            if i == 0:  # alpha = 1: record the clean activations
-                stack.enter_context(writer_hooks(lm, graph, scorer.subtract))
-            scorer.hooks(stack, weight)
-            logits = lm.model(input_ids=batch.clean_ids, attention_mask=batch.mask).logits
-            if i == 0:
-                scorer.mask_padding(batch.mask)
-            torch.autograd.grad(metric_values(logits, batch, metric).sum(), leaves)
-    return scorer.finish()
-
-
-def _embedding_step(alpha: float, embeds: dict, leaves: list):
-    """resid_pre of layer 0 -> a fresh leaf at e_corr + alpha (e_clean - e_corr)."""
-
-    def fn(x: torch.Tensor) -> torch.Tensor:
-        if alpha == 1.0:
-            embeds["clean"] = x.detach()
-            point = x.detach()
-        elif alpha == 0.0:
-            point = embeds["corrupt"]
-        else:
-            point = embeds["corrupt"] + alpha * (embeds["clean"] - embeds["corrupt"])
-        leaf = point.detach().requires_grad_(True)
-        leaves.append(leaf)
-        return leaf
-
-    return fn
-
-
-class _EdgeScorer:
-    """The state of one batch: activation differences, scores, and gradients summed over steps.
-
-    delta   (b*pos, n_writers, d_model) float32: a_u(corrupted) - a_u(clean), padding zeroed.
-            ``delta[:, :up]`` (the writers a reader sees) is a strided batch of (up, d_model)
-            matrices that bmm reads in place.
-    scores  (n_writers, n_readers)
-
-    Per step, an MLP or the logits contribute their residual gradient, and the attention readers
-    of a layer their head-space g' (see ``AttentionReaders``); these are summed over steps and
-    multiplied with delta once, in ``finish``. Only the x_hat . delta term changes with the step's
-    norm statistics, so it is scored during each backward pass (a read of delta, no big product)."""
-
-    def __init__(self, lm, graph: CircuitGraph, batch: PairBatch, closed_form: bool):
-        self.lm, self.graph = lm, graph
-        b, pos = batch.clean_ids.shape
-        self.delta = torch.zeros(b * pos, graph.n_writers, lm.adapter.d_model, device=lm.device)
-        self.scores = torch.zeros(graph.n_writers, graph.n_readers, device=lm.device)
-        self.readers = [AttentionReaders(lm, l, closed_form) for l in range(graph.n_layers)]
-        self.head_sums: dict[int, torch.Tensor] = {}   # layer -> (bp, R, d_head)
-        self.resid_sums: dict[int, torch.Tensor] = {}  # reader -> (bp, d_model)
-
-    # -- activations --------------------------------------------------------------------------
-    def store(self, first: int, acts: torch.Tensor) -> None:
-        self.delta[:, first: first + acts.shape[2]] = acts.flatten(0, 1)
-
-    def subtract(self, first: int, acts: torch.Tensor) -> None:
-        self.delta[:, first: first + acts.shape[2]] -= acts.detach().flatten(0, 1)
-
-    def mask_padding(self, mask: torch.Tensor) -> None:
-        # Padding positions differ between runs but no scored position reads them; zero them so
-        # they cannot leak into a score.
-        self.delta *= mask.reshape(-1, 1, 1).to(self.delta.dtype)
-
-    def _times_delta(self, up: int, grads: torch.Tensor) -> torch.Tensor:
-        """sum over positions of delta[:, :up] . grads, grads (bp, d_model, R) -> (up, R)."""
-        return torch.bmm(self.delta[:, :up], grads).sum(0)
-
-    # -- hooks ------------------------------------------------------------------------------------
-    def hooks(self, stack: ExitStack, weight: float) -> None:
-        lm, graph, a = self.lm, self.graph, self.lm.adapter
-        for l in range(graph.n_layers):
-            seen: dict[str, torch.Tensor] = {}
-            for kind in ("q", "k", "v"):
-                stack.enter_context(lm.hooks.hook(f"blocks.{l}.attn.{kind}", _grab(seen, kind)))
-            stack.enter_context(norm_pre_hook(a.attn_norm(l), _alias(self._on_attention(l, seen, weight), seen)))
-            stack.enter_context(norm_pre_hook(a.mlp_norm(l), _alias(self._on_residual(graph.mlp_reader(l), weight))))
-        stack.enter_context(norm_pre_hook(a.final_norm, _alias(self._on_residual(graph.logits_reader, weight))))
-
-    def _on_residual(self, reader: int, weight: float):
-        def on_grad(g: torch.Tensor) -> None:  # (b, pos, d_model)
-            g = weight * g.detach().float().flatten(0, 1)
-            self.resid_sums[reader] = g if reader not in self.resid_sums else self.resid_sums[reader] + g
-        return on_grad
-
-    def _on_attention(self, layer: int, seen: dict, weight: float):
-        """Fires on the attention norm input's gradient, after every q/k/v gradient of ``layer``."""
-        graph, readers = self.graph, self.readers[layer]
-        up, columns = graph.writers_before(layer), graph.attn_readers(layer)
-
-        def on_grad(_total: torch.Tensor) -> None:
-            x = seen.pop("x")
-            grads, proj = [], []
-            for kind in ("q", "k", "v"):
-                value = seen.pop(f"{kind}.value")
-                proj.append(value)
-                # no gradient means the projection cannot affect the metric
-                grads.append(seen.pop(f"{kind}.grad", torch.zeros_like(value)))
-            grads, proj = torch.cat(grads, 2), torch.cat(proj, 2)
-            if readers.kind is None:
-                self.scores[:up, columns] += weight * self._times_delta(up, readers.pull(x, grads))
-                return
-            x_hat, g, dots = readers.head_terms(x, grads, proj)
-            g = weight * g
-            self.head_sums[layer] = g if layer not in self.head_sums else self.head_sums[layer] + g
-            along = torch.bmm(self.delta[:, :up], x_hat.unsqueeze(2))[:, :, 0]  # (bp, up): delta . x_hat
-            self.scores[:up, columns] -= (weight / x_hat.shape[-1]) * (along.t() @ dots)
-
-        return on_grad
-
-    def finish(self) -> torch.Tensor:
-        graph = self.graph
-        for layer, g in self.head_sums.items():
-            up = graph.writers_before(layer)
-            self.scores[:up, graph.attn_readers(layer)] += self._times_delta(up, self.readers[layer].expand(g))
-        for l in range(graph.n_layers + 1):
-            reader = graph.logits_reader if l == graph.n_layers else graph.mlp_reader(l)
-            if reader in self.resid_sums:
-                up = graph.n_writers if l == graph.n_layers else graph.mlp_reads_up_to(l)
-                self.scores[:up, reader] += self._times_delta(up, self.resid_sums[reader].unsqueeze(2))[:, 0]
-        return self.scores
-
-
-def _alias(on_grad, seen: dict | None = None):
-    """Pre-hook: replace a norm's input by an alias whose gradient is the norm's share only
-    (the residual stream itself also flows around the norm)."""
-
-    def fn(x: torch.Tensor) -> torch.Tensor:
-        if seen is not None:
-            seen["x"] = x.detach()
-        alias = x.view_as(x)
-        if alias.requires_grad:
-            alias.register_hook(on_grad)
-        return alias
-
-    return fn
-
-
-def _grab(seen: dict, kind: str):
-    """Site hook that records a q/k/v projection output (b, pos, n, d_head) and its gradient."""
-
-    def fn(t: torch.Tensor) -> torch.Tensor | None:
-        seen[f"{kind}.value"] = t.detach()
-        if not t.requires_grad:
-            return None
-        t.register_hook(lambda g: seen.__setitem__(f"{kind}.grad", g))
-        return t  # the view itself goes back in, so the hook sits on the path
-
-    return fn
+            stack.enter_context(lm.hooks.hook("blocks.0.resid_pre", lambda x: point))
+            sums.hooks(stack, weight)
+            logits = answer_logits(lm, batch.clean_ids, batch.mask, batch.last)
+            torch.autograd.grad(metric_values(logits, batch, metric).sum(), point)
+    return sums.scores(sums.output_differences(batch), embeds)
 
 
 def attribute_edges(lm, graph: CircuitGraph, batch: PairBatch, method: str = "eap-ig", steps: int = 5,

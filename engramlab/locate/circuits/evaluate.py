@@ -32,28 +32,31 @@ from engramlab.errors import EngramError
 from engramlab.locate.circuits.attribute import metric_values
 from engramlab.locate.circuits.data import PairBatch
 from engramlab.locate.circuits.graph import CircuitGraph
-from engramlab.locate.circuits.hooks import norm_pre_hook, qkv_weights, writer_hooks
+from engramlab.locate.circuits.hooks import answer_logits, norm_pre_hook, qkv_weights, writer_hooks
 
 ABLATIONS = ("corrupted", "zero", "mean")
+CACHE_BYTES = 2**30
 
 
 @torch.no_grad()
-def writer_activations(lm, graph: CircuitGraph, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Every writer's contribution in a plain forward pass: (b, pos, n_writers, d_model) float32."""
+def writer_activations(lm, graph: CircuitGraph, batch: PairBatch, corrupted: bool = False):
+    """Every writer's contribution in a plain forward pass of the clean (or corrupted) prompts:
+    (b, pos, n_writers, d_model) float32, and the logits at the last tokens (b, vocab)."""
+    ids = batch.corrupt_ids if corrupted else batch.clean_ids
     acts = torch.zeros(*ids.shape, graph.n_writers, lm.adapter.d_model, device=ids.device)
 
     def store(first: int, a: torch.Tensor) -> None:
         acts[:, :, first: first + a.shape[2]] = a.float()
 
     with writer_hooks(lm, graph, store):
-        lm.model(input_ids=ids, attention_mask=mask)
-    return acts
+        logits = answer_logits(lm, ids, batch.mask, batch.last)
+    return acts, logits
 
 
 @torch.no_grad()
 def patched_logits(lm, graph: CircuitGraph, batch: PairBatch, ablated_edges: torch.Tensor,
                    ablated: torch.Tensor) -> torch.Tensor:
-    """Logits (b, pos, vocab) of the clean prompts with the edges in ``ablated_edges``
+    """Logits at the last tokens (b, vocab) of the clean prompts with the edges in ``ablated_edges``
     ((n_writers, n_readers) bool) carrying ``ablated`` (broadcastable to (b, pos, n_writers, d))."""
     a = lm.adapter
     b, pos = batch.clean_ids.shape
@@ -87,7 +90,7 @@ def patched_logits(lm, graph: CircuitGraph, batch: PairBatch, ablated_edges: tor
             stack.enter_context(norm_pre_hook(a.mlp_norm(l), residual_reader(graph.mlp_reader(l),
                                                                              graph.mlp_reads_up_to(l))))
         stack.enter_context(norm_pre_hook(a.final_norm, residual_reader(graph.logits_reader, graph.n_writers)))
-        return lm.model(input_ids=batch.clean_ids, attention_mask=batch.mask).logits
+        return answer_logits(lm, batch.clean_ids, batch.mask, batch.last)
 
 
 def _attention_inputs(layer: int, graph: CircuitGraph, missing: torch.Tensor, shift, per_head: dict):
@@ -122,9 +125,10 @@ def _project(lm, layer: int, which: int, graph: CircuitGraph, per_head: dict):
 
 
 def _ranks(logits: torch.Tensor, batch: PairBatch) -> torch.Tensor:
+    """Rank (1 = top) of the clean answer in last-token logits (b, vocab)."""
     rows = torch.arange(len(batch), device=logits.device)
-    last = logits[rows, batch.last].float()
-    return (last > last[rows, batch.clean_answer][:, None]).sum(-1) + 1
+    logits = logits.float()
+    return (logits > logits[rows, batch.clean_answer][:, None]).sum(-1) + 1
 
 
 class CircuitEvaluator:
@@ -137,16 +141,19 @@ class CircuitEvaluator:
         self.lm, self.graph, self.metric, self.ablation = lm, graph, metric, ablation
         self.chunks = list(batch.chunks(batch_size))
         self.n = len(batch)
+        # Corrupted activations are kept between evaluations unless they would take more than
+        # CACHE_BYTES; then each evaluation recomputes them (one more forward per chunk).
+        size = sum(c.clean_ids.numel() for c in self.chunks) * graph.n_writers * lm.adapter.d_model * 4
+        self.cache = size <= CACHE_BYTES
         clean_m, clean_r, corrupt_m, self.ablated = [], [], [], []
         for chunk in self.chunks:
             with torch.no_grad():
-                logits = lm.model(input_ids=chunk.clean_ids, attention_mask=chunk.mask).logits
-                clean_m.append(metric_values(logits, chunk, metric))
-                clean_r.append(_ranks(logits, chunk))
+                logits = answer_logits(lm, chunk.clean_ids, chunk.mask, chunk.last)
+            clean_m.append(metric_values(logits, chunk, metric))
+            clean_r.append(_ranks(logits, chunk))
             if ablation == "corrupted":
-                self.ablated.append(writer_activations(lm, graph, chunk.corrupt_ids, chunk.mask))
-                with torch.no_grad():
-                    bad = lm.model(input_ids=chunk.corrupt_ids, attention_mask=chunk.mask).logits
+                acts, bad = writer_activations(lm, graph, chunk, corrupted=True)
+                self.ablated.append(acts if self.cache else None)
                 corrupt_m.append(metric_values(bad, chunk, metric))
         if ablation == "mean":
             mean = self._mean_activation()
@@ -162,7 +169,7 @@ class CircuitEvaluator:
         total = torch.zeros(self.graph.n_writers, self.lm.adapter.d_model, device=self.lm.device)
         tokens = 0
         for chunk in self.chunks:
-            acts = writer_activations(self.lm, self.graph, chunk.clean_ids, chunk.mask)
+            acts = writer_activations(self.lm, self.graph, chunk)[0]
             total += (acts * chunk.mask[:, :, None, None]).sum((0, 1))
             tokens += int(chunk.mask.sum())
         return (total / tokens)[None, None]
@@ -171,6 +178,8 @@ class CircuitEvaluator:
         """(metric, clean-answer rank) per example, (n,) each, with the circuit ``kept``."""
         metrics, ranks = [], []
         for chunk, ablated in zip(self.chunks, self.ablated):
+            if ablated is None:
+                ablated = writer_activations(self.lm, self.graph, chunk, corrupted=True)[0]
             logits = patched_logits(self.lm, self.graph, chunk, ~kept.bool(), ablated)
             metrics.append(metric_values(logits, chunk, self.metric))
             ranks.append(_ranks(logits, chunk))
@@ -196,7 +205,7 @@ def faithfulness_curve(evaluator: CircuitEvaluator, scores: torch.Tensor, graph:
     from engramlab.locate.circuits.prune import prune
 
     out = []
-    for n in sorted(set(int(s) for s in sizes)):
+    for n in sorted({int(s) for s in sizes}):
         kept = prune(scores, graph, rule, n=n)
         result = evaluator.evaluate(kept)
         out.append({"n": n, "n_kept": int(kept.sum()), "edge_fraction": n / graph.n_edges,

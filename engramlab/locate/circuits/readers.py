@@ -1,0 +1,103 @@
+"""Per-head reader gradients: from q/k/v projection gradients to the residual stream.
+
+Every q/k/v reader of a layer reads the same residual x through the attention norm N, so reader r's
+gradient is J_N(x)^T W_r dL/dq_r: the projection gradient taken to d_model by the reader's own
+weights, then back through the norm's Jacobian. Nothing here copies the residual per head.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engramlab.locate.circuits.hooks import qkv_weights
+from engramlab.models.adapters import _linear_t
+
+
+def norm_vjp(norm: nn.Module, x: torch.Tensor, cotangents: torch.Tensor) -> torch.Tensor:
+    """J_norm(x)^T applied to each reader's cotangent, for any norm module (torch.func, vmap).
+
+    x (..., d_model); cotangents (..., R, d_model) -> (..., R, d_model).
+    ``norm.forward``, not ``norm(...)``: hooks on the norm must not fire again."""
+    _, pull = torch.func.vjp(norm.forward, x.detach())
+    return torch.func.vmap(lambda c: pull(c)[0], in_dims=-2, out_dims=-2)(cotangents.to(x.dtype)).detach()
+
+
+# RMSNorms computed as weight * x / sqrt(mean(x^2) + eps) (Gemma's 1 + weight is not one of them).
+_PLAIN_RMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm")
+
+
+def norm_kind(norm: nn.Module) -> str | None:
+    """"layer" (LayerNorm over the last axis), "rms" (plain RMSNorm) or None (anything else)."""
+    if type(norm) is nn.LayerNorm and len(norm.normalized_shape) == 1:
+        return "layer"
+    if type(norm).__name__ in _PLAIN_RMS:
+        return "rms"
+    return None
+
+
+class AttentionReaders:
+    """One layer's q/k/v readers: their gradients with respect to the residual stream.
+
+    With x_hat the normalised residual, rstd = 1/rms (of the centred x for LayerNorm) and
+    W~_r = P diag(w) W_r (P centres over d_model; LayerNorm only), reader r's gradient is
+
+        g_x,r = W~_r g'_r - x_hat * dots_r / d,   g'_r = rstd * dL/dq_r,   dots_r = (x_hat W~_r) . g'_r
+
+    (the LayerNorm/RMSNorm Jacobian with the norm weight and centring folded into the projection
+    weights). Because the first term is linear in g' with fixed weights, integration steps can sum
+    g' in the small head space and expand it to d_model once per batch (``expand``); the second
+    needs each step's x_hat and dots. Readers are ordered q heads, k heads, v heads. Norms other
+    than LayerNorm and the plain RMSNorm (or ``closed_form=False``) use ``pull``: the full
+    per-reader gradient through ``norm_vjp``, every step."""
+
+    def __init__(self, lm, layer: int, closed_form: bool = True):
+        self.lm, self.layer = lm, layer
+        self.norm = lm.adapter.attn_norm(layer)
+        self.kind = norm_kind(self.norm) if closed_form else None
+
+    def weights(self) -> torch.Tensor:
+        """W~ (R, d_model, d_head) float32; built when needed, not kept (it is as large as the
+        layer's q/k/v weights, for every layer)."""
+        w = torch.cat(qkv_weights(self.lm, self.layer), 0).float()
+        if self.kind is not None:
+            if getattr(self.norm, "weight", None) is not None:
+                w = w * self.norm.weight.detach().float()[None, :, None]
+            if self.kind == "layer":
+                w = w - w.mean(1, keepdim=True)
+        return w
+
+    def normalise(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (n, d) -> x_hat (n, d) and rstd (n, 1), float32."""
+        xf = x.detach().float()
+        if self.kind == "layer":
+            xf = xf - xf.mean(-1, keepdim=True)
+        eps = getattr(self.norm, "eps", None) or getattr(self.norm, "variance_epsilon", 1e-6)
+        rstd = (xf.pow(2).mean(-1, keepdim=True) + eps).rsqrt()
+        return xf * rstd, rstd
+
+    def head_terms(self, x: torch.Tensor, grads: torch.Tensor, sites: list):
+        """x (n, d); grads (n, R, d_head) -> x_hat (n, d), g' (n, R, d_head), dots (n, R).
+
+        x_hat W~_r is recomputed rather than kept from the forward pass (holding every layer's
+        projection outputs until its backward would cost more memory than the gradient sums).
+        It is (w * x_hat) W_r, since x_hat is already centred: the projection modules' own
+        weights, applied without bias, then split into q/k/v by the hook sites' views."""
+        x_hat, rstd = self.normalise(x)
+        g = grads.float() * rstd[:, :, None]
+        scaled = x_hat if getattr(self.norm, "weight", None) is None else x_hat * self.norm.weight.detach().float()
+        outputs = {}
+        for site in sites:  # GPT-2 and NeoX have one fused module for q, k and v
+            if id(site.module) not in outputs:
+                outputs[id(site.module)] = scaled @ _linear_t(site.module).detach().float()
+        projected = torch.cat([site.get(outputs[id(site.module)]) for site in sites], 1)  # (n, R, d_head)
+        return x_hat, g, (projected * g).sum(-1)
+
+    def expand(self, g: torch.Tensor) -> torch.Tensor:
+        """(n, R, d_head) summed g' -> W~_r g'_r as (n, d_model, R), contiguous."""
+        return torch.bmm(g.transpose(0, 1), self.weights().transpose(1, 2)).permute(1, 2, 0).contiguous()
+
+    def pull(self, x: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+        """Any norm: x (n, d), grads (n, R, d_head) -> reader gradients (n, d_model, R)."""
+        to_normed = torch.einsum("kre,rde->krd", grads.float(), self.weights()).to(x.dtype)
+        return norm_vjp(self.norm, x, to_normed).float().transpose(1, 2).contiguous()

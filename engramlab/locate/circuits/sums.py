@@ -1,0 +1,204 @@
+"""What EAP-IG's gradient passes leave behind, and how it becomes edge scores.
+
+Only positions where the clean and corrupted runs can differ are kept: real tokens from the first
+position whose token differs (earlier positions see the same prefix in both runs, so every
+activation difference there is exactly 0 and so is their share of every score). Their flat
+(b*pos) indices are ``keep`` (n_keep,); every stored tensor has n_keep rows.
+
+Summed over integration steps (step weights applied), per layer l and reader r:
+
+    head[l]   (n_keep, R, d_head)  q/k/v gradients g' in head space (``AttentionReaders``)
+    x_hat[l]  list of (n_keep, d)  each step's normalised residual, with ``dots[l]`` each step's
+                                   (n_keep, R) coefficients of the x_hat correction term
+    resid[r]  (n_keep, d_model)    gradient of an MLP or of the logits
+    full[l]   (n_keep, d, R)       reader gradients, for norms without a closed form
+
+After the passes, ``output_differences`` records corrupted minus clean writer outputs (head outputs
+z before W_O, MLP outputs) in one no-grad forward of both prompts.
+``scores`` turns them into the (n_writers, n_readers) matrix in chunks of positions: for a chunk,
+delta (n_writers, chunk, d_model) = a(corrupted) - a(clean), writer-major so that the writers a
+reader sees are a contiguous block, and each reader layer is one matrix product with it. Chunking
+bounds the largest tensor (delta for all positions would be b*pos*n_writers*d_model floats).
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+
+import torch
+
+from engramlab.locate.circuits.graph import CircuitGraph
+from engramlab.locate.circuits.hooks import norm_pre_hook, output_hook
+from engramlab.locate.circuits.readers import AttentionReaders
+
+# At most this many bytes of activation differences at once (sets the chunk of positions): all of
+# delta can be as large as a forward+backward's activations (SmolLM2: 301 writers x 576 floats
+# per position). Each extra chunk rebuilds every layer's folded weights (a few ms per layer).
+DELTA_CHUNK_BYTES = 32 * 2**20
+
+
+def kept_positions(clean_ids: torch.Tensor, corrupt_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Flat indices into (b*pos) of real tokens at or after each row's first differing token."""
+    differs = (clean_ids != corrupt_ids) & mask.bool()
+    after_first = differs.long().cumsum(1) > 0
+    return (after_first & mask.bool()).flatten().nonzero().flatten()
+
+
+class GradientSums:
+    """Accumulates one batch's gradient passes (see module docstring)."""
+
+    def __init__(self, lm, graph: CircuitGraph, keep: torch.Tensor, closed_form: bool = True):
+        self.lm, self.graph, self.keep = lm, graph, keep
+        self.readers = [AttentionReaders(lm, l, closed_form) for l in range(graph.n_layers)]
+        self.head: dict[int, torch.Tensor] = {}
+        self.x_hat: dict[int, list[torch.Tensor]] = {}
+        self.dots: dict[int, list[torch.Tensor]] = {}
+        self.resid: dict[int, torch.Tensor] = {}
+        self.full: dict[int, torch.Tensor] = {}
+
+    def _rows(self, t: torch.Tensor) -> torch.Tensor:
+        """(b, pos, ...) -> (n_keep, ...)."""
+        return t.flatten(0, 1)[self.keep]
+
+    @staticmethod
+    def _add(store: dict, key: int, value: torch.Tensor) -> None:
+        store[key] = value if key not in store else store[key] + value
+
+    # -- during a pass ----------------------------------------------------------------------------
+    def hooks(self, stack: ExitStack, weight: float) -> None:
+        """Hooks that add this pass's gradients, times ``weight``, when its backward runs."""
+        lm, graph, a = self.lm, self.graph, self.lm.adapter
+        for l in range(graph.n_layers):
+            seen: dict = {}
+            sites = [lm.hooks.site(f"blocks.{l}.attn.{kind}") for kind in ("q", "k", "v")]
+            # Hook the projection modules' raw outputs (one fused module for GPT-2 and NeoX): a
+            # tensor hook on a raw output is on the path as it is, and the q/k/v views of its
+            # gradient come from the site's own view function.
+            for module in {id(site.module): site.module for site in sites}.values():
+                stack.enter_context(output_hook(module, _grab(seen, id(module))))
+            stack.enter_context(norm_pre_hook(a.attn_norm(l), _alias(self._on_attention(l, seen, sites, weight), seen)))
+            stack.enter_context(norm_pre_hook(a.mlp_norm(l), _alias(self._on_residual(graph.mlp_reader(l), weight))))
+        stack.enter_context(norm_pre_hook(a.final_norm, _alias(self._on_residual(graph.logits_reader, weight))))
+
+    def _on_residual(self, reader: int, weight: float):
+        def on_grad(g: torch.Tensor) -> None:  # (b, pos, d_model)
+            self._add(self.resid, reader, weight * self._rows(g.detach()).float())
+        return on_grad
+
+    def _on_attention(self, layer: int, seen: dict, sites: list, weight: float):
+        """Fires on the attention norm input's gradient, after every q/k/v gradient of ``layer``."""
+        readers, graph = self.readers[layer], self.graph
+
+        def on_grad(_total: torch.Tensor) -> None:
+            x = self._rows(seen.pop("x"))
+            grads = []
+            for site, n in zip(sites, (graph.n_heads, graph.n_kv_heads, graph.n_kv_heads)):
+                grad = seen.get(("grad", id(site.module)))  # None: it cannot affect the metric
+                grads.append(self._rows(site.get(grad)) if grad is not None else
+                             torch.zeros(len(x), n, self.lm.adapter.d_head, device=x.device))
+            seen.clear()
+            grads = torch.cat(grads, 1)  # (n_keep, R, d_head)
+            if readers.kind is None:
+                self._add(self.full, layer, weight * readers.pull(x, grads))
+                return
+            x_hat, g, dots = readers.head_terms(x, grads, sites)
+            self._add(self.head, layer, weight * g)
+            self.x_hat.setdefault(layer, []).append(x_hat)
+            self.dots.setdefault(layer, []).append(weight * dots)
+
+        return on_grad
+
+    @torch.no_grad()
+    def output_differences(self, batch) -> dict:
+        """Corrupted minus clean head outputs z (before W_O) and MLP outputs at the kept
+        positions: one no-grad forward of both prompts stacked (2b rows), without the unembedding.
+        Run after the gradient passes, so none of this is held while they run."""
+        b = len(batch)
+        diff: dict = {}
+
+        def record(name: str):
+            def fn(t):
+                diff[name] = self._rows(t[b:]) - self._rows(t[:b])
+            return fn
+
+        with ExitStack() as stack:
+            for l in range(self.graph.n_layers):
+                for site in ("attn.heads", "mlp.out"):
+                    name = f"blocks.{l}.{site}"
+                    stack.enter_context(self.lm.hooks.hook(name, record(name)))
+            self.lm.model.base_model(input_ids=torch.cat([batch.clean_ids, batch.corrupt_ids]),
+                                     attention_mask=torch.cat([batch.mask, batch.mask]))
+        return diff
+
+    # -- after the passes -------------------------------------------------------------------------
+    def _delta(self, rows: slice, diff: dict, embeds: dict) -> torch.Tensor:
+        """a(corrupted) - a(clean) at kept rows ``rows``: (n_writers, chunk, d_model) float32.
+        Heads are z_h W_O[h]; the output bias is the same in both runs and cancels."""
+        graph, a = self.graph, self.lm.adapter
+        embed = self._rows(embeds[0.0] - embeds[1.0])[rows]
+        delta = torch.empty(graph.n_writers, embed.shape[0], a.d_model, device=embed.device)
+        delta[0] = embed
+        for l in range(graph.n_layers):
+            z = diff[f"blocks.{l}.attn.heads"][rows].float()
+            first = graph.head_writer(l)
+            delta[first: first + graph.n_heads] = torch.einsum("khe,hed->hkd", z, a.W_O(l).detach().float())
+            delta[graph.mlp_writer(l)] = diff[f"blocks.{l}.mlp.out"][rows]
+        return delta
+
+    def scores(self, diff: dict, embeds: dict) -> torch.Tensor:
+        """(n_writers, n_readers) scores from the sums and the runs' output differences."""
+        graph, d = self.graph, self.lm.adapter.d_model
+        scores = torch.zeros(graph.n_writers, graph.n_readers, device=self.keep.device)
+        n_keep = len(self.keep)
+        step = max(1, DELTA_CHUNK_BYTES // (4 * graph.n_writers * d))
+        x_hat = {l: torch.stack(v, 2) for l, v in self.x_hat.items()}  # (n_keep, d, steps)
+        dots = {l: torch.stack(v, 1) for l, v in self.dots.items()}    # (n_keep, steps, R)
+        for start in range(0, n_keep, step):
+            rows = slice(start, min(start + step, n_keep))
+            delta = self._delta(rows, diff, embeds)
+
+            def times_delta(up: int, grads: torch.Tensor) -> torch.Tensor:
+                # (up, chunk*d) @ (chunk*d, k) -> (up, k), with delta[:up] a contiguous block. Asked
+                # for as its transpose, (k, chunk*d) @ (chunk*d, up): the same product, but BLAS
+                # runs the skinny k-row shape about twice as fast on CPU.
+                return (grads.reshape(-1, grads.shape[-1]).t() @ delta[:up].reshape(up, -1).t()).t()
+
+            for l in range(graph.n_layers):
+                up, columns = graph.writers_before(l), graph.attn_readers(l)
+                if l in self.full:
+                    scores[:up, columns] += times_delta(up, self.full[l][rows])
+                elif l in self.head:
+                    grads = self.readers[l].expand(self.head[l][rows])  # (chunk, d, R)
+                    grads.baddbmm_(x_hat[l][rows], dots[l][rows], alpha=-1.0 / d)
+                    scores[:up, columns] += times_delta(up, grads)
+            for l in range(graph.n_layers + 1):
+                reader = graph.logits_reader if l == graph.n_layers else graph.mlp_reader(l)
+                if reader in self.resid:
+                    up = graph.n_writers if l == graph.n_layers else graph.mlp_reads_up_to(l)
+                    scores[:up, reader] += times_delta(up, self.resid[reader][rows].unsqueeze(-1))[:, 0]
+        return scores
+
+
+def _alias(on_grad, seen: dict | None = None):
+    """Pre-hook: replace a norm's input by an alias whose gradient is the norm's share only
+    (the residual stream itself also flows around the norm)."""
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        if seen is not None:
+            seen["x"] = x.detach()
+        alias = x.view_as(x)
+        if alias.requires_grad:
+            alias.register_hook(on_grad)
+        return alias
+
+    return fn
+
+
+def _grab(seen: dict, key: int):
+    """Forward hook on a q/k/v projection module: record the gradient of its output."""
+
+    def fn(raw: torch.Tensor) -> None:
+        if raw.requires_grad:
+            raw.register_hook(lambda g: seen.__setitem__(("grad", key), g))
+
+    return fn
