@@ -151,8 +151,6 @@ class GradientSums:
         scores = torch.zeros(graph.n_writers, graph.n_readers, device=self.keep.device)
         n_keep = len(self.keep)
         step = max(1, DELTA_CHUNK_BYTES // (4 * graph.n_writers * d))
-        x_hat = {l: torch.stack(v, 2) for l, v in self.x_hat.items()}  # (n_keep, d, steps)
-        dots = {l: torch.stack(v, 1) for l, v in self.dots.items()}    # (n_keep, steps, R)
         for start in range(0, n_keep, step):
             rows = slice(start, min(start + step, n_keep))
             delta = self._delta(rows, diff, embeds)
@@ -169,7 +167,9 @@ class GradientSums:
                     scores[:up, columns] += times_delta(up, self.full[l][rows])
                 elif l in self.head:
                     grads = self.readers[l].expand(self.head[l][rows])  # (chunk, d, R)
-                    grads.baddbmm_(x_hat[l][rows], dots[l][rows], alpha=-1.0 / d)
+                    x_hat = torch.stack([x[rows] for x in self.x_hat[l]], 2)  # (chunk, d, steps)
+                    dots = torch.stack([c[rows] for c in self.dots[l]], 1)  # (chunk, steps, R)
+                    grads.baddbmm_(x_hat, dots, alpha=-1.0 / d)
                     scores[:up, columns] += times_delta(up, grads)
             for l in range(graph.n_layers + 1):
                 reader = graph.logits_reader if l == graph.n_layers else graph.mlp_reader(l)
