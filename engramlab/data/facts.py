@@ -21,7 +21,7 @@ from typing import Any, overload
 from engramlab.errors import EngramError
 from engramlab.runs import atomic_write_text
 
-#: Where the bundled LRE relation files are installed (package data, never ../shared).
+#: Where the bundled LRE relation files are installed (package data shipped inside engramlab).
 BUNDLED_LRE_DIR = Path(__file__).resolve().parent / "facts" / "lre"
 
 #: The subject placeholder in templates. Only this exact pair of braces is special, so templates

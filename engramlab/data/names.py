@@ -161,7 +161,7 @@ def sample_full_names(pools: dict[str, list[str]], n: int, rng: random.Random) -
 
 # --- real names (continual worlds) -------------------------------------------------------------
 
-#: Bundled LRE relation files (package data; the package never reads ../shared at run time).
+#: Bundled LRE relation files (package data shipped inside engramlab).
 LRE_DIR = Path(__file__).resolve().parent / "facts" / "lre"
 
 
