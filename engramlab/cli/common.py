@@ -29,6 +29,10 @@ DtypeOpt = typer.Option("float32", "--dtype", help="float32 (default) | bfloat16
 DeviceOpt = typer.Option("cpu", "--device", help="cpu | cuda | auto.")
 SeedOpt = typer.Option(0, "--seed", help="Random seed (every command is reproducible for a seed).")
 OutOpt = typer.Option(..., "--out", "-o", help="Run directory to write (manifest.json, summary.json, artifacts).")
+FactsOpt = typer.Option(..., "--facts", "-f", help="Fact file (.json LRE / .jsonl), directory, or bundled name(s) "
+                        "(e.g. country_capital_city, lre; comma-separated).")
+RelationOpt = typer.Option(None, "--relation", "-r", help="Keep only this relation (repeatable).")
+LimitOpt = typer.Option(None, "--limit", "-n", help="At most N facts (after --relation).")
 
 
 def user_errors(fn: Callable) -> Callable:

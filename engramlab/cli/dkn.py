@@ -8,7 +8,19 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from engramlab.cli.common import DeviceOpt, DtypeOpt, ModelOpt, OutOpt, SeedOpt, app, console, user_errors
+from engramlab.cli.common import (
+    DeviceOpt,
+    DtypeOpt,
+    FactsOpt,
+    LimitOpt,
+    ModelOpt,
+    OutOpt,
+    RelationOpt,
+    SeedOpt,
+    app,
+    console,
+    user_errors,
+)
 
 
 def _methods(value: str) -> tuple[str, ...]:
@@ -18,10 +30,9 @@ def _methods(value: str) -> tuple[str, ...]:
 @app.command()
 @user_errors
 def dkn(model: str = ModelOpt,
-        facts: str = typer.Option(..., "--facts", "-f", help="Fact file, directory, or bundled name(s)."),
-        relation: Optional[List[str]] = typer.Option(None, "--relation", "-r", help="Keep only this relation "
-                                                     "(repeatable)."),
-        limit: Optional[int] = typer.Option(None, "--limit", "-n", help="At most N facts."),
+        facts: str = FactsOpt,
+        relation: Optional[List[str]] = RelationOpt,
+        limit: Optional[int] = LimitOpt,
         out: Path = OutOpt,
         template: int = typer.Option(0, "--template", help="Prompt template index."),
         known_rank: int = typer.Option(1, "--known-rank", help="Skip facts whose first target token ranks "

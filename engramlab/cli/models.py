@@ -8,8 +8,19 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from engramlab.cli.common import (DeviceOpt, DtypeOpt, ModelOpt, OutOpt, SeedOpt, app, console,
-                                  user_errors)
+from engramlab.cli.common import (
+    DeviceOpt,
+    DtypeOpt,
+    FactsOpt,
+    LimitOpt,
+    ModelOpt,
+    OutOpt,
+    RelationOpt,
+    SeedOpt,
+    app,
+    console,
+    user_errors,
+)
 
 
 @app.command()
@@ -57,11 +68,9 @@ def inspect(model: str = ModelOpt, dtype: str = DtypeOpt, device: str = DeviceOp
 @app.command()
 @user_errors
 def recall(model: str = ModelOpt,
-           facts: str = typer.Option(..., "--facts", "-f", help="Fact file (.json LRE / .jsonl), directory, "
-                                     "or bundled name (e.g. country_capital_city, lre)."),
-           relation: Optional[List[str]] = typer.Option(None, "--relation", "-r", help="Keep only this relation "
-                                                        "(repeatable)."),
-           limit: Optional[int] = typer.Option(None, "--limit", "-n", help="Score at most N facts."),
+           facts: str = FactsOpt,
+           relation: Optional[List[str]] = RelationOpt,
+           limit: Optional[int] = LimitOpt,
            template: int = typer.Option(0, "--template", help="Index of the prompt template to use."),
            batch_size: int = typer.Option(16, "--batch-size"),
            out: Path = OutOpt, seed: int = SeedOpt, dtype: str = DtypeOpt, device: str = DeviceOpt):

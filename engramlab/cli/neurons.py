@@ -7,8 +7,20 @@ from typing import List, Optional
 
 import typer
 
-from engramlab.cli.common import (DeviceOpt, DtypeOpt, ModelOpt, OutOpt, SeedOpt, app, console, print_summary,
-                                  user_errors)
+from engramlab.cli.common import (
+    DeviceOpt,
+    DtypeOpt,
+    FactsOpt,
+    LimitOpt,
+    ModelOpt,
+    OutOpt,
+    RelationOpt,
+    SeedOpt,
+    app,
+    console,
+    print_summary,
+    user_errors,
+)
 from engramlab.errors import EngramError
 
 SUMMARY_KEYS = ["n_facts", "n_attributed", "n_skipped", "mean_own_drop", "mean_same_relation_drop",
@@ -19,11 +31,9 @@ SUMMARY_KEYS = ["n_facts", "n_attributed", "n_skipped", "mean_own_drop", "mean_s
 @app.command()
 @user_errors
 def neurons(model: str = ModelOpt,
-            facts: str = typer.Option(..., "--facts", "-f", help="Fact file (.json LRE / .jsonl), directory, "
-                                      "or bundled name (e.g. country_capital_city, lre)."),
-            relation: Optional[List[str]] = typer.Option(None, "--relation", "-r", help="Keep only this relation "
-                                                         "(repeatable)."),
-            limit: Optional[int] = typer.Option(None, "--limit", "-n", help="At most N facts (after --relation)."),
+            facts: str = FactsOpt,
+            relation: Optional[List[str]] = RelationOpt,
+            limit: Optional[int] = LimitOpt,
             out: Path = OutOpt,
             steps: int = typer.Option(20, "--steps", help="Integrated-gradients steps m."),
             baseline: str = typer.Option("zero", "--baseline", help="zero | mean (mean activation over the "
