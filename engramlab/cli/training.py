@@ -7,8 +7,15 @@ from typing import List, Optional
 
 import typer
 
-from engramlab.cli.common import (DeviceOpt, OutOpt, SeedOpt, print_summary, app, console,
-                                  user_errors)
+from engramlab.cli.common import (
+    DeviceOpt,
+    OutOpt,
+    SeedOpt,
+    app,
+    console,
+    print_summary,
+    user_errors,
+)
 from engramlab.errors import EngramError
 
 
@@ -42,8 +49,8 @@ def world(preset: str = typer.Option("tiny", "--preset", "-p", help="tiny | smal
           sets: Optional[List[str]] = typer.Option(None, "--set", help="Any world setting, KEY=VALUE "
                                                    "(repeatable), e.g. --set n_cities=100.")):
     """Generate a synthetic biography world (people, attributes, templates) into --out."""
-    from engramlab.data.world import World, build_world
     from engramlab.data.wordtok import build_word_tokenizer
+    from engramlab.data.world import World, build_world
     from engramlab.runs import RunDir
     from engramlab.train.metrics import baseline_loss
 
@@ -107,7 +114,8 @@ def train(world_dir: Optional[Path] = typer.Option(None, "--world", "-w", help="
 
     from engramlab.data.world import World
     from engramlab.runs import RunDir, load_json
-    from engramlab.train.trainer import TrainConfig, train as run_training
+    from engramlab.train.trainer import TrainConfig
+    from engramlab.train.trainer import train as run_training
 
     if resume:
         manifest = out / "manifest.json"
