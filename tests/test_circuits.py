@@ -205,6 +205,24 @@ def test_cutting_all_edges_of_a_head_equals_patching_that_head():
     assert torch.allclose(patched, plain[torch.arange(len(batch)), batch.last], atol=1e-5)
 
 
+def test_logit_lens_last_layer_is_the_model_and_head_roles_follow_the_thresholds():
+    from engramlab.locate.circuits.components import head_roles, logit_lens
+    from engramlab.locate.circuits.hooks import answer_logits
+
+    lm = _lm("llama")
+    graph, batch = CircuitGraph.from_model(lm), _batch()
+    batch.subject[:] = torch.tensor([1, 3])
+    logits = answer_logits(lm, batch.clean_ids, batch.mask, batch.last)
+    rank = (logits > logits[torch.arange(2), batch.clean_answer][:, None]).sum(-1) + 1
+    assert logit_lens(lm, batch)[-1]["mean_rank"] == pytest.approx(float(rank.float().mean()))
+    roles = head_roles(lm, graph, batch, [(0, 0), (1, 3)], mover_ratio=10.0, relation_ratio=0.1)
+    for r in roles:
+        ratio = abs(r["subject_effect"]) / abs(r["relation_effect"])
+        assert r["role"] == ("mover" if ratio >= 10 else "relation" if ratio <= 0.1 else "mixture")
+    everything_mover = head_roles(lm, graph, batch, [(0, 0)], mover_ratio=0.0)
+    assert everything_mover[0]["role"] == "mover"
+
+
 # -- pruning ----------------------------------------------------------------------------------------
 def _hand_scores():
     """2 layers x 2 heads: a chain input -> a0.h1 -> m0 -> m1 -> logits plus input -> a1.h0 -> logits,
@@ -298,6 +316,9 @@ def test_find_circuit_saves_and_loads(tmp_path):
     assert result.curve[-1]["faithfulness"] == pytest.approx(1.0, abs=1e-5)
     assert len(result.lens) == lm.adapter.n_layers and all(h["role"] in ("mover", "relation", "mixture")
                                                            for h in result.heads)
+    for rule, extra in (("greedy", {"top_n": 10}), ("threshold", {"threshold": 0.0})):
+        other = find_circuit(lm, facts, CircuitConfig(require_correct=False, rule=rule, curve=(1.0,), **extra))
+        assert other.summary()["n_edges_kept"] <= (10 if rule == "greedy" else result.graph.n_edges)
     result.save(tmp_path, eapig=True)
     again = CircuitResult.load(tmp_path)
     assert torch.equal(again.kept, result.kept) and again.summary() == summary

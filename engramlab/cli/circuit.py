@@ -7,8 +7,20 @@ from typing import List, Optional
 
 import typer
 
-from engramlab.cli.common import (DeviceOpt, DtypeOpt, ModelOpt, OutOpt, SeedOpt, app, console, print_summary,
-                                  user_errors)
+from engramlab.cli.common import (
+    DeviceOpt,
+    DtypeOpt,
+    FactsOpt,
+    LimitOpt,
+    ModelOpt,
+    OutOpt,
+    RelationOpt,
+    SeedOpt,
+    app,
+    console,
+    print_summary,
+    user_errors,
+)
 
 SUMMARY_KEYS = ["n_nodes", "n_edges_total", "n_edges_kept", "edge_fraction", "faithfulness",
                 "discovery_faithfulness", "hit_at_10_model", "hit_at_10_circuit", "n_discovery", "n_evaluation",
@@ -18,11 +30,9 @@ SUMMARY_KEYS = ["n_nodes", "n_edges_total", "n_edges_kept", "edge_fraction", "fa
 @app.command()
 @user_errors
 def circuit(model: str = ModelOpt,
-            facts: str = typer.Option(..., "--facts", "-f", help="Fact file (.json LRE / .jsonl), directory, "
-                                      "or bundled name (e.g. country_capital_city, lre)."),
-            relation: Optional[List[str]] = typer.Option(None, "--relation", "-r", help="Keep only this relation "
-                                                         "(repeatable)."),
-            limit: Optional[int] = typer.Option(None, "--limit", "-n", help="At most N facts (after --relation)."),
+            facts: str = FactsOpt,
+            relation: Optional[List[str]] = RelationOpt,
+            limit: Optional[int] = LimitOpt,
             out: Path = OutOpt,
             method: str = typer.Option("eap-ig", "--method", help="eap-ig | eap | clean-corrupted."),
             steps: int = typer.Option(5, "--steps", help="EAP-IG integration steps m."),

@@ -152,7 +152,7 @@ def split_pairs(lm, facts: FactSet, split: float = 0.5, template_index: int = 0,
 
     discovery, evaluation = [], []
     rng = random.Random(seed)
-    for rel, group in FactSet(usable, facts.source).by_relation().items():
+    for group in FactSet(usable, facts.source).by_relation().values():
         subjects = list(dict.fromkeys(f.subject for f in group))
         rng.shuffle(subjects)
         # Keep both sides non-empty whenever there are two subjects to share out.

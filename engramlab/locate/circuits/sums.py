@@ -108,7 +108,7 @@ class GradientSums:
 
         return on_grad
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def output_differences(self, batch) -> dict:
         """Corrupted minus clean head outputs z (before W_O) and MLP outputs at the kept
         positions: one no-grad forward of both prompts stacked (2b rows), without the unembedding.
