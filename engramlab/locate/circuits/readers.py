@@ -76,20 +76,30 @@ class AttentionReaders:
         rstd = (xf.pow(2).mean(-1, keepdim=True) + eps).rsqrt()
         return xf * rstd, rstd
 
-    def head_terms(self, x: torch.Tensor, grads: torch.Tensor, sites: list):
+    def head_terms(self, x: torch.Tensor, grads: torch.Tensor, sites: list, values: dict | None = None):
         """x (n, d); grads (n, R, d_head) -> x_hat (n, d), g' (n, R, d_head), dots (n, R).
 
-        x_hat W~_r is recomputed rather than kept from the forward pass (holding every layer's
-        projection outputs until its backward would cost more memory than the gradient sums).
-        It is (w * x_hat) W_r, since x_hat is already centred: the projection modules' own
-        weights, applied without bias, then split into q/k/v by the hook sites' views."""
+        x_hat W~_r is (w * x_hat) W_r, since x_hat is already centred. ``values`` maps a projection
+        module's id to its output at these rows, (n, out), where the forward pass kept it: that
+        output minus its constant part (bias, plus the norm's bias through W) is x_hat W~.
+        Otherwise it is recomputed with the module's own weights, without bias (holding separate
+        projection outputs until the backward pass would cost more memory than the sums)."""
         x_hat, rstd = self.normalise(x)
         g = grads.float() * rstd[:, :, None]
-        scaled = x_hat if getattr(self.norm, "weight", None) is None else x_hat * self.norm.weight.detach().float()
+        weight, bias = getattr(self.norm, "weight", None), getattr(self.norm, "bias", None)
         outputs = {}
         for site in sites:  # GPT-2 and NeoX have one fused module for q, k and v
-            if id(site.module) not in outputs:
-                outputs[id(site.module)] = scaled @ _linear_t(site.module).detach().float()
+            key = id(site.module)
+            if key in outputs:
+                continue
+            w_in = _linear_t(site.module).detach().float()  # (d_model, out)
+            if values and key in values:
+                constant = 0.0 if getattr(site.module, "bias", None) is None else site.module.bias.detach().float()
+                if bias is not None:
+                    constant = constant + bias.detach().float() @ w_in
+                outputs[key] = values[key].float() - constant
+            else:
+                outputs[key] = (x_hat if weight is None else x_hat * weight.detach().float()) @ w_in
         projected = torch.cat([site.get(outputs[id(site.module)]) for site in sites], 1)  # (n, R, d_head)
         return x_hat, g, (projected * g).sum(-1)
 

@@ -73,9 +73,12 @@ class GradientSums:
             sites = [lm.hooks.site(f"blocks.{l}.attn.{kind}") for kind in ("q", "k", "v")]
             # Hook the projection modules' raw outputs (one fused module for GPT-2 and NeoX): a
             # tensor hook on a raw output is on the path as it is, and the q/k/v views of its
-            # gradient come from the site's own view function.
-            for module in {id(site.module): site.module for site in sites}.values():
-                stack.enter_context(output_hook(module, _grab(seen, id(module))))
+            # gradient come from the site's own view function. A fused output also stays alive
+            # anyway (attention saves its value view), so it is kept: then x_hat W~ need not be
+            # recomputed in the backward pass.
+            modules = {id(site.module): site.module for site in sites}
+            for module in modules.values():
+                stack.enter_context(output_hook(module, _grab(seen, id(module), keep_value=len(modules) == 1)))
             stack.enter_context(norm_pre_hook(a.attn_norm(l), _alias(self._on_attention(l, seen, sites, weight), seen)))
             stack.enter_context(norm_pre_hook(a.mlp_norm(l), _alias(self._on_residual(graph.mlp_reader(l), weight))))
         stack.enter_context(norm_pre_hook(a.final_norm, _alias(self._on_residual(graph.logits_reader, weight))))
@@ -91,6 +94,7 @@ class GradientSums:
 
         def on_grad(_total: torch.Tensor) -> None:
             x = self._rows(seen.pop("x"))
+            values = {key[1]: self._rows(v) for key, v in seen.items() if key[0] == "value"}
             grads = []
             for site, n in zip(sites, (graph.n_heads, graph.n_kv_heads, graph.n_kv_heads)):
                 grad = seen.get(("grad", id(site.module)))  # None: it cannot affect the metric
@@ -101,7 +105,7 @@ class GradientSums:
             if readers.kind is None:
                 self._add(self.full, layer, weight * readers.pull(x, grads))
                 return
-            x_hat, g, dots = readers.head_terms(x, grads, sites)
+            x_hat, g, dots = readers.head_terms(x, grads, sites, values)
             self._add(self.head, layer, weight * g)
             self.x_hat.setdefault(layer, []).append(x_hat)
             self.dots.setdefault(layer, []).append(weight * dots)
@@ -194,10 +198,13 @@ def _alias(on_grad, seen: dict | None = None):
     return fn
 
 
-def _grab(seen: dict, key: int):
-    """Forward hook on a q/k/v projection module: record the gradient of its output."""
+def _grab(seen: dict, key: int, keep_value: bool):
+    """Forward hook on a q/k/v projection module: record the gradient of its output (and, with
+    ``keep_value``, the output itself)."""
 
     def fn(raw: torch.Tensor) -> None:
+        if keep_value:
+            seen[("value", key)] = raw.detach()
         if raw.requires_grad:
             raw.register_hook(lambda g: seen.__setitem__(("grad", key), g))
 
