@@ -31,8 +31,8 @@ def test_capture_and_write_back_is_bit_identical(tiny_lm):
 
 def test_editing_changes_logits(tiny_lm):
     ref = logits(tiny_lm)
-    for name in ["blocks.0.attn.heads", "blocks.1.mlp.neurons", "blocks.0.attn.pattern", "blocks.0.attn.q",
-                 "blocks.0.attn.v", "blocks.1.resid_pre", "ln_final.out"]:
+    for name in ["blocks.0.attn.heads", "blocks.1.mlp.neurons", "blocks.0.mlp.pre", "blocks.0.attn.pattern",
+                 "blocks.0.attn.q", "blocks.0.attn.v", "blocks.1.resid_pre", "ln_final.out"]:
         with tiny_lm.hooks.scale(name, 0.5):
             assert not torch.allclose(logits(tiny_lm), ref, atol=1e-6), name
 

@@ -165,10 +165,13 @@ class ArchAdapter:
 
 
 class LlamaAdapter(ArchAdapter):
-    """Llama-like: Llama, Mistral, Qwen2, SmolLM (RMSNorm, rotary, gated SiLU MLP, GQA)."""
+    """Llama-like pre-norm decoders: separate q/k/v projections, gated MLP (gate_proj, up_proj).
+
+    Llama and SmolLM2 (``llama``), Mistral, Qwen2, Qwen3 (per-head q/k norms sit after the q/k
+    sites), SmolLM3, OLMo (non-parametric LayerNorm), Gemma (RMSNorm with 1 + weight)."""
 
     family = "llama"
-    model_types = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo", "olmo2", "gemma", "phi3")
+    model_types = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo", "gemma")
     has_gated_mlp = True
 
     @property
@@ -206,6 +209,38 @@ class LlamaAdapter(ArchAdapter):
 
     def W_gate(self, layer):
         return self.mlp(layer).gate_proj.weight.t()
+
+
+class Phi3Adapter(LlamaAdapter):
+    """Phi-3: the Llama layout with fused projections, seen through views of the fused weights.
+
+    ``qkv_proj`` (out = n_heads*d_head + 2*n_kv_heads*d_head) stacks [q | k | v] along its output;
+    ``gate_up_proj`` (out = 2*d_mlp) stacks [gate | up] (the MLP computes up * act(gate))."""
+
+    family = "phi3"
+    model_types = ("phi3",)
+
+    def qkv_bounds(self) -> tuple[int, int, int, int]:
+        """Output-column boundaries of q, k and v in ``qkv_proj``: (0, q_end, k_end, v_end)."""
+        q_end = self.n_heads * self.d_head
+        k_end = q_end + self.n_kv_heads * self.d_head
+        return 0, q_end, k_end, k_end + self.n_kv_heads * self.d_head
+
+    def _qkv_in_out(self, layer):
+        w = self.attn(layer).qkv_proj.weight.t()  # (d_model, q_end + 2 * n_kv_heads * d_head)
+        b = self.qkv_bounds()
+        return tuple(w[:, b[i]: b[i + 1]] for i in range(3))
+
+    def _gate_up(self, layer: int) -> torch.Tensor:
+        return self.mlp(layer).gate_up_proj.weight.t()  # (d_model, 2 * d_mlp): [gate | up]
+
+    def W_in(self, layer):
+        w = self._gate_up(layer)
+        return w[:, w.shape[1] // 2:]
+
+    def W_gate(self, layer):
+        w = self._gate_up(layer)
+        return w[:, : w.shape[1] // 2]
 
 
 class GPT2Adapter(ArchAdapter):
@@ -302,7 +337,15 @@ class NeoXAdapter(ArchAdapter):
         return self.mlp(layer).dense_h_to_4h.weight.t()
 
 
-ADAPTERS: tuple[type[ArchAdapter], ...] = (LlamaAdapter, GPT2Adapter, NeoXAdapter)
+ADAPTERS: tuple[type[ArchAdapter], ...] = (LlamaAdapter, Phi3Adapter, GPT2Adapter, NeoXAdapter)
+
+# Types refused with a reason (rather than the generic "unsupported" error). In post-norm layers
+# (OLMo2: x + N(attn(x)), x + N(mlp(x)); Gemma 2/3 add such norms to pre-norm ones) the norm sits
+# between the heads and the residual, so a head's contribution to the residual is not z_h W_O[h]
+# and the heads do not add up: the EAP-IG per-head writers, attn.out/mlp.out as residual terms and
+# the DKN write vectors would all be silently wrong.
+_POST_NORM = "normalises the attention and MLP outputs before adding them to the residual (post-norm)"
+REFUSED: dict[str, str] = {t: _POST_NORM for t in ("olmo2", "olmo3", "gemma2", "gemma3", "gemma3_text")}
 
 
 def supported_model_types() -> list[str]:
@@ -315,7 +358,13 @@ def get_adapter(model: nn.Module) -> ArchAdapter:
     for cls in ADAPTERS:
         if model_type in cls.model_types:
             return cls(model)
+    if model_type in REFUSED:
+        raise EngramError(
+            f"unsupported architecture {model_type!r}: it {REFUSED[model_type]}, so per-head "
+            "contributions to the residual are not additive and the head, circuit and DKN analyses "
+            f"would be wrong; use a pre-norm model ({', '.join(supported_model_types())})"
+        )
     raise EngramError(
         f"unsupported architecture {model_type!r}: engramlab supports "
-        f"{', '.join(supported_model_types())} (families: GPT-2, Llama-like, GPT-NeoX)"
+        f"{', '.join(supported_model_types())} (families: GPT-2, Llama-like, Phi-3, GPT-NeoX)"
     )

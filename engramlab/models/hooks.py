@@ -12,6 +12,8 @@ Site names are stable across families (see ``SITE_DOCS`` for the tensor behind e
     blocks.{l}.attn.pattern   (batch, n_heads, q_pos, k_pos) softmax attention probabilities
     blocks.{l}.attn.heads     (batch, pos, n_heads, d_head)  per-head outputs z, before W_O
     blocks.{l}.attn.out       (batch, pos, d_model)          sum_h z_h W_O[h] + b_O
+    blocks.{l}.mlp.pre        (batch, pos, d_mlp)            MLP pre-activation: x_norm @ W_gate
+                                                              (gated) or x_norm @ W_in + b (not)
     blocks.{l}.mlp.neurons    (batch, pos, d_mlp)            input of the MLP output projection
     blocks.{l}.mlp.out        (batch, pos, d_model)          MLP output
     ln_final.out              (batch, pos, d_model)          input of the unembedding
@@ -48,6 +50,7 @@ SITE_DOCS: dict[str, tuple[str, str]] = {
     "attn.pattern": ("(batch, n_heads, q_pos, k_pos)", "attention probabilities after softmax"),
     "attn.heads": ("(batch, pos, n_heads, d_head)", "per-head outputs z before the output projection"),
     "attn.out": ("(batch, pos, d_model)", "attention output projection output (with bias)"),
+    "mlp.pre": ("(batch, pos, d_mlp)", "MLP pre-activation: gate projection output (gated MLPs) or fc output"),
     "mlp.neurons": ("(batch, pos, d_mlp)", "input of the MLP output projection"),
     "mlp.out": ("(batch, pos, d_model)", "MLP output added to the residual stream"),
 }
@@ -87,16 +90,22 @@ def _split_last(n: int, d: int) -> tuple[Callable, Callable]:
     return (lambda raw: raw.unflatten(-1, (n, d)), lambda raw, view: view.flatten(-2))
 
 
-def _slice_last(start: int, stop: int, n: int, d: int) -> tuple[Callable, Callable]:
-    """View a chunk [start:stop) of the last axis as (..., n, d); write it back by concatenation."""
+def _chunk_last(start: int, stop: int) -> tuple[Callable, Callable]:
+    """View a chunk [start:stop) of the last axis; write it back by concatenation."""
 
     def get(raw):
-        return raw[..., start:stop].unflatten(-1, (n, d))
+        return raw[..., start:stop]
 
     def put(raw, view):
-        return torch.cat([raw[..., :start], view.flatten(-2), raw[..., stop:]], dim=-1)
+        return torch.cat([raw[..., :start], view, raw[..., stop:]], dim=-1)
 
     return get, put
+
+
+def _slice_last(start: int, stop: int, n: int, d: int) -> tuple[Callable, Callable]:
+    """View a chunk [start:stop) of the last axis as (..., n, d); write it back by concatenation."""
+    get, put = _chunk_last(start, stop)
+    return (lambda raw: get(raw).unflatten(-1, (n, d)), lambda raw, view: put(raw, view.flatten(-2)))
 
 
 def _neox_qkv(which: int, n: int, d: int) -> tuple[Callable, Callable]:
@@ -183,6 +192,8 @@ class HookPoints:
             return Site(name, a.attn_o_proj(layer), "input", *_split_last(a.n_heads, a.d_head), unit_dim=2)
         if sub == "attn.out":
             return Site(name, a.attn_o_proj(layer), "output", _identity, _replace_all)
+        if sub == "mlp.pre":
+            return self._pre_site(name, layer)
         if sub == "mlp.neurons":
             return Site(name, a.mlp_out_proj(layer), "input", _identity, _replace_all, unit_dim=2)
         if sub == "mlp.out":
@@ -199,11 +210,24 @@ class HookPoints:
         if a.family == "llama":
             proj = (attn.q_proj, attn.k_proj, attn.v_proj)[which]
             return Site(name, proj, "output", *_split_last(n, a.d_head), unit_dim=2)
+        if a.family == "phi3":  # qkv_proj output is [q | k | v]
+            bounds = a.qkv_bounds()
+            return Site(name, attn.qkv_proj, "output", *_slice_last(bounds[which], bounds[which + 1], n, a.d_head),
+                        unit_dim=2)
         if a.family == "gpt2":
             d = a.d_model
             return Site(name, attn.c_attn, "output", *_slice_last(which * d, (which + 1) * d, n, a.d_head),
                         unit_dim=2)
         return Site(name, attn.query_key_value, "output", *_neox_qkv(which, n, a.d_head), unit_dim=2)
+
+    def _pre_site(self, name: str, layer: int) -> Site:
+        """The MLP pre-activation: gate_proj / c_fc / dense_h_to_4h output, Phi-3's gate half."""
+        a = self.adapter
+        mlp = a.mlp(layer)
+        if a.family == "phi3":  # gate_up_proj output is [gate | up]
+            return Site(name, mlp.gate_up_proj, "output", *_chunk_last(0, a.d_mlp), unit_dim=2)
+        module = {"llama": "gate_proj", "gpt2": "c_fc", "gpt_neox": "dense_h_to_4h"}[a.family]
+        return Site(name, getattr(mlp, module), "output", _identity, _replace_all, unit_dim=2)
 
     # -- the one primitive ---------------------------------------------------------------
     @contextmanager
@@ -278,14 +302,18 @@ class HookPoints:
         ...     model(input_ids)
         >>> cache["blocks.3.mlp.neurons"].shape   # (batch, pos, d_mlp)
 
-        ``detach=False`` keeps the tensors in the graph (call ``retain_grad()`` to read grads).
+        ``detach=False`` keeps the tensors in the graph (call ``retain_grad()`` to read grads);
+        then a tensor that the model later modifies in place (OLMo's q/k/v under ``clip_qkv``)
+        shows the modified values.
         """
         names = [names] if isinstance(names, str) else list(names)
         cache: dict[str, torch.Tensor] = {}
 
         def recorder(n):
             def record(t):
-                cache[n] = t.detach() if detach else t
+                # A copy, not a view: some models modify module outputs in place afterwards
+                # (OLMo's clip_qkv clamps q/k/v), which would rewrite a detached view.
+                cache[n] = t.detach().clone() if detach else t
                 return None
             return record
 
