@@ -2,24 +2,37 @@
 
 Each command that produces results writes into ``--out DIR``::
 
-    DIR/manifest.json   command, full config, versions, seed, start/end time, status
+    DIR/manifest.json   command, full config, versions, seed, start/end time, status, pid, host
     DIR/summary.json    a flat JSON object of headline numbers
     DIR/...             the command's artifacts
+    DIR/.lock           held (flock) by the one process writing the run
 
 A file is written to a temporary name in the same directory and renamed over its target, so an
 interrupted command never leaves a half-written file that looks complete: readers see the old
-version or the new one. ``manifest.json`` carries ``status`` ("running", "complete", "failed").
+version or the new one. ``manifest.json`` carries ``status`` ("running", "complete", "failed",
+"interrupted") and, while running, a ``heartbeat`` time refreshed every ``HEARTBEAT_SECONDS``.
+
+A run directory belongs to one run: the command holds an exclusive lock on it for its whole life
+(a second process on the same ``--out`` is refused at once), and it does not write into a
+directory that holds another command's run or a complete run of its own command unless told to
+(``mode="overwrite"`` clears it, ``mode="resume"`` continues it).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import functools
 import json
 import os
 import platform
 import random
 import shutil
+import signal
+import socket
 import sys
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,13 +42,30 @@ from engramlab.errors import EngramError
 
 
 # -- atomic writes ----------------------------------------------------------------------------
+def _current_umask() -> int:
+    # os.umask can only be read by setting it; put it straight back.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def new_file_mode() -> int:
+    """What ``open()`` would give a new file under the user's umask (mkstemp always makes 0600)."""
+    return 0o666 & ~_current_umask()
+
+
+def new_dir_mode() -> int:
+    """What ``mkdir`` would give a new directory under the user's umask (mkdtemp makes 0700)."""
+    return 0o777 & ~_current_umask()
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write via a temp file in the same directory + os.replace: readers see the old file or the
     new one, never half of one. Keeps an existing file's permissions (mkstemp makes 0600)."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
+        mode = path.stat().st_mode & 0o777 if path.exists() else new_file_mode()
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as err:
         raise EngramError(f"{path}: cannot write ({err.strerror}); check the directory") from None
@@ -95,18 +125,45 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 @contextmanager
 def atomic_directory(path: str | Path) -> Iterator[Path]:
-    """Build a directory under a temporary name; it appears at ``path`` only when complete."""
+    """Build a directory under a temporary name; it appears at ``path`` only when complete.
+
+    The temporary name is ``.NAME.*.tmp`` next to ``path``; ``remove_orphans`` deletes the ones a
+    killed process left behind."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        os.chmod(tmp, new_dir_mode())
+    except OSError as err:
+        raise EngramError(f"{path}: cannot create ({err.strerror}); check the directory's permissions "
+                          f"and free space") from None
     try:
         yield tmp
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        try:
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+        except OSError as err:
+            raise EngramError(f"{path}: cannot write ({err.strerror}); check disk space and permissions") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_orphans(root: str | Path) -> list[Path]:
+    """Delete ``.NAME.*.tmp`` files and directories under ``root`` left by killed atomic writes.
+
+    Only call this while holding ``root``'s run lock (no live writer). Sub-directories that are run
+    directories of their own (they hold a manifest.json) are left to their own run."""
+    removed = []
+    root = Path(root)
+    for entry in sorted(root.iterdir()) if root.is_dir() else []:
+        if entry.name.startswith(".") and entry.name.endswith(".tmp"):
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+            removed.append(entry)
+        elif entry.is_dir() and not entry.is_symlink() and not (entry / "manifest.json").exists():
+            removed += remove_orphans(entry)
+    return removed
 
 
 def _json_default(o):
@@ -140,6 +197,11 @@ def set_seed(seed: int) -> None:
 
 
 def versions() -> dict[str, str]:
+    return dict(_versions())
+
+
+@functools.lru_cache(maxsize=1)
+def _versions() -> dict[str, str]:
     out = {"python": sys.version.split()[0], "platform": platform.platform()}
     for name in ("engramlab", "torch", "transformers", "numpy", "scipy", "tokenizers", "safetensors", "gguf"):
         try:
@@ -156,39 +218,194 @@ def _now() -> str:
 
 
 # -- the run directory ------------------------------------------------------------------------
+#: How often a running command refreshes ``heartbeat`` in its manifest (seconds).
+HEARTBEAT_SECONDS = 30.0
+#: What ``RunDir`` may do with a directory that already holds something.
+MODES = ("new", "overwrite", "resume", "continue")
+LOCK_NAME = ".lock"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (timeout, Slurm, systemd, docker stop), handled like Ctrl-C: the run is
+    ``interrupted`` and can be resumed."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated("terminated (SIGTERM)")
+
+
 class RunDir:
-    """A command's output directory.
+    """A command's output directory, owned by one process for the command's whole life.
 
     >>> with RunDir(out, command="recall", config=cfg, seed=0) as run:
     ...     run.write_jsonl("facts.jsonl", rows)
     ...     run.finish({"top1_accuracy": 0.67})
+
+    ``mode`` says what to do with a directory that already holds a run:
+
+    - ``new`` (default): an empty or missing directory is used; a failed or interrupted run of the
+      same command is cleared and started again, unless it holds checkpoints (then use resume or
+      overwrite); another command's run, a complete run, or files that are no run are refused.
+    - ``overwrite``: clear a previous run (or an empty directory) and start again.
+    - ``resume``: continue the run of the same command found there (it must exist). A complete
+      run is left as it is: ``already_complete`` is then True and ``summary`` holds its summary,
+      and the command should do nothing.
+    - ``continue``: keep whatever a run of the same command left (sweeps, which skip their
+      finished units themselves).
     """
 
     def __init__(self, path: str | Path, command: str, config: dict, seed: int | None = None,
-                 argv: list[str] | None = None):
+                 argv: list[str] | None = None, mode: str = "new"):
+        if mode not in MODES:
+            raise ValueError(f"RunDir mode {mode!r}: one of {MODES}")
         self.path = Path(path)
         self.command = command
         self.config = config
         self.seed = seed
+        self.mode = mode
         self.argv = list(sys.argv if argv is None else argv)
         self.started = _now()
         self._t0 = time.time()
         self.summary: dict | None = None
+        self.already_complete = False
+        self.previous: dict | None = None  # the manifest found on entry, if any
+        self._lock_fd: int | None = None
+        self._manifest_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+        self._old_sigterm = None
+        self._status = "running"
 
+    # -- entering: create, lock, check ownership ------------------------------------------------
     def __enter__(self) -> "RunDir":
         if self.path.exists() and not self.path.is_dir():
             raise EngramError(f"--out {self.path}: exists and is not a directory; choose another path")
-        self.path.mkdir(parents=True, exist_ok=True)
-        self._write_manifest("running")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise EngramError(f"--out {self.path}: cannot create the directory ({err.strerror}); "
+                              f"choose a writable path") from None
+        self._lock()
+        try:
+            self._claim()
+            if self.already_complete:
+                return self
+            remove_orphans(self.path)
+            self._write_manifest("running")
+        except BaseException:
+            self._unlock()
+            raise
+        if threading.current_thread() is threading.main_thread():
+            self._old_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
+        self._beat = threading.Thread(target=self._heartbeat, name=f"heartbeat {self.path.name}", daemon=True)
+        self._beat.start()
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            if self.summary is None:
-                self.finish({})
+    def _lock(self) -> None:
+        lock_path = self.path / LOCK_NAME
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, new_file_mode())
+        except OSError as err:
+            raise EngramError(f"--out {self.path}: cannot create {LOCK_NAME} ({err.strerror}); "
+                              f"choose a writable path") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown process"
+            os.close(fd)
+            if err.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise EngramError(f"--out {self.path}: in use by another engram run ({holder}); wait for it "
+                                  f"to end or choose another --out") from None
+            raise EngramError(f"--out {self.path}: cannot lock ({err.strerror}); use a local directory") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing releases the flock
+            self._lock_fd = None
+
+    def _claim(self) -> None:
+        """Decide, under the lock, whether this run may use what the directory holds."""
+        here = [p for p in self.path.iterdir() if p.name != LOCK_NAME]
+        manifest_path = self.path / "manifest.json"
+        previous = None
+        if manifest_path.is_file():
+            try:
+                previous = json.loads(manifest_path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                previous = {"command": "?", "status": "damaged"}
+        self.previous = previous
+        where = f"--out {self.path}"
+        if not here:
+            if self.mode == "resume":
+                raise EngramError(f"{where}: no run to resume there; start it without --resume")
             return
-        status = "interrupted" if exc_type is KeyboardInterrupt else "failed"
-        self._write_manifest(status, error=" ".join(str(exc).split()) or exc_type.__name__)
+        if previous is None:
+            raise EngramError(f"{where}: holds files but no engram run (no manifest.json); choose an empty or "
+                              f"new directory")
+        command, status = previous.get("command"), previous.get("status")
+        if self.mode == "overwrite":
+            self._clear(here)
+            return
+        if command != self.command:
+            raise EngramError(f"{where}: holds a run of `engram {command}`, not {self.command}; choose another "
+                              f"--out, or pass --overwrite to replace it")
+        if self.mode == "resume":
+            if status == "complete":
+                self.already_complete = True
+                summary = self.path / "summary.json"
+                self.summary = json.loads(summary.read_text(encoding="utf-8")) if summary.is_file() else {}
+        elif self.mode == "new":
+            if status == "complete":
+                raise EngramError(f"{where}: holds a complete {command} run; choose another --out, or pass "
+                                  f"--overwrite to replace it")
+            if any((self.path / "checkpoints").glob("step-*")):
+                raise EngramError(f"{where}: holds an unfinished {command} run with checkpoints ({status}); pass "
+                                  f"--resume to continue it or --overwrite to start again")
+            self._clear(here)
+        # "continue": keep everything; the command skips what is done.
+
+    def _clear(self, entries: list[Path]) -> None:
+        for entry in entries:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink(missing_ok=True)
+
+    # -- while running ------------------------------------------------------------------------
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_SECONDS):
+            try:
+                self._write_manifest("running", only_if_running=True)
+            except EngramError:
+                pass  # a full disk shows up in the main thread's own writes
+
+    # -- leaving ---------------------------------------------------------------------------------
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if self.already_complete:
+                return
+            self._stop.set()
+            if self._beat is not None:
+                self._beat.join()
+            if exc_type is None:
+                if self._status != "complete":
+                    self.finish(self.summary or {})
+                return
+            status = "interrupted" if issubclass(exc_type, KeyboardInterrupt) else "failed"
+            reason = " ".join(str(exc).split()) or exc_type.__name__
+            try:
+                self._write_manifest(status, error=reason)
+            except EngramError as manifest_err:
+                # Say what went wrong first; the manifest failure is only a consequence of it.
+                raise EngramError(f"{reason} (then {manifest_err})") from None
+        finally:
+            if self._old_sigterm is not None:
+                signal.signal(signal.SIGTERM, self._old_sigterm)
+                self._old_sigterm = None
+            self._unlock()
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -208,20 +425,44 @@ class RunDir:
         atomic_write_json(self.file("summary.json"), self.summary)
         self._write_manifest("complete")
 
-    def _write_manifest(self, status: str, error: str | None = None) -> None:
-        manifest = {
-            "command": self.command,
-            "argv": self.argv,
-            "config": self.config,
-            "seed": self.seed,
-            "versions": versions(),
-            "start_time": self.started,
-            "end_time": None if status == "running" else _now(),
-            "status": status,
-        }
-        if error:
-            manifest["error"] = error
-        atomic_write_json(self.file("manifest.json"), manifest)
+    def _write_manifest(self, status: str, error: str | None = None, only_if_running: bool = False) -> None:
+        with self._manifest_lock:
+            if only_if_running and self._status != "running":
+                return
+            self._status = status
+            manifest = {
+                "command": self.command,
+                "argv": self.argv,
+                "config": self.config,
+                "seed": self.seed,
+                "versions": versions(),
+                "start_time": self.started,
+                "end_time": None if status == "running" else _now(),
+                "status": status,
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "heartbeat": _now(),
+            }
+            if error:
+                manifest["error"] = error
+            atomic_write_json(self.file("manifest.json"), manifest)
+
+
+def run_is_live(manifest: dict, path: str | Path) -> bool:
+    """Whether the run recorded in ``path``'s manifest still has a process holding its lock."""
+    if manifest.get("status") != "running":
+        return False
+    try:
+        fd = os.open(Path(path) / LOCK_NAME, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

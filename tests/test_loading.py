@@ -81,3 +81,61 @@ def test_smollm2_knows_the_capital_of_france(smollm2):
     paris = smollm2.tokenizer(" Paris", add_special_tokens=False)["input_ids"]
     assert len(paris) == 1
     assert int(last.argmax()) == paris[0]
+
+
+def _saved(tmp_path, family, name):
+    from conftest import word_tokenizer
+
+    path = tmp_path / name
+    tiny_model(family, vocab_size=64, seed=0).save_pretrained(path)
+    word_tokenizer(["a b c d"]).save_pretrained(path)
+    return path
+
+
+def test_weights_that_do_not_match_the_config_are_an_error(tmp_path):
+    import shutil
+
+    good, other = _saved(tmp_path, "llama", "llama"), _saved(tmp_path, "gpt2", "gpt2")
+    assert load_model(str(good)).adapter.family == "llama"  # a consistent checkpoint loads
+    shutil.copy(good / "config.json", other / "config.json")  # Llama config, GPT-2 weights
+    with pytest.raises(EngramError, match=r"do not match its config.json: \d+ missing .*\d+ unexpected") as e:
+        load_model(str(other))
+    assert "\n" not in str(e.value)
+    # Right names, wrong shapes: a config that promises a wider MLP than the weights hold.
+    import json
+
+    config = json.loads((good / "config.json").read_text())
+    config["intermediate_size"] *= 2
+    (good / "config.json").write_text(json.dumps(config))
+    with pytest.raises(EngramError, match="do not match its config.json"):
+        load_model(str(good))
+
+
+def test_truncated_weights_and_broken_tokenizers_name_the_file(tmp_path):
+    path = _saved(tmp_path, "llama", "trunc")
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(EngramError, match=f"could not load {path}") as e:
+        load_model(str(path))
+    assert "\n" not in str(e.value)
+    path = _saved(tmp_path, "llama", "badtok")
+    (path / "tokenizer.json").write_text("{\n")
+    with pytest.raises(EngramError, match=r"tokenizer of .* \(tokenizer files: tokenizer.json, tokenizer_config.json"):
+        load_model(str(path))
+    path = _saved(tmp_path, "llama", "notok")
+    for f in path.glob("tok*"):
+        f.unlink()
+    (path / "special_tokens_map.json").unlink(missing_ok=True)
+    with pytest.raises(EngramError, match=r"tokenizer files: none of tokenizer.json") as e:
+        load_model(str(path))
+    assert "\n" not in str(e.value)
+
+
+def test_a_model_load_is_logged_in_one_line(tmp_path, caplog):
+    import logging
+
+    path = _saved(tmp_path, "llama", "logged")
+    with caplog.at_level(logging.INFO, logger="engramlab"):
+        load_model(str(path))
+    lines = [r.getMessage() for r in caplog.records if r.name == "engramlab"]
+    assert lines == [f"loading model {path} ({path}) ..."]

@@ -8,6 +8,8 @@ line starting with ``error:`` and exit with status 2.
 from __future__ import annotations
 
 import functools
+import logging
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -33,6 +35,33 @@ FactsOpt = typer.Option(..., "--facts", "-f", help="Fact file (.json LRE / .json
                         "(e.g. country_capital_city, lre; comma-separated).")
 RelationOpt = typer.Option(None, "--relation", "-r", help="Keep only this relation (repeatable).")
 LimitOpt = typer.Option(None, "--limit", "-n", help="At most N facts (after --relation).")
+OverwriteOpt = typer.Option(False, "--overwrite", help="Replace the run --out holds (cleared first) instead of "
+                            "refusing to touch it.")
+
+
+def run_mode(overwrite: bool, resume: bool = False) -> str:
+    """The ``RunDir`` mode for a verb's --overwrite / --resume flags."""
+    if overwrite and resume:
+        raise EngramError("--overwrite and --resume contradict each other: --resume continues the run in --out, "
+                          "--overwrite replaces it; pass one")
+    return "resume" if resume else "overwrite" if overwrite else "new"
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Log lines ("loading model ...") to whatever sys.stderr is at the time of the line."""
+
+    def emit(self, record):
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+def _show_log_lines() -> None:
+    logger = logging.getLogger("engramlab")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -40,14 +69,18 @@ def user_errors(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        _show_log_lines()
         try:
             return fn(*args, **kwargs)
         except EngramError as e:
             err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(2)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
+            from engramlab.runs import Terminated
+
             err_console.print("interrupted")
-            raise typer.Exit(130)
+            # The shell's convention: 128 + the signal number (SIGINT 2, SIGTERM 15).
+            raise typer.Exit(143 if isinstance(e, Terminated) else 130)
 
     return wrapper
 

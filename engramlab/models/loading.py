@@ -13,9 +13,13 @@ Nothing is ever fetched from a hub: every ``from_pretrained`` call is ``local_fi
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
+import logging
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +43,7 @@ ALIASES = {
 }
 
 CHECKPOINT_DIR = "checkpoints"
+log = logging.getLogger("engramlab")
 _STEP_DIR = re.compile(r"step-(\d+)")
 
 
@@ -169,47 +174,114 @@ def load_model(spec: str, dtype: str | torch.dtype = "float32", device: str = "c
                trainable: bool = False) -> LoadedModel:
     """Load SPEC (see module docstring) as an eval-mode HF causal LM with adapter and hooks.
 
+    Strict: weights that do not match the config (missing or unexpected tensors, wrong shapes;
+    a head tied to the embeddings aside) are an error, never a silently random model, and any
+    loader failure becomes one ``EngramError`` line naming the file.
+
     ``trainable=False`` turns off parameter gradients: attribution needs gradients with
     respect to activations only, and parameter gradients would double the memory.
     """
-    import sys
+    from transformers import AutoModelForCausalLM
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    if not sys.stderr.isatty():  # keep logs of batch jobs free of per-tensor progress bars
-        hf_logging.disable_progress_bar()
-        os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF dequantiser uses plain tqdm
     directory, gguf = resolve_spec(spec)
     torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
-    kwargs = {"local_files_only": True}
-    if gguf:
-        kwargs["gguf_file"] = gguf
+    where = os.path.join(directory, gguf) if gguf else directory
+    log.info(f"loading model {spec} ({where}) ...")
+    kwargs = {"local_files_only": True, **({"gguf_file": gguf} if gguf else {})}
+    tokenizer = _load_tokenizer(spec, directory, gguf)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype, **kwargs)
-    except (OSError, ValueError, KeyError) as e:
-        where = os.path.join(directory, gguf) if gguf else directory
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise EngramError(f"model {spec!r}: could not load {where}: {first}") from e
+        with _quiet_loading():
+            model, info = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype,
+                                                               output_loading_info=True, **kwargs)
+    except Exception as e:  # any loader failure (safetensors, GGUF, config) is the file's fault
+        if "ignore_mismatched_sizes" in str(e):  # its shape report went to the (silenced) log
+            raise EngramError(f"model {spec!r}: the weights in {where} do not match its config.json: tensors of "
+                              f"the wrong shape; the checkpoint is damaged or its config.json belongs to another "
+                              f"model") from e
+        raise EngramError(f"model {spec!r}: could not load {where}: {_one_line(e)}") from e
+    _check_loading_info(spec, where, model, info)
     model = model.to(device=dev, dtype=torch_dtype).eval()
     model.requires_grad_(trainable)
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
-    return LoadedModel(model, tokenizer, spec, os.path.join(directory, gguf) if gguf else directory)
+    return LoadedModel(model, tokenizer, spec, where)
+
+
+def _one_line(e: BaseException, limit: int = 400) -> str:
+    """The whole message of ``e`` on one line (not cut at its first colon or line), bounded."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_loading_info(spec: str, where: str, model: nn.Module, info: dict) -> None:
+    """Refuse a model whose checkpoint did not fill every parameter the config declares."""
+    missing = list(info.get("missing_keys") or [])
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    tied = set(tied) if not isinstance(tied, dict) else set(tied)
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        missing = [k for k in missing if k not in tied]
+    unexpected = list(info.get("unexpected_keys") or [])
+    mismatched = [str(m[0]) if isinstance(m, (tuple, list)) else str(m) for m in info.get("mismatched_keys") or []]
+    problems = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("of the wrong shape", mismatched)):
+        if keys:
+            problems.append(f"{len(keys)} {label} (e.g. {', '.join(sorted(keys)[:3])})")
+    if problems:
+        raise EngramError(f"model {spec!r}: the weights in {where} do not match its config.json: "
+                          f"{'; '.join(problems)} tensors; the checkpoint is damaged or its config.json belongs "
+                          f"to another model")
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    """No per-tensor progress bars in logs of batch jobs, and no report tables from transformers
+    (loading problems are raised as one line by ``_check_loading_info`` instead)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    patched = None
+    if not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()
+        # The GGUF de-quantiser draws a plain tqdm bar; tqdm reads TQDM_DISABLE only when it is
+        # imported, so disable that bar where it is made.
+        try:
+            from transformers import modeling_gguf_pytorch_utils as gguf_utils
+        except ImportError:  # pragma: no cover - transformers without GGUF support
+            gguf_utils = None
+        if gguf_utils is not None and hasattr(gguf_utils, "tqdm"):
+            patched = (gguf_utils, gguf_utils.tqdm)
+            gguf_utils.tqdm = functools.partial(gguf_utils.tqdm, disable=True)
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if patched is not None:
+            patched[0].tqdm = patched[1]
+
+
+def _load_tokenizer(spec: str, directory: str, gguf: str | None):
+    from transformers import AutoTokenizer
+
+    kwargs = {"local_files_only": True, **({"gguf_file": gguf} if gguf else {})}
+    try:
+        with _quiet_loading():
+            return AutoTokenizer.from_pretrained(directory, **kwargs)
+    except Exception as e:
+        if gguf:
+            files = gguf
+        else:
+            names = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "tokenizer.model")
+            present = [n for n in names if (Path(directory) / n).is_file()]
+            files = ", ".join(present) if present else f"none of {', '.join(names)}"
+        raise EngramError(f"tokenizer of {spec!r}: could not load it from {directory} (tokenizer files: {files}): "
+                          f"{_one_line(e)}; fix or replace those files") from e
 
 
 def load_tokenizer(spec: str):
     """Only the tokenizer of model SPEC (same resolution as ``load_model``)."""
-    from transformers import AutoTokenizer
-
     directory, gguf = resolve_spec(spec)
-    kwargs = {"local_files_only": True, **({"gguf_file": gguf} if gguf else {})}
-    try:
-        return AutoTokenizer.from_pretrained(directory, **kwargs)
-    except (OSError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise EngramError(f"tokenizer {spec!r}: could not load from {directory}: {first}") from e
+    return _load_tokenizer(spec, directory, gguf)
 
 
 def wrap_model(model: nn.Module, tokenizer=None, spec: str = "<in-memory>") -> LoadedModel:
