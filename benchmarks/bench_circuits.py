@@ -1,15 +1,17 @@
 """EAP-IG edge attribution against the floor it cannot beat: m plain forward+backward passes.
 
     .venv/bin/python benchmarks/bench_circuits.py [--models smollm2-135m,gpt2-small] [--batch 8]
-        [--facts country_capital_city] [--steps 5] [--repeats 3] [--threads 1] [--device cpu] [--json out.json]
+        [--facts country_capital_city] [--steps 5] [--ig-rule right] [--ablation corrupted] [--repeats 3]
+        [--threads 1] [--device cpu] [--json out.json]
 
 For each model, on one batch of clean/corrupted pairs of real prompts (the first ``--batch`` pairs
 ``corrupted_pairs`` makes from ``--facts``, SmolLM2's tokenizer for both models, right-padded):
 
-* time: EAP-IG with m = ``--steps`` (``attribute_batch``: m forward+backward passes with the
-  per-head gradient hooks, one no-grad corrupted forward, the scores) against m plain passes of the
-  same batch (forward from input embeddings that require grad, metric at the last token, gradient
-  w.r.t. the embeddings).
+* time: EAP-IG with m = ``--steps`` (``attribute_batch``: one forward+backward pass per point of
+  ``--ig-rule`` (m; m + 1 for trapezoid) with the per-head gradient hooks, one no-grad forward of
+  the prompts, the scores; ``--ablation`` as in ``engram circuit``) against as many plain passes of
+  the same batch (forward from input embeddings that require grad, metric at the last token,
+  gradient w.r.t. the embeddings).
   Target: ratio < 1.5.
 * peak memory: the extra memory one EAP-IG call needs over the loaded model, against one plain
   forward+backward. Target: ratio < 1.5. On CPU it is the peak resident set (VmHWM, reset through
@@ -109,16 +111,19 @@ def _timed(fn, device: str) -> float:
     return time.perf_counter() - t0
 
 
-def measure(name: str, batch: int, facts: str, steps: int, repeats: int, device: str) -> dict:
+def measure(name: str, batch: int, facts: str, steps: int, repeats: int, device: str, ig_rule: str = "right",
+            ablation: str = "corrupted") -> dict:
     from engramlab.locate.circuits import CircuitGraph, attribute_batch
+    from engramlab.locate.integration import integration_points
 
     lm = _load(name, device)
     graph = CircuitGraph.from_model(lm)
     b = _batch(lm, batch, facts)
-    eap_ig = lambda: attribute_batch(lm, graph, b, "eap-ig", steps)  # noqa: E731
+    eap_ig = lambda: attribute_batch(lm, graph, b, "eap-ig", steps, rule=ig_rule, ablation=ablation)  # noqa: E731
+    passes = len(integration_points(ig_rule, steps))
 
     def plain_m():
-        for _ in range(steps):
+        for _ in range(passes):
             _plain_pass(lm, b)
 
     # memory first, each call's first run after one warm-up of both
@@ -132,7 +137,7 @@ def measure(name: str, batch: int, facts: str, steps: int, repeats: int, device:
     plain_s, eap_s = statistics.median(t_plain), statistics.median(t_eap)
     return {"model": name, "device": device, "threads": torch.get_num_threads(), "batch": batch, "facts": facts,
             "tokens": int(b.mask.sum()), "width": b.mask.shape[1],
-            "steps": steps, "n_edges": graph.n_edges,
+            "steps": steps, "ig_rule": ig_rule, "ablation": ablation, "passes": passes, "n_edges": graph.n_edges,
             "eap_ig_seconds_per_example": eap_s / batch, "plain_seconds_per_example": plain_s / batch,
             "time_ratio": eap_s / plain_s,
             "eap_ig_peak_extra_mib": mem_eap, "plain_fwd_bwd_peak_extra_mib": mem_plain,
@@ -145,6 +150,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--facts", default="country_capital_city", help="Fact spec the pairs come from.")
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--ig-rule", dest="ig_rule", default="right", help="right | left | trapezoid")
+    ap.add_argument("--ablation", default="corrupted", help="corrupted | zero | mean (what the scores use)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
@@ -153,20 +160,23 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.one:
-        print(json.dumps(measure(args.one, args.batch, args.facts, args.steps, args.repeats, args.device)))
+        print(json.dumps(measure(args.one, args.batch, args.facts, args.steps, args.repeats, args.device,
+                                 args.ig_rule, args.ablation)))
         return
     rows = []
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "TQDM_DISABLE": "1"}
     for name in args.models.split(","):
-        cmd = [sys.executable, __file__, "--one", name] + [f"--{k}={getattr(args, k)}" for k in
-                                                           ("batch", "facts", "steps", "repeats", "threads", "device")]
+        cmd = [sys.executable, __file__, "--one", name] + [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
+                                                           ("batch", "facts", "steps", "ig_rule", "ablation", "repeats",
+                                                            "threads", "device")]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if done.returncode != 0:
             sys.exit(f"{name}: benchmark failed:\n{done.stderr[-2000:]}")
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     for r in rows:
-        print(f"{r['model']:>13}  {r['device']} x{r['threads']}  {r['batch']} pairs ({r['tokens']} tokens), m={r['steps']}: "
-              f"EAP-IG {r['eap_ig_seconds_per_example']:.3f} s/example vs {r['steps']} plain fwd+bwd "
+        print(f"{r['model']:>13}  {r['device']} x{r['threads']}  {r['batch']} pairs ({r['tokens']} tokens), m={r['steps']} "
+              f"({r['ig_rule']}, {r['ablation']}): "
+              f"EAP-IG {r['eap_ig_seconds_per_example']:.3f} s/example vs {r['passes']} plain fwd+bwd "
               f"{r['plain_seconds_per_example']:.3f} s/example -> {r['time_ratio']:.2f}x (target < 1.5); "
               f"peak extra memory {r['eap_ig_peak_extra_mib']:.0f} MiB vs one fwd+bwd "
               f"{r['plain_fwd_bwd_peak_extra_mib']:.0f} MiB -> {r['memory_ratio']:.2f}x (target < 1.5)")

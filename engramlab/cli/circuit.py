@@ -22,7 +22,7 @@ from engramlab.cli.common import (
     user_errors,
 )
 
-SUMMARY_KEYS = ["n_nodes", "n_edges_total", "n_edges_kept", "edge_fraction", "faithfulness",
+SUMMARY_KEYS = ["n_nodes", "n_edges_total", "n_edges_ungrouped", "n_edges_kept", "edge_fraction", "faithfulness",
                 "discovery_faithfulness", "hit_at_10_model", "hit_at_10_circuit", "n_discovery", "n_evaluation",
                 "n_wrong", "n_skipped", "n_mover_heads", "n_relation_heads", "n_mixture_heads", "seconds"]
 
@@ -36,9 +36,13 @@ def circuit(model: str = ModelOpt,
             out: Path = OutOpt,
             method: str = typer.Option("eap-ig", "--method", help="eap-ig | eap | clean-corrupted."),
             steps: int = typer.Option(5, "--steps", help="EAP-IG integration steps m."),
+            ig_rule: str = typer.Option("right", "--ig-rule", help="EAP-IG integration points k/m: right "
+                                        "(k = 1..m; Hanna et al., DKC) | left (k = 0..m-1; upstream EAP-IG v2) | "
+                                        "trapezoid (k = 0..m, m + 1 passes)."),
             metric: str = typer.Option("logit_diff", "--metric", help="logit_diff (clean vs corrupted answer) | "
                                        "logprob (clean answer)."),
-            rule: str = typer.Option("topn", "--rule", help="topn | threshold | greedy."),
+            rule: str = typer.Option("topn", "--rule", help="Pruning rule: topn | threshold | greedy "
+                                     "(the integration rule is --ig-rule)."),
             top_n: Optional[int] = typer.Option(None, "--top-n", help="Edges to keep (default: the smallest N, "
                                                 "at most --max-fraction of the edges, reaching "
                                                 "--target-faithfulness on the discovery facts)."),
@@ -46,7 +50,10 @@ def circuit(model: str = ModelOpt,
             target_faithfulness: float = typer.Option(0.9, "--target-faithfulness"),
             max_fraction: float = typer.Option(0.1, "--max-fraction"),
             ablation: str = typer.Option("corrupted", "--ablation", help="What edges outside the circuit carry: "
-                                         "corrupted | zero | mean."),
+                                         "corrupted | zero | mean; edges are scored with the same ablation."),
+            score_ablation: Optional[str] = typer.Option(None, "--score-ablation", help="Score edges with "
+                                                         "another ablation's differences (corrupted | zero | "
+                                                         "mean; default: --ablation)."),
             split: float = typer.Option(0.5, "--split", help="Share of each relation's subjects used for "
                                         "discovery; the rest is held out for evaluation."),
             template: int = typer.Option(0, "--template", help="Index of the prompt template to use."),
@@ -64,9 +71,10 @@ def circuit(model: str = ModelOpt,
     from engramlab.models import load_model
     from engramlab.runs import RunDir, set_seed
 
-    ccfg = CircuitConfig(relation=relation or None, limit=limit, method=method, steps=steps, metric=metric,
-                         rule=rule, top_n=top_n, threshold=threshold, target_faithfulness=target_faithfulness,
-                         max_fraction=max_fraction, ablation=ablation, split=split, template=template, seed=seed,
+    ccfg = CircuitConfig(relation=relation or None, limit=limit, method=method, steps=steps, ig_rule=ig_rule,
+                         metric=metric, rule=rule, top_n=top_n, threshold=threshold,
+                         target_faithfulness=target_faithfulness, max_fraction=max_fraction, ablation=ablation,
+                         score_ablation=score_ablation, split=split, template=template, seed=seed,
                          require_correct=not keep_wrong, batch_size=batch_size)
     loaded = load_facts(facts)
     if relation:
@@ -82,6 +90,10 @@ def circuit(model: str = ModelOpt,
         summary = result.summary()
         run.finish(summary)
     print_summary(f"circuit: {model} on {facts}", out, summary, SUMMARY_KEYS)
+    if summary["n_edges_ungrouped"] != summary["n_edges_total"]:
+        console.print(f"edge counts are per key/value head ({result.graph.n_kv_heads} kv heads for "
+                      f"{result.graph.n_heads} query heads): EAP-IG's ungrouped graph has "
+                      f"{summary['n_edges_ungrouped']:,} edges")
     if result.skipped:
         console.print(f"skipped {len(result.skipped)} fact(s) (reasons in skipped.jsonl)")
     console.print(f"wrote {out}/scores.safetensors, circuit.json, evaluation.json, components.json"

@@ -8,9 +8,15 @@ each reader sees
 so kept edges carry this run's values and the others carry the ablated value. The ablation is
 named and the same for every reported number:
 
-* ``corrupted``: a_u from the corrupted prompt (what the edge scores estimate; the default);
+* ``corrupted``: a_u from the corrupted prompt (the default);
 * ``zero``: 0;
-* ``mean``: a_u averaged over every real token of the evaluation prompts.
+* ``mean``: a_u averaged over every real token of the prompts being evaluated
+  (``hooks.ablated_values``; scoring under ``mean`` takes its means the same way, on the
+  discovery prompts).
+
+The input node is resid_pre of layer 0, token *and* position embeddings (EAP-IG's input node is
+``hook_embed``, the token embedding only): the same under ``corrupted`` (positions line up), but
+``zero``/``mean`` also ablate a learned position embedding (GPT-2) here.
 
 A head's q/k/v inputs differ per head once edges are ablated, so inside this pass the per-head
 input (b, pos, n_readers, d_model) is formed and projected by that head's own weights; for
@@ -29,28 +35,13 @@ from contextlib import ExitStack
 import torch
 
 from engramlab.errors import EngramError
-from engramlab.locate.circuits.attribute import metric_values
+from engramlab.locate.circuits.attribute import ABLATIONS, metric_values
 from engramlab.locate.circuits.data import PairBatch
 from engramlab.locate.circuits.graph import CircuitGraph
-from engramlab.locate.circuits.hooks import answer_logits, norm_pre_hook, qkv_weights, writer_hooks
+from engramlab.locate.circuits.hooks import (ablated_values, answer_logits, norm_pre_hook, qkv_weights,
+                                             writer_activations, writer_hooks)
 
-ABLATIONS = ("corrupted", "zero", "mean")
 CACHE_BYTES = 2**30
-
-
-@torch.no_grad()
-def writer_activations(lm, graph: CircuitGraph, batch: PairBatch, corrupted: bool = False):
-    """Every writer's contribution in a plain forward pass of the clean (or corrupted) prompts:
-    (b, pos, n_writers, d_model) float32, and the logits at the last tokens (b, vocab)."""
-    ids = batch.corrupt_ids if corrupted else batch.clean_ids
-    acts = torch.zeros(*ids.shape, graph.n_writers, lm.adapter.d_model, device=ids.device)
-
-    def store(first: int, a: torch.Tensor) -> None:
-        acts[:, :, first: first + a.shape[2]] = a.float()
-
-    with writer_hooks(lm, graph, store):
-        logits = answer_logits(lm, ids, batch.mask, batch.last)
-    return acts, logits
 
 
 @torch.no_grad()
@@ -155,24 +146,12 @@ class CircuitEvaluator:
                 acts, bad = writer_activations(lm, graph, chunk, corrupted=True)
                 self.ablated.append(acts if self.cache else None)
                 corrupt_m.append(metric_values(bad, chunk, metric))
-        if ablation == "mean":
-            mean = self._mean_activation()
-            self.ablated = [mean] * len(self.chunks)
-        elif ablation == "zero":
-            self.ablated = [torch.zeros(1, 1, graph.n_writers, 1, device=lm.device)] * len(self.chunks)
+        if ablation != "corrupted":  # one value per writer for every position and example
+            self.ablated = [ablated_values(lm, graph, self.chunks, ablation)[None, None]] * len(self.chunks)
         self.m_clean = torch.cat(clean_m).cpu()
         self.rank_clean = torch.cat(clean_r).cpu()
         # m(empty): for "corrupted" the corrupted run itself, otherwise every edge ablated.
         self.m_empty = torch.cat(corrupt_m).cpu() if corrupt_m else self.run(torch.zeros_like(graph.valid))[0]
-
-    def _mean_activation(self) -> torch.Tensor:
-        total = torch.zeros(self.graph.n_writers, self.lm.adapter.d_model, device=self.lm.device)
-        tokens = 0
-        for chunk in self.chunks:
-            acts = writer_activations(self.lm, self.graph, chunk)[0]
-            total += (acts * chunk.mask[:, :, None, None]).sum((0, 1))
-            tokens += int(chunk.mask.sum())
-        return (total / tokens)[None, None]
 
     def run(self, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(metric, clean-answer rank) per example, (n,) each, with the circuit ``kept``."""
@@ -201,13 +180,19 @@ class CircuitEvaluator:
 
 def faithfulness_curve(evaluator: CircuitEvaluator, scores: torch.Tensor, graph: CircuitGraph,
                        sizes: list[int], rule: str = "topn") -> list[dict]:
-    """Faithfulness of the top-N circuit (after cleanup) for each N in ``sizes``."""
+    """Faithfulness of the top-N circuit (after cleanup) for each N in ``sizes``.
+
+    One record per distinct N: ``n`` (requested), ``n_kept`` (edges left after the unreachable-edge
+    cleanup: the circuit that was evaluated), ``edge_fraction`` = n_kept / n_edges and
+    ``requested_fraction`` = n / n_edges, ``faithfulness``, ``hit_at_10_circuit``."""
     from engramlab.locate.circuits.prune import prune
 
     out = []
     for n in sorted({int(s) for s in sizes}):
         kept = prune(scores, graph, rule, n=n)
         result = evaluator.evaluate(kept)
-        out.append({"n": n, "n_kept": int(kept.sum()), "edge_fraction": n / graph.n_edges,
-                    "faithfulness": result["faithfulness"], "hit_at_10_circuit": result["hit_at_10_circuit"]})
+        n_kept = int(kept.sum())
+        out.append({"n": n, "n_kept": n_kept, "edge_fraction": n_kept / graph.n_edges,
+                    "requested_fraction": n / graph.n_edges, "faithfulness": result["faithfulness"],
+                    "hit_at_10_circuit": result["hit_at_10_circuit"]})
     return out

@@ -7,6 +7,8 @@
 * ``norm_pre_hook`` runs a function on the input of a norm module. The attention norm and the MLP
   norm are read by their own branch only, so their inputs are exactly "the input of reader v".
 * ``input_embeddings`` and ``answer_logits`` run only the part of the model a caller needs.
+* ``ablated_values`` is what an ablated edge carries under ``zero`` or ``mean`` ablation; scoring
+  and evaluation both take it from here, so they ablate alike.
 """
 
 from __future__ import annotations
@@ -70,6 +72,40 @@ def writer_hooks(lm, graph: CircuitGraph, sink: Callable[[int, torch.Tensor], No
             stack.enter_context(lm.hooks.hook(f"blocks.{l}.attn.heads", heads(l)))
             stack.enter_context(lm.hooks.hook(f"blocks.{l}.mlp.out", mlp(l)))
         yield
+
+
+@torch.no_grad()
+def writer_activations(lm, graph: CircuitGraph, batch, corrupted: bool = False):
+    """Every writer's contribution in a plain forward pass of the clean (or corrupted) prompts:
+    (b, pos, n_writers, d_model) float32, and the logits at the last tokens (b, vocab)."""
+    ids = batch.corrupt_ids if corrupted else batch.clean_ids
+    acts = torch.zeros(*ids.shape, graph.n_writers, lm.adapter.d_model, device=ids.device)
+
+    def store(first: int, a: torch.Tensor) -> None:
+        acts[:, :, first: first + a.shape[2]] = a.float()
+
+    with writer_hooks(lm, graph, store):
+        logits = answer_logits(lm, ids, batch.mask, batch.last)
+    return acts, logits
+
+
+def ablated_values(lm, graph: CircuitGraph, chunks, ablation: str) -> torch.Tensor | None:
+    """What an ablated edge carries, one value per writer for every position: (n_writers, d_model)
+    float32; None for ``corrupted`` (then it is the corrupted run's own activation).
+
+    ``zero``: 0. ``mean``: each writer's output averaged over every real token of the clean
+    prompts of ``chunks`` (an iterable of PairBatch), a_u_mean = sum_{b,p} mask a_u / sum mask."""
+    if ablation == "corrupted":
+        return None
+    total = torch.zeros(graph.n_writers, lm.adapter.d_model, device=lm.device)
+    if ablation == "zero":
+        return total
+    tokens = 0
+    for chunk in chunks:
+        acts = writer_activations(lm, graph, chunk)[0]
+        total += (acts * chunk.mask[:, :, None, None]).sum((0, 1))
+        tokens += int(chunk.mask.sum())
+    return total / tokens
 
 
 def qkv_weights(lm, layer: int) -> list[torch.Tensor]:

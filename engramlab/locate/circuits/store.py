@@ -7,7 +7,9 @@ file                     content
                          metadata ``graph`` (the sizes, JSON)
 ``circuit.json``         graph sizes, node names in the circuit, kept edges with scores (best first)
 ``circuit_eapig.json``   (``write_eapig``) every edge in the EAP-IG JSON layout:
-                         ``{"cfg": ..., "nodes": {name: in_graph}, "edges": {name: {"score", "in_graph"}}}``
+                         ``{"cfg": ..., "nodes": {name: {"in_graph"}}, "edges": {name: {"score", "in_graph"}}}``
+                         with EAP-IG's sign: scores of -metric (EAP-IG attributes a loss,
+                         -logit_diff), i.e. -1 times ``scores``
 ``evaluation.json``      config, held-out metrics, faithfulness-vs-N curve, counts and seconds
 ``components.json``      head roles and logit lens
 ``pairs.json``           discovery and evaluation pairs; ``skipped.jsonl``: facts left out and why
@@ -53,15 +55,22 @@ def circuit_json(result) -> dict:
 
 
 def write_eapig(path: Path, graph: CircuitGraph, scores: torch.Tensor, kept: torch.Tensor, d_model: int | None = None):
-    """Every edge in the EAP-IG graph JSON layout (for tools that read EAP-IG circuits)."""
+    """Every edge in the EAP-IG graph JSON layout (``Graph.to_json``/``from_json`` of
+    hannamw/EAP-IG), for tools that read EAP-IG circuits.
+
+    Scores are written as -``scores``: engramlab attributes +metric (e.g. +logit_diff), EAP-IG a
+    loss (``logit_diff(..., loss=True)`` = -logit_diff), so only the negated scores keep their meaning
+    where the sign is used (``absolute=False`` pruning). With grouped-query attention the key/value
+    edges are per key/value head (``a{l}.h{j}<k>`` is kv head j), not EAP-IG's per-query-head
+    ungrouped ones, so such a file does not map onto an ungrouped EAP-IG graph edge for edge."""
     w_names, r_names = graph.writer_names(), graph.reader_names()
     nodes = circuit_nodes(kept, graph)
     edges = {}
     for w, r in graph.valid.nonzero().tolist():
-        edges[f"{w_names[w]}->{r_names[r]}"] = {"score": float(scores[w, r]), "in_graph": bool(kept[w, r])}
+        edges[f"{w_names[w]}->{r_names[r]}"] = {"score": -float(scores[w, r]), "in_graph": bool(kept[w, r])}
     doc = {"cfg": {"n_layers": graph.n_layers, "n_heads": graph.n_heads, "n_kv_heads": graph.n_kv_heads,
                    "parallel_attn_mlp": graph.parallel_residual, "d_model": d_model},
-           "nodes": {name: bool(nodes[i]) for i, name in enumerate(graph.node_names())},
+           "nodes": {name: {"in_graph": bool(nodes[i])} for i, name in enumerate(graph.node_names())},
            "edges": edges}
     atomic_write_bytes(path, json.dumps(doc).encode("utf-8"))
 

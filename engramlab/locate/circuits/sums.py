@@ -1,8 +1,9 @@
 """What EAP-IG's gradient passes leave behind, and how it becomes edge scores.
 
-Only positions where the clean and corrupted runs can differ are kept: real tokens from the first
-position whose token differs (earlier positions see the same prefix in both runs, so every
-activation difference there is exactly 0 and so is their share of every score). Their flat
+Only positions where the clean and ablated values can differ are kept: under corrupted patching,
+real tokens from the first position whose token differs (earlier positions see the same prefix in
+both runs, so every activation difference there is exactly 0 and so is their share of every
+score); under zero/mean ablation, every real token. Their flat
 (b*pos) indices are ``keep`` (n_keep,); every stored tensor has n_keep rows.
 
 Summed over integration steps (step weights applied), per layer l and reader r:
@@ -14,9 +15,10 @@ Summed over integration steps (step weights applied), per layer l and reader r:
     full[l]   (n_keep, d, R)       reader gradients, for norms without a closed form
 
 After the passes, ``output_differences`` records corrupted minus clean writer outputs (head outputs
-z before W_O, MLP outputs) in one no-grad forward of both prompts.
+z before W_O, MLP outputs) in one no-grad forward of both prompts (under zero/mean ablation: minus
+the clean outputs, from a forward of the clean prompts only).
 ``scores`` turns them into the (n_writers, n_readers) matrix in chunks of positions: for a chunk,
-delta (n_writers, chunk, d_model) = a(corrupted) - a(clean), writer-major so that the writers a
+delta (n_writers, chunk, d_model) = a(ablated) - a(clean), writer-major so that the writers a
 reader sees are a contiguous block, and each reader layer is one matrix product with it. Chunking
 bounds the largest tensor (delta for all positions would be b*pos*n_writers*d_model floats).
 """
@@ -113,16 +115,18 @@ class GradientSums:
         return on_grad
 
     @torch.inference_mode()
-    def output_differences(self, batch) -> dict:
+    def output_differences(self, batch, corrupted: bool = True) -> dict:
         """Corrupted minus clean head outputs z (before W_O) and MLP outputs at the kept
         positions: one no-grad forward of both prompts stacked (2b rows), without the unembedding.
-        Run after the gradient passes, so none of this is held while they run."""
+        ``corrupted=False``: minus the clean outputs (a forward of the clean prompts only; the
+        ablated values are added in ``scores``). Run after the gradient passes, so none of this is
+        held while they run."""
         b = len(batch)
         diff: dict = {}
 
         def record(name: str):
             def fn(t):
-                diff[name] = self._rows(t[b:]) - self._rows(t[:b])
+                diff[name] = self._rows(t[b:]) - self._rows(t[:b]) if corrupted else -self._rows(t)
             return fn
 
         with ExitStack() as stack:
@@ -130,14 +134,19 @@ class GradientSums:
                 for site in ("attn.heads", "mlp.out"):
                     name = f"blocks.{l}.{site}"
                     stack.enter_context(self.lm.hooks.hook(name, record(name)))
-            self.lm.model.base_model(input_ids=torch.cat([batch.clean_ids, batch.corrupt_ids]),
-                                     attention_mask=torch.cat([batch.mask, batch.mask]))
+            if corrupted:
+                self.lm.model.base_model(input_ids=torch.cat([batch.clean_ids, batch.corrupt_ids]),
+                                         attention_mask=torch.cat([batch.mask, batch.mask]))
+            else:
+                self.lm.model.base_model(input_ids=batch.clean_ids, attention_mask=batch.mask)
         return diff
 
     # -- after the passes -------------------------------------------------------------------------
-    def _delta(self, rows: slice, diff: dict, embeds: dict) -> torch.Tensor:
-        """a(corrupted) - a(clean) at kept rows ``rows``: (n_writers, chunk, d_model) float32.
-        Heads are z_h W_O[h]; the output bias is the same in both runs and cancels."""
+    def _delta(self, rows: slice, diff: dict, embeds: dict, ablated: torch.Tensor | None) -> torch.Tensor:
+        """a(ablated) - a(clean) at kept rows ``rows``: (n_writers, chunk, d_model) float32.
+        Heads are z_h W_O[h]; the output bias is in neither (the same in every run, and the
+        evaluation leaves it in place too). ``ablated`` (n_writers, d_model) is added to the
+        recorded -a(clean) of heads and MLPs under zero/mean; the input's is in ``embeds[0.0]``."""
         graph, a = self.graph, self.lm.adapter
         embed = self._rows(embeds[0.0] - embeds[1.0])[rows]
         delta = torch.empty(graph.n_writers, embed.shape[0], a.d_model, device=embed.device)
@@ -147,17 +156,20 @@ class GradientSums:
             first = graph.head_writer(l)
             delta[first: first + graph.n_heads] = torch.einsum("khe,hed->hkd", z, a.W_O(l).detach().float())
             delta[graph.mlp_writer(l)] = diff[f"blocks.{l}.mlp.out"][rows]
+        if ablated is not None:
+            delta[1:] += ablated[1:, None, :]
         return delta
 
-    def scores(self, diff: dict, embeds: dict) -> torch.Tensor:
-        """(n_writers, n_readers) scores from the sums and the runs' output differences."""
+    def scores(self, diff: dict, embeds: dict, ablated: torch.Tensor | None = None) -> torch.Tensor:
+        """(n_writers, n_readers) scores from the sums and the runs' output differences;
+        ``ablated`` as in ``_delta`` (None: corrupted patching)."""
         graph, d = self.graph, self.lm.adapter.d_model
         scores = torch.zeros(graph.n_writers, graph.n_readers, device=self.keep.device)
         n_keep = len(self.keep)
         step = max(1, DELTA_CHUNK_BYTES // (4 * graph.n_writers * d))
         for start in range(0, n_keep, step):
             rows = slice(start, min(start + step, n_keep))
-            delta = self._delta(rows, diff, embeds)
+            delta = self._delta(rows, diff, embeds, ablated)
 
             def times_delta(up: int, grads: torch.Tensor) -> torch.Tensor:
                 # (up, chunk*d) @ (chunk*d, k) -> (up, k), with delta[:up] a contiguous block. Asked
