@@ -18,10 +18,23 @@ from pathlib import Path
 
 import torch
 
+from engramlab.config import option, validate
 from engramlab.data.facts import FactSet, target_token_ids
+from engramlab.models.context import check_facts_fit
 from engramlab.models.loading import LoadedModel, pad_rows
 from engramlab.progress import progress_bar
 from engramlab.runs import atomic_write_json, atomic_write_jsonl, load_json, read_jsonl
+
+
+@dataclass
+class RecallConfig:
+    """How recall is scored."""
+
+    template: int = option(0, "Index of the prompt template to use (negative counts from the end).")
+    batch_size: int = option(16, "Facts per forward pass.", range=(1, None))
+
+    def __post_init__(self):
+        validate(self)
 
 
 @dataclass
@@ -59,8 +72,9 @@ class RecallResult:
 
 def _accuracies(records: list[dict]) -> dict:
     n = len(records)
-    if n == 0:
-        return {"n_facts": 0, "top1_accuracy": 0.0, "top10_accuracy": 0.0, "exact_match": 0.0}
+    if n == 0:  # no facts: no accuracy (null in summary.json), not a misleading 0.0
+        return {"n_facts": 0, "top1_accuracy": None, "top10_accuracy": None, "exact_match": None,
+                "mean_target_prob": None}
     return {
         "n_facts": n,
         "top1_accuracy": sum(r["target_rank"] == 1 for r in records) / n,
@@ -74,6 +88,8 @@ def _accuracies(records: list[dict]) -> dict:
 def score_recall(lm: LoadedModel, facts: FactSet, template_index: int = 0, batch_size: int = 16,
                  show_progress: bool = False) -> RecallResult:
     """Score every fact of ``facts`` with ``lm`` (see module docstring for the definitions)."""
+    RecallConfig(template=template_index, batch_size=batch_size)
+    check_facts_fit(lm, facts)
     tok = lm.tokenizer
     items = []
     for fact in facts:

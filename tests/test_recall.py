@@ -83,7 +83,7 @@ def test_cli_recall_and_inspect(tmp_path, tiny_hf_dir):
 
     r = runner.invoke(app, ["inspect", "--model", str(tiny_hf_dir), "--json", "--seq-len", "5"])
     assert r.exit_code == 0, r.output
-    info = json.loads(r.output)
+    info = json.loads(r.stdout)  # the "loading model" line goes to stderr
     shapes = {s["site"]: s["shape"] for s in info["sites"]}
     assert info["model"]["family"] == "llama" and shapes["blocks.0.attn.k"] == [1, 5, 2, 8]
 

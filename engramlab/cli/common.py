@@ -64,6 +64,29 @@ def _show_log_lines() -> None:
     logger.setLevel(logging.INFO)
 
 
+def select_facts(facts: str, relation: list[str] | None, limit: int | None):
+    """Load ``--facts``, keep ``--relation``/``--limit``; an empty selection is an error."""
+    from engramlab.data.facts import load_facts
+
+    if limit is not None and limit < 1:
+        raise EngramError(f"--limit {limit}: must be >= 1 (leave it out for every fact)")
+    loaded = load_facts(facts)
+    selected = loaded.filter(relation=relation or None, limit=limit)
+    if len(selected) == 0:
+        raise EngramError(f"{facts}: no facts left after --relation; relations available: "
+                          f"{', '.join(loaded.relations) or '(none)'}")
+    return selected
+
+
+def check_model_options(model: str, dtype: str, device: str) -> None:
+    """Check --model/--dtype/--device before anything is written (loading comes later)."""
+    from engramlab.models.loading import resolve_device, resolve_dtype, resolve_spec
+
+    resolve_dtype(dtype)
+    resolve_device(device)
+    resolve_spec(model)
+
+
 def user_errors(fn: Callable) -> Callable:
     """Turn EngramError into a one-line message and exit status 2 instead of a traceback."""
 

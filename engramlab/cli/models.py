@@ -15,12 +15,17 @@ from engramlab.cli.common import (
     LimitOpt,
     ModelOpt,
     OutOpt,
+    OverwriteOpt,
     RelationOpt,
     SeedOpt,
     app,
+    check_model_options,
     console,
+    run_mode,
+    select_facts,
     user_errors,
 )
+from engramlab.errors import EngramError
 
 
 @app.command()
@@ -29,12 +34,17 @@ def inspect(model: str = ModelOpt, dtype: str = DtypeOpt, device: str = DeviceOp
             seq_len: int = typer.Option(8, "--seq-len", help="Sequence length used to show site shapes."),
             layer: Optional[int] = typer.Option(0, "--layer", help="Layer whose sites to list (-1: all)."),
             as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
-            out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write inspect.json here.")):
+            out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write inspect.json here."),
+            overwrite: bool = OverwriteOpt):
     """Model family, sizes, and the hook sites with their tensor shapes."""
     from engramlab.models import SITE_DOCS, load_model
     from engramlab.models.hooks import GLOBAL_SITES
     from engramlab.runs import RunDir, to_json
 
+    if seq_len < 1:
+        raise EngramError(f"--seq-len {seq_len}: must be >= 1")
+    if layer is not None and layer < -1:
+        raise EngramError(f"--layer {layer}: give a layer index, or -1 for every layer")
     lm = load_model(model, dtype=dtype, device=device)
     info = lm.adapter.describe()
     info.update(spec=model, source=lm.source, dtype=str(lm.dtype).replace("torch.", ""), device=str(lm.device))
@@ -45,7 +55,8 @@ def inspect(model: str = ModelOpt, dtype: str = DtypeOpt, device: str = DeviceOp
     sites = [{"site": n, "shape": list(lm.hooks.shape(n, 1, seq_len)), "doc": docs[n.split(".", 2)[-1]
               if n.startswith("blocks.") else n][1]} for n in names]
     if out is not None:
-        with RunDir(out, "inspect", {"model": model, "dtype": dtype, "device": device}) as run:
+        with RunDir(out, "inspect", {"model": model, "dtype": dtype, "device": device},
+                    mode=run_mode(overwrite)) as run:
             run.write_json("inspect.json", {"model": info, "sites": sites})
             run.finish({k: v for k, v in info.items() if isinstance(v, (int, float, str, bool))})
     if as_json:
@@ -72,21 +83,24 @@ def recall(model: str = ModelOpt,
            relation: Optional[List[str]] = RelationOpt,
            limit: Optional[int] = LimitOpt,
            template: int = typer.Option(0, "--template", help="Index of the prompt template to use."),
-           batch_size: int = typer.Option(16, "--batch-size"),
-           out: Path = OutOpt, seed: int = SeedOpt, dtype: str = DtypeOpt, device: str = DeviceOpt):
+           batch_size: int = typer.Option(16, "--batch-size", help="Facts per forward pass."),
+           out: Path = OutOpt, overwrite: bool = OverwriteOpt, seed: int = SeedOpt, dtype: str = DtypeOpt,
+           device: str = DeviceOpt):
     """Score recall per fact: probability and rank of the first target token, greedy exact match."""
-    from engramlab.data.facts import load_facts
     from engramlab.models import load_model
-    from engramlab.recall import score_recall
+    from engramlab.recall import RecallConfig, score_recall
     from engramlab.runs import RunDir, set_seed
 
+    rcfg = RecallConfig(template=template, batch_size=batch_size)
+    check_model_options(model, dtype, device)
+    factset = select_facts(facts, relation, limit)
     config = {"model": model, "facts": facts, "relation": relation, "limit": limit, "template": template,
               "batch_size": batch_size, "dtype": dtype, "device": device}
-    factset = load_facts(facts).filter(relation=relation or None, limit=limit)
-    with RunDir(out, "recall", config, seed=seed) as run:
+    with RunDir(out, "recall", config, seed=seed, mode=run_mode(overwrite)) as run:
         set_seed(seed)
         lm = load_model(model, dtype=dtype, device=device)
-        result = score_recall(lm, factset, template_index=template, batch_size=batch_size, show_progress=True)
+        result = score_recall(lm, factset, template_index=rcfg.template, batch_size=rcfg.batch_size,
+                              show_progress=True)
         result.save(run.path)
         summary = result.summary()
         run.finish(summary)
