@@ -45,11 +45,22 @@ def dkn(model: str = ModelOpt,
                                      "an edge."),
         fold_norm: bool = typer.Option(True, "--fold-norm/--no-fold-norm", help="Fold the MLP norm's weight "
                                        "(and LayerNorm centring) into the read vectors."),
+        norm_scale: str = typer.Option("none", "--norm-scale", help="none | rms: scale every edge into layer j "
+                                       "by 1/rms of what layer j's MLP norm reads at the fact's last prompt token."),
         methods: str = typer.Option(",".join(("persistence", "pairs", "hierarchical", "dbscan", "kmeans")),
                                     "--methods", help="Comma-separated clustering methods to run."),
         method: str = typer.Option("persistence", "--method", help="Method reported by the top-level keys."),
         quantile: float = typer.Option(0.9, "--quantile", help="Persistence/hierarchical: keep clusters more "
                                        "persistent than this quantile of the merge distances."),
+        clustering: str = typer.Option("quantile", "--clustering", help="Persistence parameterisation: quantile "
+                                       "(engramlab: single linkage cut at --quantile of the deaths) | reference "
+                                       "(the published NTC; add --outliers drop for its clusters only)."),
+        distance_quantile: float = typer.Option(0.2, "--distance-quantile", help="Reference NTC: keep edges "
+                                                "shorter than this quantile of the distances."),
+        edge_fraction: float = typer.Option(0.5, "--edge-fraction", help="Reference NTC: sweep only this "
+                                            "shortest fraction of the kept edges."),
+        birth_quantile: float = typer.Option(0.5, "--birth-quantile", help="Reference NTC: a cluster's "
+                                             "persistence must exceed this quantile of the births."),
         linkage: str = typer.Option("average", "--linkage", help="Hierarchical linkage."),
         dbscan_eps: Optional[float] = typer.Option(None, "--dbscan-eps", help="Default: the persistence "
                                                    "threshold."),
@@ -71,6 +82,9 @@ def dkn(model: str = ModelOpt,
         evolve_new: int = typer.Option(8, "--evolve-new", help="New facts to learn."),
         evolve_steps: int = typer.Option(30, "--evolve-steps"),
         evolve_lr: float = typer.Option(1e-3, "--evolve-lr"),
+        evolve_arms: str = typer.Option("dkn,kn,random,kn_all,full", "--evolve-arms", help="Comma-separated: dkn "
+                                        "| kn, random (matched to the DKN in size and layers) | kn_all (every "
+                                        "candidate) | random_any (any layer) | full."),
         batch_size: int = typer.Option(64, "--batch-size", help="Subsets per forward pass."),
         seed: int = SeedOpt, dtype: str = DtypeOpt, device: str = DeviceOpt):
     """Find degenerate knowledge neurons: clusters of knowledge neurons that back each other up."""
@@ -85,14 +99,19 @@ def dkn(model: str = ModelOpt,
 
     config = DKNConfig(threshold=threshold, max_candidates=max_candidates, steps=steps, baseline=baseline,
                        template=template, known_rank=known_rank, max_span=max_span, fold_norm=fold_norm,
-                       methods=_methods(methods), method=method,
-                       cluster=ClusterConfig(quantile=quantile, linkage=linkage, dbscan_eps=dbscan_eps,
+                       norm_scale=norm_scale, methods=_methods(methods), method=method,
+                       cluster=ClusterConfig(quantile=quantile, clustering=clustering,
+                                             distance_quantile=distance_quantile, edge_fraction=edge_fraction,
+                                             birth_quantile=birth_quantile, linkage=linkage, dbscan_eps=dbscan_eps,
                                              dbscan_min_samples=dbscan_min_samples, kmeans_k=kmeans_k,
                                              outliers=outliers, seed=seed),
                        t_low=t_low, t_high=t_high, max_subsets=max_subsets, subset_samples=subset_samples,
                        positions=positions, batch_size=batch_size, robustness=robustness, seed=seed)
     config.validate()
-    evolve_config = EvolveConfig(n_new=evolve_new, steps=evolve_steps, lr=evolve_lr, seed=seed)
+    evolve_config = EvolveConfig(n_new=evolve_new, steps=evolve_steps, lr=evolve_lr, arms=_methods(evolve_arms),
+                                 seed=seed)
+    if evolve:
+        evolve_config.validate()
     factset = load_facts(facts).filter(relation=relation or None, limit=limit)
     run_config = {"model": model, "facts": facts, "relation": relation, "limit": limit, "dtype": dtype,
                   "device": device, "dkn": asdict(config), "evolvability": asdict(evolve_config) if evolve else None}
@@ -107,19 +126,21 @@ def dkn(model: str = ModelOpt,
         run.finish(summary)
 
     t = Table(title=f"dkn: {model} on {facts} ({summary['n_evaluated']} of {summary['n_facts']} facts evaluated)")
-    for col in ("method", "found", "partial drop", "full drop", "clusters", "dkn neurons"):
+    for col in ("method", "found", "of which sampled", "partial drop", "full drop", "clusters", "dkn neurons"):
         t.add_column(col, justify="left" if col == "method" else "right")
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     for m in config.methods:
         g = lambda k: summary.get(f"{m}.{k}")  # noqa: E731
-        t.add_row(m, fmt(g("dkn_found_rate")), fmt(g("mean_partial_drop")), fmt(g("mean_full_drop")),
+        t.add_row(m, fmt(g("dkn_found_rate")), fmt(g("dkn_found_rate_sampled")), fmt(g("mean_partial_drop")),
+                  fmt(g("mean_full_drop")),
                   fmt(g("mean_clusters")), fmt(g("mean_dkn_neurons")))
     console.print(t)
     if result.evolvability and result.evolvability.get("arms"):
         e = Table(title="evolvability (accuracy on new facts / retention of old ones)")
-        for col in ("arm", "neurons", "new top1", "old top1"):
+        for col in ("arm", "neurons", "layers", "new top1", "old top1"):
             e.add_column(col)
         for arm, v in result.evolvability["arms"].items():
-            e.add_row(arm, str(v["n_neurons"] or "all"), fmt(v["new_top1"]), fmt(v["old_top1"]))
+            layers = ",".join(f"{l}:{c}" for l, c in (v.get("layers") or {}).items()) or "all"
+            e.add_row(arm, str(v["n_neurons"] or "all"), layers, fmt(v["new_top1"]), fmt(v["old_top1"]))
         console.print(e)
     console.print(f"wrote {out}/dkn.jsonl, summary.json, manifest.json")

@@ -6,17 +6,22 @@ Pipeline per fact (``find_dkns``):
    position (``engramlab.locate.neurons.attribute_neurons``); the coarse knowledge neurons are
    those above ``threshold`` x the largest attribution, at most ``max_candidates`` of them.
 2. **Neuron graph** (``engramlab.locate.neuron_graph``): distance 1 / |w_out_A . r_B| between a
-   neuron A and a neuron B up to ``max_span`` layers later that reads what A writes; others are
+   neuron A and a neuron B up to ``max_span`` layers later that reads what A writes (with
+   ``norm_scale="rms"`` times the reading layer's 1/rms on the fact's prompt); others are
    linked only through paths over other candidates of the fact.
-3. **Clusters** by each method of ``engramlab.locate.topology`` (persistence by default).
+3. **Clusters** by each method of ``engramlab.locate.topology`` (persistence by default, in the
+   ``cluster.clustering`` parameterisation: engramlab's ``quantile`` or the published
+   ``reference`` NTC).
 4. **Verification, enforced** (``search_dkn``): a DKN is a set of >= 2 clusters such that
    suppressing any proper subset lowers P(target) by less than ``t_low`` (relative) and
    suppressing all of it lowers it by more than ``t_high``. Only sets that pass are reported;
-   a fact without one gets ``dkn: null`` and the reason.
+   a fact without one gets ``dkn: null`` and the reason. ``check`` says whether every proper
+   subset of the reported DKN was measured (``exhaustive``) or only a sample (``sampled``).
 
 Suppression multiplies the neurons' activations (site ``blocks.{l}.mlp.neurons``) by 0 at the last
 prompt position (``positions="all"``: every position); P(target) is the teacher-forced probability
-of the target tokens, as in ``engramlab.locate.neurons``. See docs/dkn.md for the choices and why.
+of the target tokens, prod_j P(t_j | prompt, t_<j), as in ``engramlab.locate.neurons``. See
+docs/dkn.md for the choices and why.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import torch
 
 from engramlab.data.facts import FactSet, target_token_ids
 from engramlab.errors import EngramError
-from engramlab.locate.neuron_graph import Neuron, neuron_distances
+from engramlab.locate.neuron_graph import Neuron, neuron_distances, reader_inv_rms
 from engramlab.locate.neurons import NeuronConfig, attribute_neurons, coarse_neurons, first_token_ranks
 from engramlab.locate.topology import METHODS, ClusterConfig, cluster_neurons
 from engramlab.models.loading import LoadedModel
@@ -43,6 +48,7 @@ from engramlab.progress import progress_bar
 from engramlab.runs import atomic_write_json, atomic_write_jsonl, load_json, read_jsonl
 
 POSITIONS = ("last", "all")
+NORM_SCALES = ("none", "rms")
 
 
 @dataclass
@@ -60,6 +66,7 @@ class DKNConfig:
     # neuron graph
     max_span: int = 3
     fold_norm: bool = True
+    norm_scale: str = "none"  # "rms": scale edges into layer j by its 1/rms on the fact's prompt
     # clustering
     methods: tuple[str, ...] = METHODS
     method: str = "persistence"  # the one whose numbers are also the top-level summary keys
@@ -81,11 +88,13 @@ class DKNConfig:
         self.cluster.validate()
         for m in (*self.methods, self.method):
             if m not in METHODS:
-                raise EngramError(f"method {m!r}: choose from {', '.join(METHODS)}")
+                raise EngramError(f"--methods/--method {m!r}: choose from {', '.join(METHODS)}")
         if self.method not in self.methods:
             raise EngramError(f"--method {self.method}: it must be one of --methods ({', '.join(self.methods)})")
         if not 0 <= self.t_low < self.t_high:
             raise EngramError(f"--t-low {self.t_low} / --t-high {self.t_high}: need 0 <= t_low < t_high")
+        if self.norm_scale not in NORM_SCALES:
+            raise EngramError(f"--norm-scale {self.norm_scale!r}: choose one of {', '.join(NORM_SCALES)}")
         if self.positions not in POSITIONS:
             raise EngramError(f"--positions {self.positions!r}: choose one of {', '.join(POSITIONS)}")
         if self.max_candidates < 2 or self.max_span < 1 or self.max_subsets < 3:
@@ -99,9 +108,10 @@ def scaled_target_probs(lm: LoadedModel, prompt: str, target_ids: Sequence[int],
                         batch_size: int = 64) -> np.ndarray:
     """P(target | prompt) with each neuron set's activations multiplied by its factor, (len(sets),).
 
-    P(target) is teacher-forced: the product over the target tokens, as in
-    ``engramlab.locate.neurons.target_probability``. ``positions="last"`` scales the neurons at
-    the last prompt token only, ``"all"`` at every position. Row r of a batch scales set r, so
+    P(target) is teacher-forced: prod_j P(t_j | prompt, t_<j) over the target tokens t, the same
+    objective as ``engramlab.locate.neurons.target_probability`` (tested against it).
+    ``positions="last"`` scales the neurons at the last prompt token only, ``"all"`` at every
+    position. Row r of a batch scales set r, so
     every subset a search tests costs one row. With ``"last"`` nothing before the last prompt
     token can change (the model is causal), so the prompt prefix runs once and every row only
     computes the segment (last prompt token + target tokens but the last) on its keys/values.
@@ -111,7 +121,7 @@ def scaled_target_probs(lm: LoadedModel, prompt: str, target_ids: Sequence[int],
     factors = [float(factors)] * len(neuron_sets) if isinstance(factors, (int, float)) else list(factors)
     prefix = None
     if positions == "last" and len(prompt_ids) > 1:
-        prefix = lm.model(input_ids=torch.tensor([prompt_ids[:-1]], device=lm.device), use_cache=True).past_key_values
+        prefix = lm.model(input_ids=torch.tensor([prompt_ids[:-1]], device=lm.device), use_cache=True).cache
         segment, where = prompt_ids[-1:] + target_ids[:-1], [0]
     else:
         segment = prompt_ids + target_ids[:-1]
@@ -132,7 +142,7 @@ def scaled_target_probs(lm: LoadedModel, prompt: str, target_ids: Sequence[int],
             for l, s in scales.items():
                 stack.enter_context(lm.hooks.edit(f"blocks.{l}.mlp.neurons", lambda t, s=s: t * s[:, None, :],
                                                   positions=where))
-            logits = lm.model(input_ids=torch.tensor([segment] * len(rows), device=lm.device), past_key_values=cache,
+            logits = lm.model(input_ids=torch.tensor([segment] * len(rows), device=lm.device), cache=cache,
                               use_cache=cache is not None, logits_to_keep=len(target_ids)).logits
         # The last len(target) positions predict the target tokens, one each.
         logp = logits[:, -len(target_ids):].float().log_softmax(-1)
@@ -171,9 +181,11 @@ class Search:
     full_drop: float | None  # drop with the whole DKN suppressed
     all_drop: float  # drop with every cluster suppressed (measured whether or not a DKN exists)
     max_single_drop: float  # largest drop from suppressing one cluster
-    check: str  # "exhaustive" or "sampled"
+    check: str  # "exhaustive": every proper subset of the DKN (if any) was measured; "sampled": only some
+    bounded: bool  # the subset budget was exceeded: the search sampled and/or set clusters aside
     n_shed: int  # clusters set aside by the bounded search
     n_subsets: int  # subsets whose drop was measured
+    n_verified: int | None  # proper subsets of the DKN that were measured (of 2^k - 2); None without DKN
     reason: str | None  # why there is no DKN
 
 
@@ -193,6 +205,11 @@ def search_dkn(drop_of: Callable[[list[frozenset]], list[float]], n_clusters: in
     aside: the one whose absence the rest tolerates best (largest drop with the rest suppressed),
     ties going to the one that hurts most alone. Once few enough remain, every subset is measured
     and the largest passing set (then the largest full drop) wins.
+
+    Soundness: a DKN from the exhaustive phase (``check="exhaustive"``, even after shedding) had
+    every proper subset measured. A DKN accepted in the sampled step (``check="sampled"``) passed
+    only the subsets it reports (``n_verified`` of 2^k - 2): a subset that was not drawn may
+    still drop P(target) by ``t_low`` or more, so such DKNs are counted apart.
     """
     cache: dict[frozenset, float] = {}
 
@@ -207,9 +224,10 @@ def search_dkn(drop_of: Callable[[list[frozenset]], list[float]], n_clusters: in
     max_single = max(drops([frozenset([c]) for c in active]), default=0.0)
     sampled, shed = False, 0
 
-    def outcome(dkn=None, partial=None, full=None, reason=None) -> Search:
-        return Search(dkn, partial, full, all_drop, max_single, "sampled" if sampled else "exhaustive", shed,
-                      len(cache), reason)
+    def outcome(dkn=None, partial=None, full=None, reason=None, check="exhaustive", verified=None) -> Search:
+        if dkn is not None and verified is None:
+            verified = 2 ** len(dkn) - 2  # the exhaustive phase measured every proper subset
+        return Search(dkn, partial, full, all_drop, max_single, check, sampled, shed, len(cache), verified, reason)
 
     if n_clusters < 2:
         return outcome(reason=f"{n_clusters} cluster(s); a DKN needs 2")
@@ -227,9 +245,10 @@ def search_dkn(drop_of: Callable[[list[frozenset]], list[float]], n_clusters: in
             partial = max(alone + rest + drops(sorted(samples, key=sorted)))
             if full <= t_high:  # fewer clusters suppressed are assumed not to drop it more
                 return outcome(reason=f"suppressing all {len(active)} remaining clusters drops P(target) by "
-                                      f"only {full:.3f} <= t_high")
+                                      f"only {full:.3f} <= t_high", check="sampled")
             if partial < t_low:
-                return outcome(sorted(active), partial, full)
+                n_checked = len({frozenset([c]) for c in active} | {whole - {c} for c in active} | samples)
+                return outcome(sorted(active), partial, full, check="sampled", verified=n_checked)
         # Set aside the cluster the others do best without (largest drop of the rest), then the
         # one that hurts most alone (the least degenerate).
         active.pop(max(range(len(active)), key=lambda k: (rest[k], alone[k])))
@@ -292,7 +311,11 @@ def analyse_fact(lm: LoadedModel, fact, config: DKNConfig, attribute: Attributio
         rec["skipped"] = f"{len(cands)} candidate neuron(s) above threshold {config.threshold}; need 2"
         return rec
     neurons = [(l, i) for l, i, _ in cands]
-    dist = neuron_distances(lm.adapter, neurons, config.max_span, config.fold_norm)
+    read_scale = None
+    if config.norm_scale == "rms":
+        read_scale = reader_inv_rms(lm, prompt)
+        rec["reader_rms"] = [round(1.0 / float(v), 6) for v in read_scale]  # per layer, at the last prompt token
+    dist = neuron_distances(lm.adapter, neurons, config.max_span, config.fold_norm, read_scale)
     rec["n_edges"] = int(np.isfinite(dist[np.triu_indices(len(neurons), 1)]).sum())
     for method in config.methods:
         clusters = cluster_neurons(dist, method, config.cluster)
@@ -336,8 +359,13 @@ def _mean(values) -> float | None:
 def method_summary(entries: list[dict]) -> dict:
     """Headline numbers of one method over the evaluated facts' entries."""
     found = [e for e in entries if e["dkn"] is not None]
+    # Old records (before "bounded" existed) labelled a DKN "sampled" whenever the search was bounded.
+    sampled = [e for e in found if e["check"] == "sampled"]
+    rate = (lambda k: k / len(entries)) if entries else (lambda k: None)
     out = {
-        "dkn_found_rate": len(found) / len(entries) if entries else None,
+        "dkn_found_rate": rate(len(found)),
+        "dkn_found_rate_exhaustive": rate(len(found) - len(sampled)),  # every proper subset measured
+        "dkn_found_rate_sampled": rate(len(sampled)),  # accepted on a sample of its proper subsets
         "n_dkn": len(found),
         "mean_partial_drop": _mean(e["partial_drop"] for e in found),
         "mean_full_drop": _mean(e["full_drop"] for e in found),
@@ -346,7 +374,7 @@ def method_summary(entries: list[dict]) -> dict:
         "mean_dkn_neurons": _mean(len(e["dkn_neurons"]) for e in found),
         "mean_all_clusters_drop": _mean(e["all_drop"] for e in entries),
         "mean_max_single_drop": _mean(e["max_single_drop"] for e in entries),
-        "n_sampled_searches": sum(e["check"] == "sampled" for e in entries),
+        "n_sampled_searches": sum(e.get("bounded", e["check"] == "sampled") for e in entries),
     }
     robust = [e["robustness"] for e in found if e.get("robustness")]
     for kind in (robust[0] if robust else {}):
@@ -379,7 +407,7 @@ class DKNResult:
         default = self.config.get("method", "persistence")
         out.update({k: out[f"{default}.{k}"] for k in method_summary([]) if f"{default}.{k}" in out})
         for arm, numbers in (self.evolvability or {}).get("arms", {}).items():
-            out.update({f"evolvability.{arm}.{k}": v for k, v in numbers.items()})
+            out.update({f"evolvability.{arm}.{k}": v for k, v in numbers.items() if k not in ("neurons", "layers")})
         return out
 
     def save(self, directory: str | Path) -> None:

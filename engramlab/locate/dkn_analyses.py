@@ -5,10 +5,22 @@
   default 0) and enhanced (x ``enhance``, default 2). If the DKN carries the fact across
   rephrasings, attenuating it should hurt and enhancing it help on every variant.
 * **Evolvability** (``evolvability``): fine-tune on new facts (invented subjects of the same
-  relations) updating only the MLP in/out weights of the DKN neurons, of the coarse knowledge
-  neurons, of as many random neurons as the DKN has, or the whole model; report accuracy on the
-  new facts and retention of the old ones. Every arm gets the same optimiser, learning rate and
-  steps, and the model is restored between arms.
+  relations) updating only the MLP in/out weights of one neuron set per arm, or the whole model;
+  report accuracy on the new facts and retention of the old ones. Every arm gets the same
+  optimiser, learning rate and steps, and the model is restored between arms. Arms (``ARMS``):
+
+  ==========  ====================================================================================
+  dkn         the union of the DKN neurons over the facts
+  kn          as many non-DKN candidates (coarse KNs) as the DKN has *in each of its layers*, the
+              strongest first; a layer short of candidates borrows from the nearest layers and the
+              shortfall is reported (``n_unmatched``)
+  random      as many random neurons as the DKN has in each of its layers, from those layers,
+              never a candidate (seeded)
+  kn_all      the union of all candidates (what the DKN paper compares with: larger, so size is
+              confounded)
+  random_any  as many random neurons as the DKN, from any layer
+  full        every parameter
+  ==========  ====================================================================================
 """
 
 from __future__ import annotations
@@ -21,6 +33,7 @@ from typing import Iterator, Sequence
 import torch
 
 from engramlab.data.facts import Fact, render, target_token_ids
+from engramlab.errors import EngramError
 from engramlab.locate.degenerate import DKNConfig, DKNResult, scaled_target_probs
 from engramlab.locate.neuron_graph import Neuron
 from engramlab.models.adapters import ArchAdapter
@@ -75,8 +88,18 @@ class EvolveConfig:
     n_new: int = 8  # new facts to learn
     steps: int = 30  # full-batch optimiser steps per arm
     lr: float = 1e-3  # Adam, the same for every arm
-    arms: tuple[str, ...] = ("dkn", "kn", "random", "full")
+    arms: tuple[str, ...] = ("dkn", "kn", "random", "kn_all", "full")
     seed: int = 0
+
+    def validate(self) -> None:
+        unknown = [a for a in self.arms if a not in ARMS]
+        if unknown or not self.arms:
+            raise EngramError(f"--evolve-arms {','.join(self.arms)!r}: choose from {', '.join(ARMS)}")
+        if self.n_new < 1 or self.steps < 0 or self.lr <= 0:
+            raise EngramError("--evolve-new must be >= 1, --evolve-steps >= 0, --evolve-lr > 0")
+
+
+ARMS = ("dkn", "kn", "random", "kn_all", "random_any", "full")
 
 
 _SYLLABLES = ("bal", "dor", "ka", "ven", "tir", "mo", "zel", "qua", "ran", "thes", "lu", "vor", "nim", "pa")
@@ -165,6 +188,46 @@ def _recall(lm: LoadedModel, batch) -> dict:
             "mean_prob": float(first.softmax(-1).gather(1, target[:, None]).mean())}
 
 
+def layer_counts(neurons: Sequence[Neuron]) -> dict[int, int]:
+    """{layer: number of ``neurons`` in it}, layers ascending."""
+    out: dict[int, int] = {}
+    for layer, _ in sorted(neurons):
+        out[layer] = out.get(layer, 0) + 1
+    return out
+
+
+def matched_kn(dkn: Sequence[Neuron], candidates: dict[Neuron, float]) -> tuple[list[Neuron], int]:
+    """Non-DKN candidates matching the DKN's size and layers, and how many sit in another layer.
+
+    ``candidates`` maps each candidate to its strength (higher first). For every DKN layer l with
+    c_l DKN neurons the c_l strongest non-DKN candidates of layer l are taken; a layer with too
+    few then takes the rest from the nearest layers (ties: the earlier layer), then by strength,
+    and counts as unmatched (an arm can come out smaller when there are too few candidates).
+    """
+    pool = {n: s for n, s in candidates.items() if n not in set(dkn)}
+    picked: set[Neuron] = set()
+    short: dict[int, int] = {}
+    for layer, count in layer_counts(dkn).items():  # same layer first, for every layer
+        same = sorted((n for n in pool if n[0] == layer), key=lambda n: (-pool[n], n[1]))[:count]
+        picked.update(same)
+        if len(same) < count:
+            short[layer] = count - len(same)
+    for layer, count in short.items():  # then the shortfalls, from the nearest layers
+        free = sorted((n for n in pool if n not in picked), key=lambda n: (abs(n[0] - layer), n[0], -pool[n], n[1]))
+        picked.update(free[:count])
+    return sorted(picked), sum(short.values())
+
+
+def matched_random(dkn: Sequence[Neuron], exclude: set, d_mlp: int, seed: int) -> list[Neuron]:
+    """Per DKN layer as many random neurons of that layer as the DKN has there, none in ``exclude``."""
+    gen = torch.Generator().manual_seed(seed)
+    out: list[Neuron] = []
+    for layer, count in layer_counts(dkn).items():
+        order = torch.randperm(d_mlp, generator=gen).tolist()
+        out += [(layer, i) for i in order if (layer, i) not in exclude][:count]
+    return sorted(out)
+
+
 @contextmanager
 def trained(lm: LoadedModel, masks: dict | None, batch, config: EvolveConfig) -> Iterator[int]:
     """Inside the block the model is fine-tuned with Adam on the masked entries (``masks=None``:
@@ -197,11 +260,15 @@ def evolvability(lm: LoadedModel, result: DKNResult, facts: Sequence[Fact], conf
                  method: str | None = None) -> dict:
     """Learn new facts through the DKN, the knowledge neurons, random neurons, or the whole model.
 
-    ``result`` gives the neuron sets: the union of ``method``'s DKN neurons over the facts, the
-    union of the coarse candidates (KN), and as many random neurons as the DKN set (seeded).
+    ``result`` gives the neuron sets of the arms (module docstring): ``method``'s DKN neurons
+    (union over the facts), the candidates, and random neurons matched to the DKN. A candidate's
+    strength is its largest attribution over the facts relative to that fact's strongest one.
     ``facts`` are the facts ``result`` was computed on; the evaluated ones are the old facts.
+    Per arm: ``n_neurons``, ``neurons``, ``layers`` ({layer: count}), ``n_params`` (trainable entries),
+    ``n_unmatched`` (``kn``), and accuracy/probability on the new and the old facts.
     """
     config = config or EvolveConfig()
+    config.validate()
     method = method or result.config.get("method", "persistence")
     template = int(result.config.get("template", 0))
     evaluated = [r for r in result.records if not r["skipped"]]
@@ -210,10 +277,16 @@ def evolvability(lm: LoadedModel, result: DKNResult, facts: Sequence[Fact], conf
     if not old:
         return {"method": method, "skipped": "no evaluated facts", "arms": {}}
     dkn = sorted({tuple(n) for r in evaluated for n in r["methods"].get(method, {}).get("dkn_neurons", [])})
-    kn = sorted({(l, i) for r in evaluated for l, i, _ in r["candidates"]})
-    n_total = lm.adapter.n_layers * lm.adapter.d_mlp
+    strength: dict[Neuron, float] = {}
+    for r in evaluated:
+        top = max((s for _, _, s in r["candidates"]), default=0.0) or 1.0
+        for l, i, s in r["candidates"]:
+            strength[(l, i)] = max(strength.get((l, i), -float("inf")), s / top)
+    kn, n_unmatched = matched_kn(dkn, strength)
+    d_mlp, n_total = lm.adapter.d_mlp, lm.adapter.n_layers * lm.adapter.d_mlp
     picks = torch.randperm(n_total, generator=torch.Generator().manual_seed(config.seed))[:len(dkn)].tolist()
-    neuron_sets = {"dkn": dkn, "kn": kn, "random": sorted((k // lm.adapter.d_mlp, k % lm.adapter.d_mlp) for k in picks)}
+    neuron_sets = {"dkn": dkn, "kn": kn, "random": matched_random(dkn, set(strength) | set(dkn), d_mlp, config.seed),
+                   "kn_all": sorted(strength), "random_any": sorted((k // d_mlp, k % d_mlp) for k in picks)}
 
     learn = new_facts(old, config.n_new, config.seed)
     new_batch, old_batch = _batch(lm, learn, template), _batch(lm, old, template)
@@ -224,12 +297,18 @@ def evolvability(lm: LoadedModel, result: DKNResult, facts: Sequence[Fact], conf
     for arm in config.arms:
         neurons = neuron_sets.get(arm)
         if neurons is not None and not neurons:
-            out["skipped_arms"][arm] = f"no {'DKN' if arm != 'kn' else 'candidate'} neurons to train"
+            out["skipped_arms"][arm] = ("no candidate neurons to train" if arm == "kn_all" else
+                                        "no DKN neurons to train or match")
             continue
         masks = None if arm == "full" else neuron_param_masks(lm.adapter, neurons)
         with trained(lm, masks, new_batch, config) as n_params:
             new, kept = _recall(lm, new_batch), _recall(lm, old_batch)
-        out["arms"][arm] = {"n_neurons": len(neurons) if neurons is not None else None, "n_params": n_params,
-                            "new_top1": new["top1"], "new_mean_prob": new["mean_prob"],
-                            "old_top1": kept["top1"], "old_mean_prob": kept["mean_prob"]}
+        numbers = {"n_neurons": len(neurons) if neurons is not None else None,
+                   "neurons": [list(n) for n in neurons] if neurons is not None else None,
+                   "layers": {str(l): c for l, c in layer_counts(neurons).items()} if neurons is not None else None,
+                   "n_params": n_params, "new_top1": new["top1"], "new_mean_prob": new["mean_prob"],
+                   "old_top1": kept["top1"], "old_mean_prob": kept["mean_prob"]}
+        if arm == "kn":
+            numbers["n_unmatched"] = n_unmatched
+        out["arms"][arm] = numbers
     return out

@@ -15,13 +15,27 @@ reads; nothing flows backwards.
 
 Norm folding (default on): the MLP norm multiplies the normalised residual elementwise by its
 weight before W_in reads it, so ``r_B = weight * w_in_B`` (Gemma's RMSNorm: ``1 + weight``); a
-LayerNorm also subtracts the mean, so ``r_B`` is centred. The norm's 1/rms factor depends on the
-input, not the weights, and is left out (it scales all edges into one layer alike at a position).
+LayerNorm also subtracts the mean, so ``r_B`` is centred.
+
+The norm's 1/rms factor depends on the input, not the weights. By default it is left out: it
+scales every edge into one layer alike at a position, but the clustering thresholds are global
+quantiles over edges into *different* layers, whose rms differ by orders of magnitude (SmolLM2:
+0.15 at layer 0, ~2 at layer 1, ~29 at layer 29). ``read_scale`` (from ``reader_inv_rms``: the
+fact's own MLP-norm input at its last prompt position) multiplies every edge into layer j by
+1/rms_j, which is what A's output adds to B's pre-activation on that prompt (to first order: the
+rms itself moves a little with A's output):
+
+    s_rms(A, B) = s(A, B) / rms_j,   rms_j = sqrt(mean_k (x_k - [mean x])^2 + eps)
+
+(x: the residual the norm of layer j reads; the mean is subtracted for a LayerNorm only).
 
 The graph: distance ``1 / s(A, B)`` for 0 < j - i <= ``max_span``; same-layer pairs and pairs
 further apart have no direct edge (``inf``): they are linked only through paths over other
 neurons of the fact, which is what single-linkage (persistence) clustering and the shortest-path
-distances of the baselines do (``engramlab.locate.topology``).
+distances of the baselines do (``engramlab.locate.topology``). The published DKN code instead
+puts a direct edge only between *adjacent* layers and links gaps of 2-3 layers through the fact's
+other neurons in every intermediate layer; here any earlier writer connects to any reader up to
+``max_span`` layers later, since the residual stream carries A's output to every later layer.
 """
 
 from __future__ import annotations
@@ -33,6 +47,7 @@ import torch
 from torch import nn
 
 from engramlab.models.adapters import ArchAdapter
+from engramlab.models.loading import LoadedModel
 
 Neuron = tuple[int, int]  # (layer, index)
 
@@ -68,12 +83,39 @@ def read_vectors(adapter: ArchAdapter, layer: int, index: Sequence[int], fold_no
     return out
 
 
+@torch.no_grad()
+def reader_inv_rms(lm: LoadedModel, prompt: str) -> torch.Tensor:
+    """(n_layers,) 1/rms of what each layer's MLP norm reads at the last token of ``prompt``.
+
+    rms_l = sqrt(mean_k (x_k - [mean x])^2 + eps) with x (d_model,) the norm's input
+    (``resid_mid``; ``resid_pre`` with a parallel residual), the mean subtracted for a LayerNorm
+    only and eps the norm's own, so x / rms_l is exactly what the norm scales by its weight.
+    """
+    a = lm.adapter
+    site = "resid_pre" if a.parallel_residual else "resid_mid"
+    names = [f"blocks.{l}.{site}" for l in range(a.n_layers)]
+    ids = lm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    with lm.hooks.capture(names) as cache:
+        lm.model(input_ids=torch.tensor([ids], device=lm.device))
+    out = []
+    for l, name in enumerate(names):
+        norm = a.mlp_norm(l)
+        x = cache[name][0, -1].double()
+        if norm_read(norm)[1]:
+            x = x - x.mean()
+        eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 0.0)) or 0.0)
+        out.append(1.0 / torch.sqrt(x.pow(2).mean() + eps))
+    return torch.stack(out).float().cpu()
+
+
 def connection_strengths(adapter: ArchAdapter, neurons: Sequence[Neuron], max_span: int = 3,
-                         fold_norm: bool = True) -> torch.Tensor:
+                         fold_norm: bool = True, read_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric (n, n) strengths of the direct connections between ``neurons``; 0 = no edge.
 
     For A in layer i and B in layer j with 0 < j - i <= max_span the strength is the size of what
     A's output adds to B's pre-activation(s) per unit of A's activation (module docstring).
+    ``read_scale`` (n_layers,), e.g. ``reader_inv_rms``, multiplies every edge into layer j by
+    ``read_scale[j]``.
     """
     if not neurons:
         return torch.zeros(0, 0)
@@ -84,15 +126,17 @@ def connection_strengths(adapter: ArchAdapter, neurons: Sequence[Neuron], max_sp
     dots = torch.stack([writes @ r.t() for r in reads])
     strength = dots.pow(2).sum(0).sqrt()  # (n, n), directed: row writes, column reads
     layers = torch.tensor([l for l, _ in neurons])
+    if read_scale is not None:
+        strength = strength * read_scale.float()[layers][None, :]  # the reader's (column's) layer
     gap = layers[None, :] - layers[:, None]
     directed = torch.where((gap > 0) & (gap <= max_span), strength, torch.zeros_like(strength))
     return directed + directed.t()  # each pair has at most one direction (the later one reads)
 
 
 def neuron_distances(adapter: ArchAdapter, neurons: Sequence[Neuron], max_span: int = 3,
-                     fold_norm: bool = True) -> np.ndarray:
+                     fold_norm: bool = True, read_scale: torch.Tensor | None = None) -> np.ndarray:
     """(n, n) distances 1 / strength (``inf`` = no direct edge, 0 on the diagonal)."""
-    s = connection_strengths(adapter, neurons, max_span, fold_norm).double().numpy()
+    s = connection_strengths(adapter, neurons, max_span, fold_norm, read_scale).double().numpy()
     dist = np.full_like(s, np.inf)
     dist[s > 0] = 1.0 / s[s > 0]
     np.fill_diagonal(dist, 0.0)

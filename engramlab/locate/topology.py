@@ -8,12 +8,22 @@ Every method returns clusters as lists of node indices, sorted.
 ==============  ==============================================================================
 method          rule
 ==============  ==============================================================================
-persistence     0-dimensional persistent homology of the graph filtered by distance (the
-                "neurological topology clustering" of the DKN paper): every neuron is born at 0;
-                sweeping the edges in increasing distance, an edge that joins two components
-                kills one of them (it dies at that distance). A cluster is kept when its
-                persistence (death - birth) exceeds the ``quantile`` of all finite deaths, which
-                is the same as joining every edge up to that threshold.
+persistence     0-dimensional persistent homology of the graph filtered by distance, in one of
+                two parameterisations (``clustering``):
+
+                ``quantile`` (default, engramlab's rule): every neuron is born at 0; sweeping
+                the edges in increasing distance, an edge that joins two components kills one
+                of them (it dies at that distance). A cluster is kept when its persistence
+                (death - birth) exceeds the ``quantile`` of all finite deaths, which is the same
+                as joining every edge up to that threshold (single linkage cut there).
+
+                ``reference`` (the published Neurological Topology Clustering of the DKN code):
+                keep the edges shorter than the ``distance_quantile`` (0.2) of the finite
+                distances and sweep only the shortest ``edge_fraction`` (50 %) of them; a neuron
+                is born at the distance of its first merge (0 if it never merges); a component
+                is kept when its persistence, the longest kept edge minus its birth, exceeds the
+                ``birth_quantile`` (median) of every neuron's birth, and it has > 1 neuron.
+                Neurons outside the kept clusters are noise (see outliers below).
 pairs           the earlier AMIG rule: every neuron is its own cluster and a DKN has at most two
                 of them (the search is told so by ``max_dkn_clusters``).
 hierarchical    agglomerative clustering (``linkage``, default average) of the shortest-path
@@ -27,9 +37,13 @@ kmeans          k-means on a classical-MDS embedding of the shortest-path distan
 ==============  ==============================================================================
 
 Outliers are handled the same way for every method: a neuron with no connection to any other
-(an isolated node of the graph) never enters a clustering method, and DBSCAN's noise points join
-it; ``outliers="singleton"`` keeps each such neuron as a cluster of its own, ``"drop"`` leaves it
-out of every cluster.
+(an isolated node of the graph) never enters a clustering method, and DBSCAN's noise points and
+the neurons the reference NTC keeps in no cluster join it; ``outliers="singleton"`` keeps each
+such neuron as a cluster of its own, ``"drop"`` leaves it out of every cluster. The published NTC
+keeps only its clusters, i.e. ``clustering="reference"`` with ``outliers="drop"``.
+
+The baselines' derived defaults (DBSCAN's ``eps``, k-means' ``k``) always come from the
+``quantile`` parameterisation, so ``clustering`` changes the persistence clusters only.
 """
 
 from __future__ import annotations
@@ -45,6 +59,7 @@ from scipy.spatial.distance import squareform
 from engramlab.errors import EngramError
 
 METHODS = ("persistence", "pairs", "hierarchical", "dbscan", "kmeans")
+CLUSTERINGS = ("quantile", "reference")  # parameterisations of "persistence"
 OUTLIER_POLICIES = ("singleton", "drop")
 LINKAGES = ("single", "complete", "average", "weighted")
 
@@ -54,6 +69,10 @@ class ClusterConfig:
     """Parameters of every clustering method (each reads only its own)."""
 
     quantile: float = 0.9  # persistence/hierarchical: keep clusters more persistent than this quantile
+    clustering: str = "quantile"  # persistence: "quantile" (engramlab) | "reference" (published NTC)
+    distance_quantile: float = 0.2  # reference: keep edges shorter than this quantile of the distances
+    edge_fraction: float = 0.5  # reference: sweep only this shortest fraction of the kept edges
+    birth_quantile: float = 0.5  # reference: persistence must exceed this quantile of the births
     linkage: str = "average"  # hierarchical
     dbscan_eps: float | None = None  # None: the persistence threshold of the same graph
     dbscan_min_samples: int = 3
@@ -64,6 +83,12 @@ class ClusterConfig:
     def validate(self) -> None:
         if not 0.0 <= self.quantile <= 1.0:
             raise EngramError(f"--quantile {self.quantile}: must be between 0 and 1")
+        if self.clustering not in CLUSTERINGS:
+            raise EngramError(f"--clustering {self.clustering!r}: choose one of {', '.join(CLUSTERINGS)}")
+        for flag, value in (("--distance-quantile", self.distance_quantile), ("--edge-fraction", self.edge_fraction),
+                            ("--birth-quantile", self.birth_quantile)):
+            if not 0.0 <= value <= 1.0:
+                raise EngramError(f"{flag} {value}: must be between 0 and 1")
         if self.linkage not in LINKAGES:
             raise EngramError(f"--linkage {self.linkage!r}: choose one of {', '.join(LINKAGES)}")
         if self.outliers not in OUTLIER_POLICIES:
@@ -125,6 +150,85 @@ def persistence_labels(dist: np.ndarray, quantile: float) -> np.ndarray:
     tau = persistence_threshold(dist, quantile)
     adjacency = np.isfinite(dist) & (dist <= tau)
     return connected_components(adjacency, directed=False)[1]
+
+
+@dataclass
+class ReferenceNTC:
+    """The published NTC on one graph: the numbers behind ``reference_labels``."""
+
+    labels: np.ndarray  # (n,) cluster label, -1 for neurons in no kept cluster
+    births: np.ndarray  # (n,) distance of each neuron's first merge, 0 if it never merged
+    distance_threshold: float  # edges strictly shorter than this are kept
+    n_edges_kept: int  # edges below the threshold
+    n_edges_swept: int  # int(edge_fraction * n_edges_kept) shortest of them, fed to the union-find
+    last_edge: float  # the longest kept edge (swept or not): persistence = last_edge - birth
+    birth_threshold: float  # ``birth_quantile`` of ``births`` over every neuron
+
+
+def reference_ntc(dist: np.ndarray, distance_quantile: float = 0.2, edge_fraction: float = 0.5,
+                  birth_quantile: float = 0.5) -> ReferenceNTC:
+    """Neurological Topology Clustering as the published DKN code parameterises it.
+
+    With the finite off-diagonal distances d (upper triangle of ``dist`` (n, n)):
+
+        tau   = quantile(d, distance_quantile)            kept edges E = {e : d_e < tau}, ascending
+        sweep the first floor(edge_fraction * |E|) edges of E with a union-find; when an edge
+              joins two components, each endpoint that was still alone is born at d_e
+        keep a component C with |C| > 1 and  max(E) - birth(C) > quantile(births, birth_quantile)
+
+    ``births`` has one entry per neuron (0 for those that never merged, isolated ones included),
+    as in the reference. birth(C) is the earliest birth among C's members (the elder rule of
+    persistent homology): the reference reads the birth of whichever node its union-find left as
+    root, which depends on its rank tie-breaks; on the cases checked by hand both agree.
+    """
+    n = dist.shape[0]
+    rows, cols = np.triu_indices(n, k=1)
+    weights = dist[rows, cols]
+    finite = np.isfinite(weights)
+    births = np.zeros(n)
+    empty = ReferenceNTC(np.full(n, -1), births, 0.0, 0, 0, 0.0, 0.0)
+    if not finite.any():
+        return empty
+    tau = float(np.quantile(weights[finite], distance_quantile))
+    keep = finite & (weights < tau)  # strictly shorter, as the reference
+    order = np.argsort(weights[keep], kind="stable")
+    edges = list(zip(rows[keep][order], cols[keep][order], weights[keep][order]))
+    if not edges:
+        empty.distance_threshold = tau
+        return empty
+    swept = edges[:int(edge_fraction * len(edges))]
+
+    parent = list(range(n))
+
+    def root(a: int) -> int:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    size = [1] * n
+    for a, b, w in swept:
+        ra, rb = root(int(a)), root(int(b))
+        if ra == rb:
+            continue
+        for node, r in ((int(a), ra), (int(b), rb)):
+            if size[r] == 1:
+                births[node] = w
+        parent[rb] = ra
+        size[ra] += size[rb]
+
+    last = float(edges[-1][2])
+    threshold = float(np.quantile(births, birth_quantile))
+    labels = np.full(n, -1)
+    members: dict[int, list[int]] = {}
+    for node in range(n):
+        members.setdefault(root(node), []).append(node)
+    label = 0
+    for group in members.values():
+        if len(group) > 1 and last - births[group].min() > threshold:
+            labels[group] = label
+            label += 1
+    return ReferenceNTC(labels, births, tau, len(edges), len(swept), last, threshold)
 
 
 # -- baselines ----------------------------------------------------------------------------------
@@ -219,6 +323,10 @@ def cluster_neurons(dist: np.ndarray, method: str, config: ClusterConfig | None 
 
     if len(connected) == 0:
         labels = np.zeros(0, dtype=int)
+    elif method == "persistence" and config.clustering == "reference":
+        # The whole graph: the reference's median birth counts the isolated neurons' zeros too.
+        labels = reference_ntc(dist, config.distance_quantile, config.edge_fraction,
+                               config.birth_quantile).labels[connected]
     elif method == "persistence":
         labels = persistence_labels(sub, config.quantile)
     elif method == "pairs":
