@@ -14,11 +14,15 @@ from engramlab.cli.common import (
     LimitOpt,
     ModelOpt,
     OutOpt,
+    OverwriteOpt,
     RelationOpt,
     SeedOpt,
     app,
+    check_model_options,
     console,
     print_summary,
+    run_mode,
+    select_facts,
     user_errors,
 )
 
@@ -33,7 +37,7 @@ def circuit(model: str = ModelOpt,
             facts: str = FactsOpt,
             relation: Optional[List[str]] = RelationOpt,
             limit: Optional[int] = LimitOpt,
-            out: Path = OutOpt,
+            out: Path = OutOpt, overwrite: bool = OverwriteOpt,
             method: str = typer.Option("eap-ig", "--method", help="eap-ig | eap | clean-corrupted."),
             steps: int = typer.Option(5, "--steps", help="EAP-IG integration steps m."),
             ig_rule: str = typer.Option("right", "--ig-rule", help="EAP-IG integration points k/m: right "
@@ -76,11 +80,11 @@ def circuit(model: str = ModelOpt,
                          target_faithfulness=target_faithfulness, max_fraction=max_fraction, ablation=ablation,
                          score_ablation=score_ablation, split=split, template=template, seed=seed,
                          require_correct=not keep_wrong, batch_size=batch_size)
+    check_model_options(model, dtype, device)
+    select_facts(facts, relation, limit)  # an unknown relation or --limit 0 is an error before anything is written
     loaded = load_facts(facts)
-    if relation:
-        loaded.filter(relation=relation)  # an unknown relation is an error before the model loads
     config = {"model": model, "facts": facts, "dtype": dtype, "device": device, **vars(ccfg)}
-    with RunDir(out, "circuit", config, seed=seed) as run:
+    with RunDir(out, "circuit", config, seed=seed, mode=run_mode(overwrite)) as run:
         set_seed(seed)
         lm = load_model(model, dtype=dtype, device=device)
         result = find_circuit(lm, loaded, ccfg, show_progress=True)

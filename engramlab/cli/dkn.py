@@ -15,10 +15,14 @@ from engramlab.cli.common import (
     LimitOpt,
     ModelOpt,
     OutOpt,
+    OverwriteOpt,
     RelationOpt,
     SeedOpt,
     app,
+    check_model_options,
     console,
+    run_mode,
+    select_facts,
     user_errors,
 )
 
@@ -33,7 +37,7 @@ def dkn(model: str = ModelOpt,
         facts: str = FactsOpt,
         relation: Optional[List[str]] = RelationOpt,
         limit: Optional[int] = LimitOpt,
-        out: Path = OutOpt,
+        out: Path = OutOpt, overwrite: bool = OverwriteOpt,
         template: int = typer.Option(0, "--template", help="Prompt template index."),
         known_rank: int = typer.Option(1, "--known-rank", help="Skip facts whose first target token ranks "
                                        "worse than this (1: only facts the model gets right)."),
@@ -90,7 +94,6 @@ def dkn(model: str = ModelOpt,
     """Find degenerate knowledge neurons: clusters of knowledge neurons that back each other up."""
     from dataclasses import asdict
 
-    from engramlab.data.facts import load_facts
     from engramlab.locate.degenerate import DKNConfig, find_dkns
     from engramlab.locate.dkn_analyses import EvolveConfig, evolvability
     from engramlab.locate.topology import ClusterConfig
@@ -112,10 +115,11 @@ def dkn(model: str = ModelOpt,
                                  seed=seed)
     if evolve:
         evolve_config.validate()
-    factset = load_facts(facts).filter(relation=relation or None, limit=limit)
+    check_model_options(model, dtype, device)
+    factset = select_facts(facts, relation, limit)
     run_config = {"model": model, "facts": facts, "relation": relation, "limit": limit, "dtype": dtype,
                   "device": device, "dkn": asdict(config), "evolvability": asdict(evolve_config) if evolve else None}
-    with RunDir(out, "dkn", run_config, seed=seed) as run:
+    with RunDir(out, "dkn", run_config, seed=seed, mode=run_mode(overwrite)) as run:
         set_seed(seed)
         lm = load_model(model, dtype=dtype, device=device)
         result = find_dkns(lm, factset, config, show_progress=True)

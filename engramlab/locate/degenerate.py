@@ -43,6 +43,7 @@ from engramlab.errors import EngramError
 from engramlab.locate.neuron_graph import Neuron, neuron_distances, reader_inv_rms
 from engramlab.locate.neurons import NeuronConfig, attribute_neurons, coarse_neurons, first_token_ranks
 from engramlab.locate.topology import METHODS, ClusterConfig, cluster_neurons
+from engramlab.models.context import check_facts_fit
 from engramlab.models.loading import LoadedModel
 from engramlab.progress import progress_bar
 from engramlab.runs import atomic_write_json, atomic_write_jsonl, load_json, read_jsonl
@@ -345,6 +346,7 @@ def find_dkns(lm: LoadedModel, facts: FactSet, config: DKNConfig | None = None, 
     """
     config = config or DKNConfig()
     config.validate()
+    check_facts_fit(lm, facts)
     attribute = attribute or ig_attribution(config)
     records = [analyse_fact(lm, fact, config, attribute) for fact in progress_bar(facts, "dkn", show_progress)]
     return DKNResult(records, asdict(config))

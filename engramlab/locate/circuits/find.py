@@ -32,6 +32,7 @@ from engramlab.locate.circuits.data import encode_pairs, split_pairs
 from engramlab.locate.circuits.evaluate import CircuitEvaluator, faithfulness_curve
 from engramlab.locate.circuits.graph import CircuitGraph, edge_count
 from engramlab.locate.circuits.prune import RULES, circuit_nodes, prune
+from engramlab.models.context import check_facts_fit
 from engramlab.progress import progress_bar
 
 
@@ -170,6 +171,7 @@ def find_circuit(lm, facts: FactSet, config: CircuitConfig | None = None,
     facts = facts.filter(relation=config.relation, limit=config.limit)
     if len(facts) == 0:
         raise EngramError(f"{facts.source}: no facts to work on (check --relation / --limit)")
+    check_facts_fit(lm, facts)
     split = split_pairs(lm, facts, config.split, config.template, config.seed, config.require_correct)
     discovery = encode_pairs(lm, split.discovery, config.template)
     evaluation = encode_pairs(lm, split.evaluation, config.template)
