@@ -61,7 +61,11 @@ def circuit(model: str = ModelOpt,
             split: float = typer.Option(0.5, "--split", help="Share of each relation's subjects used for "
                                         "discovery; the rest is held out for evaluation."),
             template: int = typer.Option(0, "--template", help="Index of the prompt template to use."),
-            batch_size: int = typer.Option(8, "--batch-size"),
+            batch_size: int = typer.Option(8, "--batch-size", help="Pairs per attribution batch."),
+            mover_ratio: float = typer.Option(10.0, "--mover-ratio", help="Head roles: |subject| / |relation| "
+                                              "direct effect above this: mover head."),
+            relation_ratio: float = typer.Option(0.1, "--relation-ratio", help="Head roles: below this: relation "
+                                                 "head (between the two: mixture)."),
             keep_wrong: bool = typer.Option(False, "--keep-wrong", help="Keep facts the model gets wrong."),
             eapig_json: bool = typer.Option(False, "--eapig-json", help="Also write circuit_eapig.json (every "
                                             "edge, EAP-IG layout)."),
@@ -79,7 +83,8 @@ def circuit(model: str = ModelOpt,
                          metric=metric, rule=rule, top_n=top_n, threshold=threshold,
                          target_faithfulness=target_faithfulness, max_fraction=max_fraction, ablation=ablation,
                          score_ablation=score_ablation, split=split, template=template, seed=seed,
-                         require_correct=not keep_wrong, batch_size=batch_size)
+                         require_correct=not keep_wrong, batch_size=batch_size, mover_ratio=mover_ratio,
+                         relation_ratio=relation_ratio)
     check_model_options(model, dtype, device)
     select_facts(facts, relation, limit)  # an unknown relation or --limit 0 is an error before anything is written
     loaded = load_facts(facts)

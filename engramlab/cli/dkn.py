@@ -81,6 +81,10 @@ def dkn(model: str = ModelOpt,
         positions: str = typer.Option("last", "--positions", help="Suppress at the last prompt token | all."),
         robustness: bool = typer.Option(True, "--robustness/--no-robustness", help="Score perturbed queries "
                                         "with each DKN attenuated and enhanced."),
+        attenuate: float = typer.Option(0.0, "--attenuate", help="Robustness: scale of attenuated DKN neurons."),
+        enhance: float = typer.Option(2.0, "--enhance", help="Robustness: scale of enhanced DKN neurons."),
+        batch_layers: Optional[int] = typer.Option(None, "--batch-layers", help="Layers per IG batch (default: "
+                                                   "as many as fit in memory)."),
         evolve: bool = typer.Option(False, "--evolvability", help="Also fine-tune on new facts through DKN / KN "
                                     "/ random neurons / the full model."),
         evolve_new: int = typer.Option(8, "--evolve-new", help="New facts to learn."),
@@ -109,7 +113,8 @@ def dkn(model: str = ModelOpt,
                                              dbscan_min_samples=dbscan_min_samples, kmeans_k=kmeans_k,
                                              outliers=outliers, seed=seed),
                        t_low=t_low, t_high=t_high, max_subsets=max_subsets, subset_samples=subset_samples,
-                       positions=positions, batch_size=batch_size, robustness=robustness, seed=seed)
+                       positions=positions, batch_size=batch_size, robustness=robustness, attenuate=attenuate,
+                       enhance=enhance, batch_layers=batch_layers, seed=seed)
     config.validate()
     evolve_config = EvolveConfig(n_new=evolve_new, steps=evolve_steps, lr=evolve_lr, arms=_methods(evolve_arms),
                                  seed=seed)

@@ -38,9 +38,11 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from engramlab.config import check, option, validate
 from engramlab.data.facts import FactSet, target_token_ids
 from engramlab.errors import EngramError
 from engramlab.locate.neuron_graph import Neuron, neuron_distances, reader_inv_rms
+from engramlab.locate.ig import BASELINES
 from engramlab.locate.neurons import NeuronConfig, attribute_neurons, coarse_neurons, first_token_ranks
 from engramlab.locate.topology import METHODS, ClusterConfig, cluster_neurons
 from engramlab.models.context import check_facts_fit
@@ -57,49 +59,50 @@ class DKNConfig:
     """Every parameter of ``find_dkns``; defaults are the ``engram dkn`` defaults."""
 
     # candidates (coarse knowledge neurons)
-    threshold: float = 0.2  # keep neurons with attribution > threshold * max attribution
-    max_candidates: int = 24  # strongest ones only: the graph and the subset search stay small
-    steps: int = 20  # integrated-gradients steps (passed to attribute_neurons)
-    baseline: str = "zero"
-    batch_layers: int | None = None
-    template: int = 0
-    known_rank: int = 1  # facts whose target ranks worse than this are skipped (not recalled)
+    threshold: float = option(0.2, "Candidates: attribution > threshold x max.", range=(0, 1))
+    max_candidates: int = option(24, "Strongest candidates only: the graph and the subset search stay small.",
+                                 range=(2, None))
+    steps: int = option(20, "Integrated-gradients steps m.", range=(1, None))
+    baseline: str = option("zero", "IG baseline.", choices=BASELINES)
+    batch_layers: int | None = option(None, "Layers per IG batch (None: as many as fit).", range=(1, None),
+                                      integer=True)
+    template: int = option(0, "Prompt template index.")
+    known_rank: int = option(1, "Skip facts whose first target token ranks worse than this.", range=(1, None))
     # neuron graph
-    max_span: int = 3
+    max_span: int = option(3, "Direct edges between layers at most this far apart.", range=(1, None))
     fold_norm: bool = True
-    norm_scale: str = "none"  # "rms": scale edges into layer j by its 1/rms on the fact's prompt
+    norm_scale: str = option("none", "rms: scale edges into layer j by its 1/rms on the fact's prompt.",
+                             choices=NORM_SCALES)
     # clustering
-    methods: tuple[str, ...] = METHODS
-    method: str = "persistence"  # the one whose numbers are also the top-level summary keys
+    methods: tuple[str, ...] = option(METHODS, "Clustering methods to run.", choices=METHODS, many=True)
+    method: str = option("persistence", "The method whose numbers are also the top-level summary keys.",
+                         choices=METHODS)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     # verification
-    t_low: float = 0.05
-    t_high: float = 0.3
-    max_subsets: int = 512  # above this many subsets to test, the search samples (and says so)
-    subset_samples: int = 64
-    positions: str = "last"
-    batch_size: int = 64
+    t_low: float = option(0.05, "A DKN: every proper subset suppressed leaves the drop below t_low...",
+                          range=(0, 1))
+    t_high: float = option(0.3, "...and suppressing all of it drops the probability by at least t_high.",
+                           range=(0, 1))
+    max_subsets: int = option(512, "Above this many subsets to test, the search samples (and says so).",
+                              range=(3, None))
+    subset_samples: int = option(64, "Random subsets checked when sampling.", range=(1, None))
+    positions: str = option("last", "Where suppression acts: last prompt position | all.", choices=POSITIONS)
+    batch_size: int = option(64, "Neuron sets scored per forward pass.", range=(1, None))
     # robustness analysis
     robustness: bool = True
-    attenuate: float = 0.0
-    enhance: float = 2.0
+    attenuate: float = option(0.0, "Robustness: scale of attenuated neurons.", range=(0, None))
+    enhance: float = option(2.0, "Robustness: scale of enhanced neurons.", range=(0, None))
     seed: int = 0
 
+    def __post_init__(self):
+        self.methods = tuple(self.methods)
+        self.validate()
+
     def validate(self) -> None:
+        validate(self)
         self.cluster.validate()
-        for m in (*self.methods, self.method):
-            if m not in METHODS:
-                raise EngramError(f"--methods/--method {m!r}: choose from {', '.join(METHODS)}")
-        if self.method not in self.methods:
-            raise EngramError(f"--method {self.method}: it must be one of --methods ({', '.join(self.methods)})")
-        if not 0 <= self.t_low < self.t_high:
-            raise EngramError(f"--t-low {self.t_low} / --t-high {self.t_high}: need 0 <= t_low < t_high")
-        if self.norm_scale not in NORM_SCALES:
-            raise EngramError(f"--norm-scale {self.norm_scale!r}: choose one of {', '.join(NORM_SCALES)}")
-        if self.positions not in POSITIONS:
-            raise EngramError(f"--positions {self.positions!r}: choose one of {', '.join(POSITIONS)}")
-        if self.max_candidates < 2 or self.max_span < 1 or self.max_subsets < 3:
-            raise EngramError("--max-candidates must be >= 2, --max-span >= 1, --max-subsets >= 3")
+        check(self, "method", self.method in self.methods, f"must be one of --methods ({', '.join(self.methods)})")
+        check(self, "t_low", self.t_low < self.t_high, f"must be < t_high ({self.t_high})")
 
 
 # -- P(target) under suppression ------------------------------------------------------------------

@@ -33,7 +33,7 @@ from typing import Iterator, Sequence
 import torch
 
 from engramlab.data.facts import Fact, render, target_token_ids
-from engramlab.errors import EngramError
+from engramlab.config import option, validate
 from engramlab.locate.degenerate import DKNConfig, DKNResult, scaled_target_probs
 from engramlab.locate.neuron_graph import Neuron
 from engramlab.models.adapters import ArchAdapter
@@ -83,23 +83,25 @@ def robustness(lm: LoadedModel, fact: Fact, dkn: Sequence[Neuron], config: DKNCo
 
 
 # -- evolvability ------------------------------------------------------------------------------------
+ARMS = ("dkn", "kn", "random", "kn_all", "random_any", "full")
+
+
 @dataclass
 class EvolveConfig:
-    n_new: int = 8  # new facts to learn
-    steps: int = 30  # full-batch optimiser steps per arm
-    lr: float = 1e-3  # Adam, the same for every arm
-    arms: tuple[str, ...] = ("dkn", "kn", "random", "kn_all", "full")
+    n_new: int = option(8, "New facts to learn.", range=(1, None), flag="--evolve-new")
+    steps: int = option(30, "Full-batch optimiser steps per arm.", range=(0, None), flag="--evolve-steps")
+    lr: float = option(1e-3, "Adam learning rate, the same for every arm.", range=(0, None), open_low=True,
+                       flag="--evolve-lr")
+    arms: tuple[str, ...] = option(("dkn", "kn", "random", "kn_all", "full"), "Which parameters each arm trains.",
+                                   choices=ARMS, many=True, flag="--evolve-arms")
     seed: int = 0
 
+    def __post_init__(self):
+        self.arms = tuple(self.arms)
+        self.validate()
+
     def validate(self) -> None:
-        unknown = [a for a in self.arms if a not in ARMS]
-        if unknown or not self.arms:
-            raise EngramError(f"--evolve-arms {','.join(self.arms)!r}: choose from {', '.join(ARMS)}")
-        if self.n_new < 1 or self.steps < 0 or self.lr <= 0:
-            raise EngramError("--evolve-new must be >= 1, --evolve-steps >= 0, --evolve-lr > 0")
-
-
-ARMS = ("dkn", "kn", "random", "kn_all", "random_any", "full")
+        validate(self)
 
 
 _SYLLABLES = ("bal", "dor", "ka", "ven", "tir", "mo", "zel", "qua", "ran", "thes", "lu", "vor", "nim", "pa")

@@ -56,6 +56,7 @@ from scipy.cluster.vq import kmeans2
 from scipy.sparse.csgraph import connected_components, shortest_path
 from scipy.spatial.distance import squareform
 
+from engramlab.config import option, validate
 from engramlab.errors import EngramError
 
 METHODS = ("persistence", "pairs", "hierarchical", "dbscan", "kmeans")
@@ -68,35 +69,30 @@ LINKAGES = ("single", "complete", "average", "weighted")
 class ClusterConfig:
     """Parameters of every clustering method (each reads only its own)."""
 
-    quantile: float = 0.9  # persistence/hierarchical: keep clusters more persistent than this quantile
-    clustering: str = "quantile"  # persistence: "quantile" (engramlab) | "reference" (published NTC)
-    distance_quantile: float = 0.2  # reference: keep edges shorter than this quantile of the distances
-    edge_fraction: float = 0.5  # reference: sweep only this shortest fraction of the kept edges
-    birth_quantile: float = 0.5  # reference: persistence must exceed this quantile of the births
-    linkage: str = "average"  # hierarchical
-    dbscan_eps: float | None = None  # None: the persistence threshold of the same graph
-    dbscan_min_samples: int = 3
-    kmeans_k: int | None = None  # None: as many clusters as persistence finds
-    outliers: str = "singleton"  # "singleton" | "drop"
+    quantile: float = option(0.9, "persistence/hierarchical: keep clusters more persistent than this quantile.",
+                             range=(0, 1))
+    clustering: str = option("quantile", "persistence: quantile (engramlab) | reference (published NTC).",
+                             choices=CLUSTERINGS)
+    distance_quantile: float = option(0.2, "reference: keep edges shorter than this quantile of the distances.",
+                                      range=(0, 1))
+    edge_fraction: float = option(0.5, "reference: sweep only this shortest fraction of the kept edges.",
+                                  range=(0, 1))
+    birth_quantile: float = option(0.5, "reference: persistence must exceed this quantile of the births.",
+                                   range=(0, 1))
+    linkage: str = option("average", "hierarchical clustering linkage.", choices=LINKAGES)
+    dbscan_eps: float | None = option(None, "DBSCAN radius (None: the persistence threshold of the same graph).",
+                                      range=(0, None), open_low=True)
+    dbscan_min_samples: int = option(3, "DBSCAN core size.", range=(1, None))
+    kmeans_k: int | None = option(None, "k-means k (None: as many clusters as persistence finds).",
+                                  range=(1, None), integer=True)
+    outliers: str = option("singleton", "neurons in no cluster: singleton | drop.", choices=OUTLIER_POLICIES)
     seed: int = 0
 
+    def __post_init__(self):
+        self.validate()
+
     def validate(self) -> None:
-        if not 0.0 <= self.quantile <= 1.0:
-            raise EngramError(f"--quantile {self.quantile}: must be between 0 and 1")
-        if self.clustering not in CLUSTERINGS:
-            raise EngramError(f"--clustering {self.clustering!r}: choose one of {', '.join(CLUSTERINGS)}")
-        for flag, value in (("--distance-quantile", self.distance_quantile), ("--edge-fraction", self.edge_fraction),
-                            ("--birth-quantile", self.birth_quantile)):
-            if not 0.0 <= value <= 1.0:
-                raise EngramError(f"{flag} {value}: must be between 0 and 1")
-        if self.linkage not in LINKAGES:
-            raise EngramError(f"--linkage {self.linkage!r}: choose one of {', '.join(LINKAGES)}")
-        if self.outliers not in OUTLIER_POLICIES:
-            raise EngramError(f"--outliers {self.outliers!r}: choose one of {', '.join(OUTLIER_POLICIES)}")
-        if self.dbscan_min_samples < 1:
-            raise EngramError(f"--dbscan-min-samples {self.dbscan_min_samples}: must be >= 1")
-        if self.kmeans_k is not None and self.kmeans_k < 1:
-            raise EngramError(f"--kmeans-k {self.kmeans_k}: must be >= 1")
+        validate(self)
 
 
 # -- 0-dim persistent homology ----------------------------------------------------------------

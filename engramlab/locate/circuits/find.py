@@ -24,9 +24,11 @@ from pathlib import Path
 
 import torch
 
+from engramlab.config import check, option, validate
 from engramlab.data.facts import FactSet
 from engramlab.errors import EngramError
-from engramlab.locate.circuits.attribute import ABLATIONS, attribute_edges, check_method
+from engramlab.locate import integration
+from engramlab.locate.circuits.attribute import ABLATIONS, METHODS, METRICS, attribute_edges, check_method
 from engramlab.locate.circuits.components import head_roles, logit_lens
 from engramlab.locate.circuits.data import encode_pairs, split_pairs
 from engramlab.locate.circuits.evaluate import CircuitEvaluator, faithfulness_curve
@@ -42,43 +44,40 @@ class CircuitConfig:
 
     relation: str | list[str] | None = None  # keep only these relations (None: all)
     limit: int | None = None          # at most this many facts (after ``relation``)
-    method: str = "eap-ig"            # eap | eap-ig | clean-corrupted
-    steps: int = 5                    # m, EAP-IG integration steps
-    ig_rule: str = "right"            # EAP-IG points k/m: right k = 1..m (Hanna et al., DKC) | left k = 0..m-1
-                                      # (upstream EAP-IG v2) | trapezoid k = 0..m (m + 1 passes)
-    metric: str = "logit_diff"        # logit_diff (clean vs corrupted answer) | logprob (clean answer)
-    rule: str = "topn"                # topn | threshold | greedy
-    top_n: int | None = None          # edges to keep; None: chosen on the discovery pairs (see module doc)
-    threshold: float | None = None    # |score| cut for rule="threshold"
-    target_faithfulness: float = 0.9  # what the automatic N aims for on discovery pairs (a margin:
-                                      # held-out pairs usually come out a little lower)...
-    max_fraction: float = 0.1         # ...with at most this share of the edges
-    ablation: str = "corrupted"       # corrupted | zero | mean: what a missing edge carries
-    score_ablation: str | None = None  # the differences edges are scored with (None: ``ablation``)
-    split: float = 0.5                # share of each relation's subjects used for discovery
-    template: int = 0                 # prompt template index
+    method: str = option("eap-ig", "Edge attribution: eap | eap-ig | clean-corrupted.", choices=METHODS)
+    steps: int = option(5, "m, EAP-IG integration steps.", range=(1, None))
+    ig_rule: str = option("right", "EAP-IG points k/m: right k = 1..m (Hanna et al., DKC) | left k = 0..m-1 "
+                          "(upstream EAP-IG v2) | trapezoid k = 0..m (m + 1 passes).", choices=integration.RULES)
+    metric: str = option("logit_diff", "logit_diff (clean vs corrupted answer) | logprob (clean answer).",
+                         choices=METRICS)
+    rule: str = option("topn", "Pruning: topn | threshold | greedy.", choices=RULES)
+    top_n: int | None = option(None, "Edges to keep; None: chosen on the discovery pairs (see module doc).",
+                               range=(1, None), integer=True)
+    threshold: float | None = option(None, "|score| cut for rule=threshold.", range=(0, None))
+    # What the automatic N aims for on discovery pairs (a margin: held-out pairs usually come out a
+    # little lower), with at most max_fraction of the edges.
+    target_faithfulness: float = option(0.9, "Faithfulness the automatic N aims for on discovery pairs.",
+                                        range=(0, None), open_low=True)
+    max_fraction: float = option(0.1, "Automatic N: at most this share of the edges.", range=(0, 1), open_low=True)
+    ablation: str = option("corrupted", "What a missing edge carries: corrupted | zero | mean.", choices=ABLATIONS)
+    score_ablation: str | None = option(None, "The differences edges are scored with (None: ablation).",
+                                        choices=ABLATIONS, optional=True)
+    split: float = option(0.5, "Share of each relation's subjects used for discovery.", range=(0, 1),
+                          open_low=True, open_high=True)
+    template: int = option(0, "Prompt template index.")
     seed: int = 0
     require_correct: bool = True      # skip facts whose answer is not the model's top-1 token
-    batch_size: int = 8
+    batch_size: int = option(8, "Pairs per attribution batch.", range=(1, None))
     curve: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)  # edge shares
-    mover_ratio: float = 10.0         # head roles: |subject| / |relation| direct effect thresholds
-    relation_ratio: float = 0.1
+    mover_ratio: float = option(10.0, "Head roles: |subject| / |relation| direct effect above this: mover.",
+                                range=(0, None), open_low=True)
+    relation_ratio: float = option(0.1, "...below this: relation head.", range=(0, None), open_low=True)
 
     def __post_init__(self):
+        validate(self)
         check_method(self.method, self.steps, self.metric, self.ig_rule, self.ablation)
-        if self.score_ablation is not None and self.score_ablation not in ABLATIONS:
-            raise EngramError(f"score ablation {self.score_ablation!r}: choose one of {', '.join(ABLATIONS)} "
-                              "(--score-ablation; leave it out to score with --ablation)")
-        if self.rule not in RULES:
-            raise EngramError(f"rule {self.rule!r}: choose one of {', '.join(RULES)} (--rule)")
-        if self.rule == "threshold" and self.threshold is None:
-            raise EngramError("rule 'threshold' needs --threshold (keep edges with |score| >= it)")
-        if self.top_n is not None and self.top_n < 1:
-            raise EngramError(f"top_n must be >= 1, got {self.top_n}")
-        if not 0 < self.max_fraction <= 1:
-            raise EngramError(f"max_fraction must be in (0, 1], got {self.max_fraction}")
-        if self.batch_size < 1:
-            raise EngramError(f"batch_size must be >= 1, got {self.batch_size}")
+        check(self, "rule", self.rule != "threshold" or self.threshold is not None,
+              "rule 'threshold' needs --threshold (keep edges with |score| >= it)")
         self.curve = tuple(float(c) for c in self.curve)
 
 
