@@ -7,7 +7,8 @@ Prompts: the first ``--per-relation`` facts of each relation of ``--facts`` (def
 relations of the README's knowledge-neuron result), their main template.
 
 Part 1, SmolLM2-135M (30 layers), every layer, m steps, site ``mlp.neurons``, zero baseline,
-probability objective:
+probability objective (the joint probability of the target tokens), integration rule ``--ig-rule``
+(default right):
   * batched: ``engramlab.locate.ig.integrated_gradients``;
   * plain per-layer, per-step loop: the reference the tests use (a full forward + backward per
     layer and step), on the first ``--per-step-prompts`` prompts only (minutes each);
@@ -88,17 +89,18 @@ def sample_facts(spec: str, per_relation: int) -> list:
     return [f for group in load_facts(spec).by_relation().values() for f in list(group)[:per_relation]]
 
 
-def bench_smollm2(facts: list, steps: int, repeats: int, per_step_prompts: int) -> dict:
+def bench_smollm2(facts: list, steps: int, repeats: int, per_step_prompts: int, rule: str = "right") -> dict:
     lm = load_model("smollm2-135m")
     rows = []
     for n, fact in enumerate(facts):
         prompt = fact.prompt()
         ids = lm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         target = target_token_ids(lm.tokenizer, prompt, fact.object)
-        runs = {"batched": lambda: integrated_gradients(lm, ids, target, steps=steps),
-                "per_layer": lambda: integrated_gradients_plain(lm, ids, target, steps=steps, batch_steps=True)}
+        runs = {"batched": lambda: integrated_gradients(lm, ids, target, steps=steps, rule=rule),
+                "per_layer": lambda: integrated_gradients_plain(lm, ids, target, steps=steps, batch_steps=True,
+                                                                rule=rule)}
         if n < per_step_prompts:  # minutes per prompt: timed once, without a warm-up
-            runs["per_layer_per_step"] = lambda: integrated_gradients_plain(lm, ids, target, steps=steps)
+            runs["per_layer_per_step"] = lambda: integrated_gradients_plain(lm, ids, target, steps=steps, rule=rule)
         wall, cpu, res = interleaved(runs, repeats, cold=("per_layer_per_step",))
         row = {"prompt": prompt, "object": fact.object, "n_tokens": len(ids), "n_target_tokens": len(target),
                **{f"{k}_wall_s": v for k, v in wall.items()}, **{f"{k}_cpu_s": v for k, v in cpu.items()},
@@ -165,6 +167,7 @@ def main() -> None:
     ap.add_argument("--facts", default="country_capital_city,country_language,country_largest_city")
     ap.add_argument("--per-relation", type=int, default=2, help="facts per relation to time")
     ap.add_argument("--steps", type=int, default=20, help="integration steps m")
+    ap.add_argument("--ig-rule", dest="rule", default="right", help="integration rule of part 1: right | left | trapezoid")
     ap.add_argument("--repeats", type=int, default=1, help="timed rounds after the warm-up")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--per-step-prompts", type=int, default=1, help="prompts also timed with the (slow) "
@@ -176,10 +179,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    report = {"threads": torch.get_num_threads(), "steps": args.steps, "torch": torch.__version__}
+    report = {"threads": torch.get_num_threads(), "steps": args.steps, "rule": args.rule, "torch": torch.__version__}
     facts = sample_facts(args.facts, args.per_relation)
     if not args.skip_smollm2:
-        report["smollm2"] = bench_smollm2(facts, args.steps, args.repeats, args.per_step_prompts)
+        report["smollm2"] = bench_smollm2(facts, args.steps, args.repeats, args.per_step_prompts, args.rule)
     if not args.skip_kn:
         report["knowledge_neurons"] = bench_kn(args.kn_dir, facts, args.steps, args.repeats)
     text = json.dumps({k: v for k, v in report.items()}, indent=2)

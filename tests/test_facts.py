@@ -9,14 +9,17 @@ import pytest
 
 from engramlab.data.facts import (
     BUNDLED_LRE_DIR,
+    PARAPHRASES_FILE,
     Fact,
     FactSet,
+    added_paraphrases,
     bundled_relations,
     corrupted_pairs,
     load_facts,
     load_jsonl,
     load_lre,
     target_token_ids,
+    with_paraphrases,
 )
 from engramlab.errors import EngramError
 
@@ -131,6 +134,38 @@ def test_unicode_escape_decoding_leaves_other_text_alone(tmp_path):
 def test_prompt_is_robust_to_braces():
     fact = Fact("{odd} {}", "toy", "x", ("Say {} {not a field}",))
     assert fact.prompt() == "Say {odd} {} {not a field}"
+
+
+def test_added_paraphrases_cover_every_bundled_relation():
+    added = added_paraphrases()
+    assert sorted(added) == bundled_relations()
+    lre = {rel: set(load_facts(rel)[0].templates) for rel in added}
+    for rel, templates in added.items():
+        assert len(templates) >= 3 and len(set(templates)) == len(templates), rel
+        for t in templates:
+            # One subject slot, before the answer; the prompt ends where the object follows.
+            assert t.count("{}") == 1 and not t.endswith("{}") and t == t.strip(), (rel, t)
+            assert t not in lre[rel], (rel, t)
+    # Shipped as package data next to the LRE files (pyproject's package-data names it).
+    assert PARAPHRASES_FILE.parent == BUNDLED_LRE_DIR.parent
+    assert "facts/paraphrases.json" in (Path(__file__).parents[1] / "pyproject.toml").read_text()
+
+
+def test_with_paraphrases_appends_after_the_own_templates():
+    facts = load_facts("country_language,city_in_country")
+    other = Fact("Peru", "mine", "Lima", ("{} has", "The capital of {} is"))
+    extended = with_paraphrases(FactSet([*facts, other], source="x"))
+    assert extended.source == "x" and len(extended) == len(facts) + 1
+    lang = extended[0]
+    assert lang.templates[:3] == facts[0].templates and lang.prompt() == facts[0].prompt()
+    assert lang.templates[3:] == ("The official language of {} is", "Most people in {} speak",
+                                  "The main language spoken in {} is")
+    assert lang.prompt(4) == "Most people in United States speak"
+    assert extended[-1] == other   # not a bundled relation: unchanged
+    # No template twice, even if the fact already has one of the added templates.
+    mine = Fact("Paris", "city_in_country", "France", ("{} is a city in",))
+    assert with_paraphrases(FactSet([mine]))[0].templates == ("{} is a city in", "{} is located in the country of",
+                                                              "The city of {} is in")
 
 
 # ---------------------------------------------------------------------------- specs

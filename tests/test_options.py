@@ -14,12 +14,13 @@ from engramlab.config import declared_options
 from engramlab.locate.circuits import CircuitConfig
 from engramlab.locate.degenerate import DKNConfig
 from engramlab.locate.dkn_analyses import EvolveConfig
+from engramlab.locate.neurons import NeuronConfig
 from engramlab.locate.topology import ClusterConfig
 from engramlab.recall import RecallConfig
 
-CONFIGS = [RecallConfig, CircuitConfig, DKNConfig, ClusterConfig, EvolveConfig]
+CONFIGS = [RecallConfig, NeuronConfig, CircuitConfig, DKNConfig, ClusterConfig, EvolveConfig]
 # verb -> the configs whose fields it exposes as flags
-VERBS = {"recall": [RecallConfig], "circuit": [CircuitConfig], "dkn": [DKNConfig, ClusterConfig, EvolveConfig]}
+VERBS = {"recall": [RecallConfig], "neurons": [NeuronConfig], "circuit": [CircuitConfig], "dkn": [DKNConfig, ClusterConfig, EvolveConfig]}
 
 CASES = [(cls, opt) for cls in CONFIGS for opt in declared_options(cls) if opt.bad_value() is not None]
 

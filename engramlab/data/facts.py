@@ -24,6 +24,9 @@ from engramlab.runs import atomic_write_text
 #: Where the bundled LRE relation files are installed (package data shipped inside engramlab).
 BUNDLED_LRE_DIR = Path(__file__).resolve().parent / "facts" / "lre"
 
+#: engramlab's own paraphrase templates for the bundled relations (see ``with_paraphrases``).
+PARAPHRASES_FILE = Path(__file__).resolve().parent / "facts" / "paraphrases.json"
+
 #: The subject placeholder in templates. Only this exact pair of braces is special, so templates
 #: may contain other braces and subjects may contain anything.
 PLACEHOLDER = "{}"
@@ -283,6 +286,25 @@ def bundled_relations() -> list[str]:
     return sorted(path.stem for path in BUNDLED_LRE_DIR.glob("*.json"))
 
 
+def added_paraphrases() -> dict[str, tuple[str, ...]]:
+    """engramlab's added paraphrase templates, {bundled relation: templates} (not LRE data)."""
+    label = PARAPHRASES_FILE.name
+    data = _parse_json(_read_text(PARAPHRASES_FILE, label), label)
+    return {rel: _lre_templates(templates, f"{label} templates.{rel}") for rel, templates in data["templates"].items()}
+
+
+def with_paraphrases(facts: FactSet) -> FactSet:
+    """The same facts with engramlab's added paraphrases appended to the templates of every fact
+    of a bundled relation (templates it already has are not repeated; ``templates[0]``, the
+    main prompt, stays first). Facts of other relations are unchanged."""
+    added = added_paraphrases()
+    out = []
+    for fact in facts:
+        extra = tuple(t for t in added.get(fact.relation, ()) if t not in fact.templates)
+        out.append(Fact(fact.subject, fact.relation, fact.object, fact.templates + extra) if extra else fact)
+    return FactSet(out, facts.source)
+
+
 def load_facts(spec: str | Path) -> FactSet:
     """Load facts from a spec.
 
@@ -481,7 +503,18 @@ def _text_field(entry: dict, key: str, where: str, needs: str, decode: bool = Fa
     value = (_decode_escapes(value) if decode else value).strip()
     if not value:
         raise EngramError(f'{where}: "{key}" is empty; {needs}')
+    _check_encodable(value, f'{where} "{key}"')
     return value
+
+
+def _check_encodable(text: str, where: str) -> None:
+    """Refuse text no tokenizer can take: lone UTF-16 surrogates (JSON "\\ud800", or made by
+    decoding a double-escaped "\\\\ud800") are not Unicode characters and cannot be UTF-8 encoded."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise EngramError(f"{where}: character {err.start} ({text[err.start]!a}) is a lone surrogate, not a "
+                          f"Unicode character; fix the escape there (a pair like \\ud83d\\ude00 is fine)") from None
 
 
 def _lre_templates(value: Any, where: str) -> tuple[str, ...]:
@@ -492,6 +525,7 @@ def _lre_templates(value: Any, where: str) -> tuple[str, ...]:
         if not isinstance(template, str) or PLACEHOLDER not in template:
             raise EngramError(f"{where}[{i}]: template {template!r} has no {{}}; put {{}} where "
                               'the subject goes, e.g. "The capital city of {} is"')
+        _check_encodable(template, f"{where}[{i}]")
     return tuple(value)
 
 
@@ -511,6 +545,8 @@ def _line_templates(entry: dict, where: str, subject: str | None) -> tuple[str, 
                               "for the subject")
     else:
         return None
+    for i, text in enumerate(raw):
+        _check_encodable(text, f"{where} template {i}")
     return tuple(_as_template(text, subject, where) for text in raw)
 
 

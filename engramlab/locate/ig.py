@@ -2,13 +2,26 @@
 
 For a prompt of P tokens and target tokens t_0..t_{T-1}, the attribution of neuron n of layer l is
 
-    Attr(n) = (a_n - b_n) * (1/m) * sum_{k=1..m} dF/dx_n  at  x = b + (k/m) * (a - b)
+    Attr(n) = (a_n - b_n) * sum_k w_k * dF/dx_n  at  x = b + alpha_k * (a - b)
 
-where ``a`` (d_mlp,) is layer l's activation at the last prompt position, ``b`` the baseline
-(zero, or the mean over the prompt's other positions) and F the objective: the sum over target
-tokens of P(t_j | prompt, t_<j) ("prob") or of its log ("logprob"), teacher-forced. Only layer
-l's activation at the last prompt position is replaced; all other layers run as usual ("one layer
-at a time", as in Dai et al. 2022). The sum rule holds: sum_n Attr(n) -> F(a) - F(b) as m grows.
+where ``a`` (d_mlp,) is layer l's activation at the last prompt position, ``b`` the baseline and
+F the objective. The points (alpha_k, w_k) are those of the integration ``rule`` with m = steps
+intervals (``engramlab.locate.integration``): "right" alpha_k = k/m, k = 1..m (the default),
+"left" k = 0..m-1 (Dai et al. 2022's code), "trapezoid" k = 0..m with half weights at the ends.
+
+Baselines: "zero"; "mean", the mean activation over the prompt positions 1..P-2 (position 0 is
+left out: its "massive activations" are hundreds of times the others on SmolLM2 and would make
+the baseline a scaled copy of it); "mean_all", the mean over positions 0..P-2 (engramlab's old
+"mean"). A prompt with no position left falls back to zero.
+
+Objectives, teacher-forced on the gold target tokens in one pass (p_j = P(t_j | prompt, t_<j)):
+"prob" prod_j p_j (the joint probability, what the interventions measure), "logprob"
+sum_j log p_j (its log), "prob_sum" sum_j p_j (engramlab's old "prob"; AMIG/DKN-style). For a
+one-token target "prob" and "prob_sum" are the same.
+
+Only layer l's activation at the last prompt position is replaced; all other layers run as usual
+("one layer at a time", as in Dai et al. 2022). The sum rule holds: sum_n Attr(n) -> F(a) - F(b)
+as m grows.
 
 The site is ``mlp.neurons`` (input of the MLP output projection: act(gate)*up or act(fc)) or
 ``pre`` (the pre-activation: output of gate_proj / c_fc / dense_h_to_4h, what older tools edit).
@@ -19,13 +32,17 @@ Why the batched kernel is fast (``integrated_gradients``):
 2. The "segment" (last prompt token + t_0..t_{T-2}) runs once more on that cache, capturing each
    layer's input (``resid_pre``), the clean activations, and the exact arguments HF passes to
    each decoder layer (mask, rotary embeddings).
-3. For a chunk of layers, one batch holds m rows per layer. Rows that scale layer l enter the
-   batch at layer l from the cached ``resid_pre[l]`` (layers before l are never recomputed) and
-   only the segment positions are computed, reading the prefix from the shared keys/values
-   (nothing before the last prompt position can change, the model being causal).
+3. For a chunk of layers, one batch holds one row per integration point and layer. Rows that
+   scale layer l enter the batch at layer l from the cached ``resid_pre[l]`` (layers before l
+   are never recomputed) and only the segment positions are computed, reading the prefix from
+   the shared keys/values (nothing before the last prompt position can change: the model is
+   causal).
 4. One backward of the summed objective gives every row its own gradient: rows never interact.
 
-``integrated_gradients_plain`` is the reference: for each layer and step, a full forward of the
+Every layer's batch holds a row at alpha = 1 (for "left", an extra row of weight 0), which runs
+the unedited activation and must reproduce the model's own forward: a self-check of the batch.
+
+``integrated_gradients_plain`` is the reference: for each layer and point, a full forward of the
 whole sequence with the activation replaced, and a backward. The tests check both agree.
 """
 
@@ -38,10 +55,11 @@ import torch
 from torch import nn
 
 from engramlab.errors import EngramError
+from engramlab.locate.integration import RULES, check_rule, integration_tensors  # noqa: F401 (RULES re-exported)
 
 SITES = ("neurons", "pre")
-BASELINES = ("zero", "mean")
-OBJECTIVES = ("prob", "logprob")
+BASELINES = ("zero", "mean", "mean_all")
+OBJECTIVES = ("prob", "logprob", "prob_sum")
 
 # The module whose output is the MLP pre-activation, per family (the "pre" site).
 _PRE_ACTIVATION = {"llama": "gate_proj", "gpt2": "c_fc", "gpt_neox": "dense_h_to_4h"}
@@ -80,12 +98,15 @@ def _module_output_hook(module: nn.Module, fn) -> Iterator[None]:
 def objective_from_logits(logits: torch.Tensor, target_ids: Sequence[int], objective: str) -> torch.Tensor:
     """logits (rows, T, vocab), position j predicting target j -> objective per row, (rows,).
 
-    "prob": sum_j P(t_j | ...); "logprob": sum_j log P(t_j | ...) (the object's log-probability)."""
+    With log p_j = log P(t_j | prompt, t_<j): "prob" exp(sum_j log p_j) (the joint probability),
+    "logprob" sum_j log p_j, "prob_sum" sum_j p_j."""
     if objective not in OBJECTIVES:
-        raise EngramError(f"objective {objective!r}: choose one of {', '.join(OBJECTIVES)}")
+        raise EngramError(f"objective {objective!r}: choose one of {', '.join(OBJECTIVES)} (--objective)")
     target = torch.as_tensor(list(target_ids), device=logits.device)
     logp = logits.float().log_softmax(-1).gather(-1, target.expand(logits.shape[0], -1).unsqueeze(-1))[..., 0]
-    return logp.exp().sum(-1) if objective == "prob" else logp.sum(-1)
+    if objective == "prob_sum":
+        return logp.exp().sum(-1)
+    return logp.sum(-1).exp() if objective == "prob" else logp.sum(-1)
 
 
 def _put_position(t: torch.Tensor, pos: int, x: torch.Tensor) -> torch.Tensor:
@@ -96,28 +117,41 @@ def _put_position(t: torch.Tensor, pos: int, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([t[:, :pos], x, t[:, pos + 1:]], dim=1)
 
 
-def _step_points(a: torch.Tensor, b: torch.Tensor, steps: int) -> torch.Tensor:
-    """The m integration points b + (k/m)(a - b), k = 1..m, as a leaf: (m, d_mlp)."""
-    alphas = torch.arange(1, steps + 1, dtype=torch.float32, device=a.device) / steps
+def _path(rule: str, steps: int, device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The rule's (alphas (n,), weights (n,)) plus the index of a point at alpha = 1 (the
+    self-check row). "left" has none, so a point (1, weight 0) is appended."""
+    alphas, weights = integration_tensors(rule, steps, device=device)
+    if float(alphas[-1]) != 1.0:
+        alphas = torch.cat([alphas, alphas.new_ones(1)])
+        weights = torch.cat([weights, weights.new_zeros(1)])
+    return alphas, weights, len(alphas) - 1
+
+
+def _points(a: torch.Tensor, b: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
+    """The integration points b + alpha_k (a - b) as a leaf: (n, d_mlp)."""
     return (b + alphas[:, None] * (a - b)).detach().requires_grad_(True)
 
 
-def check_options(steps: int, baseline: str, objective: str, site: str) -> None:
-    if not isinstance(steps, int) or steps < 1:
-        raise EngramError(f"steps must be a whole number >= 1, got {steps!r}")
+def check_options(steps: int, baseline: str, objective: str, site: str, rule: str = "right") -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise EngramError(f"steps must be a whole number >= 1, got {steps!r} (--steps)")
     if baseline not in BASELINES:
-        raise EngramError(f"baseline {baseline!r}: choose one of {', '.join(BASELINES)}")
+        raise EngramError(f"baseline {baseline!r}: choose one of {', '.join(BASELINES)} (--baseline)")
     if objective not in OBJECTIVES:
-        raise EngramError(f"objective {objective!r}: choose one of {', '.join(OBJECTIVES)}")
+        raise EngramError(f"objective {objective!r}: choose one of {', '.join(OBJECTIVES)} (--objective)")
     if site not in SITES:
-        raise EngramError(f"neuron site {site!r}: choose one of {', '.join(SITES)}")
+        raise EngramError(f"neuron site {site!r}: choose one of {', '.join(SITES)} (--site)")
+    check_rule(rule)
 
 
 def _baseline(prefix_acts: torch.Tensor | None, a: torch.Tensor, baseline: str) -> torch.Tensor:
-    """The baseline for activations ``a`` (d_mlp,): zero, or the mean activation over the prompt's
-    other positions (``prefix_acts`` (P-1, d_mlp)); a one-token prompt has none, so zero."""
-    if baseline == "mean" and prefix_acts is not None and prefix_acts.shape[0] > 0:
-        return prefix_acts.float().mean(0)
+    """The baseline for activations ``a`` (d_mlp,) from ``prefix_acts`` (P-1, d_mlp), the site
+    activations at prompt positions 0..P-2: zero; "mean" the mean over positions 1..P-2;
+    "mean_all" the mean over 0..P-2. With no position to average (a one-token prompt, or a
+    two-token one for "mean"), zero."""
+    rows = None if prefix_acts is None else prefix_acts[1:] if baseline == "mean" else prefix_acts
+    if baseline != "zero" and rows is not None and rows.shape[0] > 0:
+        return rows.float().mean(0)
     return torch.zeros_like(a)
 
 
@@ -180,7 +214,7 @@ class _CleanRun:
         with ExitStack() as stack:
             for l in range(lm.adapter.n_layers):
                 stack.enter_context(site_hook(lm, l, site, self._recorder(self.prefix, l)))
-            return lm.model(input_ids=torch.tensor([prefix_ids], device=lm.device), use_cache=True).past_key_values
+            return lm.model(input_ids=torch.tensor([prefix_ids], device=lm.device), use_cache=True).cache
 
     def _segment_pass(self, lm, segment_ids: list[int], cache, site: str):
         """The last prompt token and the target tokens but the last, on the prefix cache: logits
@@ -191,7 +225,7 @@ class _CleanRun:
                 stack.enter_context(site_hook(lm, l, site, self._recorder(acts, l)))
                 handle = lm.adapter.layers[l].register_forward_pre_hook(self._call_recorder(l), with_kwargs=True)
                 stack.callback(handle.remove)
-            logits = lm.model(input_ids=torch.tensor([segment_ids], device=lm.device), past_key_values=cache,
+            logits = lm.model(input_ids=torch.tensor([segment_ids], device=lm.device), cache=cache,
                               use_cache=cache is not None).logits
         return logits, acts
 
@@ -237,9 +271,10 @@ CPU_ROWS = 128
 
 
 def auto_batch_layers(lm, steps: int, n_segment: int, n_prompt: int, budget_bytes: int | None = None) -> int:
-    """How many layers one batch holds: within a memory budget (a rough upper estimate of what
-    autograd keeps: ~16 d_model + 6 d_mlp + attention scores per row, layer and position, plus
-    three copies of the logits per row) and, on a CPU, about ``CPU_ROWS`` rows."""
+    """How many layers one batch holds, with ``steps`` rows per layer (the integration points):
+    within a memory budget (a rough upper estimate of what autograd keeps: ~16 d_model + 6 d_mlp
+    + attention scores per row, layer and position, plus three copies of the logits per row)
+    and, on a CPU, about ``CPU_ROWS`` rows."""
     a = lm.adapter
     if budget_bytes is None:
         budget_bytes = 2 * 1024**3
@@ -257,12 +292,14 @@ def auto_batch_layers(lm, steps: int, n_segment: int, n_prompt: int, budget_byte
 
 def integrated_gradients(lm, prompt_ids: list[int], target_ids: list[int], steps: int = 20,
                          baseline: str = "zero", objective: str = "prob", site: str = "neurons",
-                         layers: Sequence[int] | None = None, batch_layers: int | None = None) -> torch.Tensor:
+                         layers: Sequence[int] | None = None, batch_layers: int | None = None,
+                         rule: str = "right") -> torch.Tensor:
     """Attribution scores (n_layers, d_mlp) at the last prompt position (see module docstring).
 
     Layers not in ``layers`` (default: all) get zeros. ``batch_layers`` layers share one batch of
-    ``batch_layers * steps`` rows (None: as many as ``auto_batch_layers`` allows)."""
-    check_options(steps, baseline, objective, site)
+    ``batch_layers * n`` rows, n the number of integration points of ``rule`` (None: as many
+    layers as ``auto_batch_layers`` allows)."""
+    check_options(steps, baseline, objective, site, rule)
     if not prompt_ids or not target_ids:
         raise EngramError("integrated gradients needs a non-empty prompt and at least one target token")
     if batch_layers is not None and batch_layers < 1:
@@ -270,33 +307,35 @@ def integrated_gradients(lm, prompt_ids: list[int], target_ids: list[int], steps
     n_layers = lm.adapter.n_layers
     layers = sorted(set(range(n_layers) if layers is None else layers))
     clean = _CleanRun(lm, list(prompt_ids), list(target_ids), site, objective)
-    size = batch_layers or auto_batch_layers(lm, steps, len(target_ids), len(prompt_ids))
+    alphas, weights, check_row = _path(rule, steps, clean.acts[0].device)
+    n = len(alphas)
+    size = batch_layers or auto_batch_layers(lm, n, len(target_ids), len(prompt_ids))
     scores = torch.zeros(n_layers, lm.adapter.d_mlp)
     for first in range(0, len(layers), size):
         chunk = layers[first: first + size]
         points, bases = {}, {}
         for l in chunk:
             bases[l] = _baseline(clean.prefix[l], clean.acts[l], baseline)
-            points[l] = _step_points(clean.acts[l], bases[l], steps)
+            points[l] = _points(clean.acts[l], bases[l], alphas)
 
         def scaler(l):
-            # The rows that scale layer l are the last `steps` rows when the batch reaches layer l.
-            return lambda t: torch.cat([t[:-steps], _put_position(t[-steps:], 0, points[l])], dim=0)
+            # The rows that scale layer l are the last n rows when the batch reaches layer l.
+            return lambda t: torch.cat([t[:-n], _put_position(t[-n:], 0, points[l])], dim=0)
 
         with torch.enable_grad(), ExitStack() as stack:
             for l in chunk:
                 stack.enter_context(site_hook(lm, l, site, scaler(l)))
-            hidden = _run_layers(lm, clean, chunk[0], None, {l: steps for l in chunk})
+            hidden = _run_layers(lm, clean, chunk[0], None, {l: n for l in chunk})
             values = objective_from_logits(_logits(lm, hidden), target_ids, objective)  # (rows,)
             grads = torch.autograd.grad(values.sum(), [points[l] for l in chunk])
-        _check_against_clean(lm, values.detach().view(len(chunk), steps)[:, -1], clean.objective)
+        _check_against_clean(lm, values.detach().view(len(chunk), n)[:, check_row], clean.objective)
         for l, g in zip(chunk, grads):
-            scores[l] = ((clean.acts[l] - bases[l]) * g.float().mean(0)).cpu()
+            scores[l] = ((clean.acts[l] - bases[l]) * (weights[:, None] * g.float()).sum(0)).cpu()
     return scores
 
 
 def _check_against_clean(lm, full_scale_values: torch.Tensor, clean_value: float) -> None:
-    """The rows at k = m run the unedited activation, so they must reproduce the model's own
+    """The rows at alpha = 1 run the unedited activation, so they must reproduce the model's own
     forward; a family whose layers need inputs we did not capture would fail loudly here."""
     tol = 1e-3 if lm.dtype == torch.float32 else 5e-2
     worst = float((full_scale_values.float() - clean_value).abs().max())
@@ -308,13 +347,15 @@ def _check_against_clean(lm, full_scale_values: torch.Tensor, clean_value: float
 # -- the plain reference ------------------------------------------------------------------------
 def integrated_gradients_plain(lm, prompt_ids: list[int], target_ids: list[int], steps: int = 20,
                                baseline: str = "zero", objective: str = "prob", site: str = "neurons",
-                               layers: Sequence[int] | None = None, batch_steps: bool = False) -> torch.Tensor:
-    """The same scores computed the plain way: for each layer and each step a full forward of
-    prompt + target[:-1] with the last prompt position replaced, then a backward.
+                               layers: Sequence[int] | None = None, batch_steps: bool = False,
+                               rule: str = "right") -> torch.Tensor:
+    """The same scores computed the plain way: for each layer and each integration point a full
+    forward of prompt + target[:-1] with the last prompt position replaced, then a backward.
 
-    ``batch_steps=True`` puts the m steps of one layer in one batch (what the knowledge-neurons
+    ``batch_steps=True`` puts the points of one layer in one batch (what the knowledge-neurons
     package does); the layers before the scaled one are still recomputed for every row."""
-    check_options(steps, baseline, objective, site)
+    check_options(steps, baseline, objective, site, rule)
+    alphas, weights = integration_tensors(rule, steps)
     n_layers = lm.adapter.n_layers
     pos, n_target = len(prompt_ids) - 1, len(target_ids)
     ids = torch.tensor([list(prompt_ids) + list(target_ids[:-1])], device=lm.device)
@@ -327,13 +368,14 @@ def integrated_gradients_plain(lm, prompt_ids: list[int], target_ids: list[int],
     for l in (range(n_layers) if layers is None else sorted(set(layers))):
         a = acts[l][0, pos].float()
         b = _baseline(acts[l][0, :pos], a, baseline)
-        points = _step_points(a, b, steps)
+        points = _points(a, b, alphas.to(a.device))
         total = torch.zeros_like(a)
         groups = [points] if batch_steps else list(points.split(1))
         for x in groups:
             with torch.enable_grad(), site_hook(lm, l, site, lambda t, x=x: _put_position(t, pos, x)):
                 logits = lm.model(input_ids=ids.expand(x.shape[0], -1)).logits[:, pos: pos + n_target]
                 value = objective_from_logits(logits, target_ids, objective).sum()
-                total += torch.autograd.grad(value, points)[0].float().sum(0)
-        scores[l] = ((a - b) * total / steps).cpu()
+                grad = torch.autograd.grad(value, points)[0].float()  # (n, d_mlp), zero off this group
+                total += (weights.to(a.device)[:, None] * grad).sum(0)
+        scores[l] = ((a - b) * total).cpu()
     return scores

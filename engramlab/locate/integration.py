@@ -36,7 +36,7 @@ RULES = ("right", "left", "trapezoid")
 
 def check_rule(rule: str) -> None:
     if rule not in RULES:
-        raise EngramError(f"integration rule {rule!r}: choose one of {', '.join(RULES)} (--rule)")
+        raise EngramError(f"integration rule {rule!r}: choose one of {', '.join(RULES)} (--ig-rule)")
 
 
 def integration_points(rule: str, steps: int) -> list[tuple[float, float]]:

@@ -8,13 +8,20 @@
 2. attribution: integrated gradients over every layer's MLP neurons at the last prompt position,
    for each paraphrase (the fact's templates) - see ``engramlab.locate.ig``;
 3. selection: coarse neurons score > ``threshold`` x max per paraphrase; refined neurons are
-   those in the coarse sets of at least a fraction p of the paraphrases, p starting at ``p_start``
-   and moved by 0.05 towards ``min_neurons``..``max_neurons`` kept; what remains is ranked by
-   paraphrase count, then mean score, and cut to ``max_neurons`` (see ``refine_neurons``);
+   those in the coarse sets of at least a share p of the paraphrases, by one of two rules
+   (``refine``):
+   - "fact" (engramlab's default): p starts at ``p_start`` (0.5) and moves by 0.05 per fact
+     towards ``min_neurons``..``max_neurons`` kept; what remains is ranked by paraphrase count,
+     then mean score, and cut to ``max_neurons`` (``refine_neurons``);
+   - "dai" (Dai et al. 2022's code): a neuron needs at least max(p * n, ``min_prompts`` = 3)
+     of the fact's n paraphrases; p starts at 0.7 and moves by 0.05 per *relation* until the
+     relation's mean count per fact is in ``min_neurons``..``max_neurons`` (at most 6 tries);
+     no cap (``refine_relation_dai``);
 4. interventions on the refined set at the last prompt position: suppress (x0) and enhance (x2),
-   measured as the relative change (p' - p) / p of the target probability on the fact, on other
-   facts of its relation, on facts of other relations, and for as many random neurons drawn from
-   the same layers.
+   measured as the relative change (p' - p) / p of the target probability (teacher-forced, the
+   product over the target tokens: the quantity the default objective "prob" attributes) on the
+   fact, on other facts of its relation, on facts of other relations, and for as many random
+   neurons drawn from the same layers.
 
 Relation neurons are those in the refined sets of at least ``relation_share`` of a relation's
 attributed facts. The consistency of a fact is the mean pairwise Jaccard index of its
@@ -36,46 +43,68 @@ from typing import Iterator, Sequence
 
 import torch
 
+from engramlab.config import check, option, validate
 from engramlab.data.facts import FactSet, target_token_ids
-from engramlab.errors import EngramError
-from engramlab.locate.ig import check_options, integrated_gradients
+from engramlab.locate import integration
+from engramlab.locate.ig import BASELINES, OBJECTIVES, SITES, integrated_gradients
+from engramlab.models.context import check_facts_fit
 from engramlab.models.loading import pad_rows
 from engramlab.progress import progress_bar
 from engramlab.runs import atomic_write_json, atomic_write_jsonl, load_json, read_jsonl
 
 P_STEP = 0.05
 SUPPRESS, ENHANCE = 0.0, 2.0
+REFINE = ("fact", "dai")
+# Per refinement rule: (p_start, min_prompts) when not given.
+_PRESETS = {"fact": (0.5, 1), "dai": (0.7, 3)}
+DAI_TRIES = 6  # Dai's 2_get_kn.py evaluates at most 6 values of p per relation
 
 
 @dataclass
 class NeuronConfig:
-    """Settings of ``find_knowledge_neurons`` (defaults follow Dai et al. 2022)."""
+    """Settings of ``find_knowledge_neurons``.
 
-    steps: int = 20                # m, integration steps
-    baseline: str = "zero"         # "zero" | "mean" (mean activation over the prompt's other positions)
-    objective: str = "prob"        # "prob" | "logprob" of the target tokens (summed over tokens)
-    site: str = "neurons"          # "neurons" (input of the MLP output projection) | "pre" (pre-activation)
-    threshold: float = 0.2         # coarse: score > threshold * max score of the prompt
-    p_start: float = 0.5           # refined: kept by >= p of the paraphrases, p adapted...
-    min_neurons: int = 2           # ...until min_neurons..max_neurons remain
-    max_neurons: int = 5
-    relation_share: float = 0.1    # relation neurons: in >= this share of the relation's facts
-    max_rank: int = 100            # skip facts whose first target token ranks beyond this
-    batch_layers: int | None = None  # layers per IG batch (None = auto by memory)
-    n_random_repeats: int = 3      # random-neuron controls per fact
+    The defaults are engramlab's (per-fact refinement, right-sum rule); ``refine="dai"`` with
+    ``ig_rule="left"`` is the closest to Dai et al. 2022's code (see docs/neurons.md for what still
+    differs). ``p_start`` and ``min_prompts`` left at None take the refinement rule's preset."""
+
+    steps: int = option(20, "m, integration steps.", range=(1, None))
+    baseline: str = option("zero", "zero | mean (positions 1..P-2) | mean_all (positions 0..P-2).",
+                           choices=BASELINES)
+    objective: str = option("prob", "prob (joint probability) | logprob | prob_sum of the target tokens.",
+                            choices=OBJECTIVES)
+    site: str = option("neurons", "neurons (input of the MLP output projection) | pre (pre-activation).",
+                       choices=SITES)
+    ig_rule: str = option("right", "Integration rule: right | left (Dai's code) | trapezoid.",
+                          choices=integration.RULES)
+    threshold: float = option(0.2, "Coarse: score > threshold x max score of the prompt.", range=(0, 1),
+                              open_high=True)
+    refine: str = option("fact", "fact (p adapted per fact, cut to max_neurons) | dai (per relation).",
+                         choices=REFINE)
+    p_start: float | None = option(None, "Refined: kept by >= p of the paraphrases (None: 0.5 fact, 0.7 dai).",
+                                   range=(0, 1), open_low=True)
+    min_prompts: int | None = option(None, "...and by >= this many paraphrases (None: 1 fact, 3 dai).",
+                                     range=(1, None), integer=True)
+    min_neurons: int = option(2, "fact: per fact; dai: the relation's mean per fact, kept in this range.",
+                              range=(1, None))
+    max_neurons: int = option(5, "...and at most this many.", range=(1, None))
+    relation_share: float = option(0.1, "Relation neurons: in >= this share of the relation's facts.",
+                                   range=(0, 1), open_low=True)
+    max_rank: int = option(100, "Skip facts whose first target token ranks beyond this.", range=(1, None))
+    batch_layers: int | None = option(None, "Layers per IG batch (None: as many as fit in memory).",
+                                      range=(1, None), integer=True)
+    n_random_repeats: int = option(3, "Random-neuron controls per fact.", range=(0, None),
+                                   flag="--random-repeats")
     seed: int = 0
-    n_compare: int = 20            # at most this many facts of the same / other relations per fact
+    n_compare: int = option(20, "At most this many facts of the same / other relations per fact.",
+                            range=(0, None))
 
     def __post_init__(self):
-        check_options(self.steps, self.baseline, self.objective, self.site)
-        if not 0 <= self.threshold < 1:
-            raise EngramError(f"threshold must be in [0, 1), got {self.threshold}")
-        if not 1 <= self.min_neurons <= self.max_neurons:
-            raise EngramError(f"need 1 <= min_neurons <= max_neurons, got {self.min_neurons}, {self.max_neurons}")
-        if not 0 < self.relation_share <= 1:
-            raise EngramError(f"relation_share must be in (0, 1], got {self.relation_share}")
-        if self.max_rank < 1:
-            raise EngramError(f"max_rank must be >= 1, got {self.max_rank}")
+        validate(self)
+        p_start, min_prompts = _PRESETS[self.refine]
+        self.p_start = p_start if self.p_start is None else self.p_start
+        self.min_prompts = min_prompts if self.min_prompts is None else self.min_prompts
+        check(self, "min_neurons", self.min_neurons <= self.max_neurons, f"must be <= max_neurons ({self.max_neurons})")
 
 
 # -- attribution and probabilities ----------------------------------------------------------------
@@ -93,10 +122,11 @@ def _ids(lm, prompt: str | Sequence[int]) -> list[int]:
 def attribute_neurons(lm, prompt: str | Sequence[int], target_ids: Sequence[int], config: NeuronConfig,
                       layers: Sequence[int] | None = None) -> torch.Tensor:
     """Integrated-gradients scores (n_layers, d_mlp) of every MLP neuron at the last prompt
-    position for the target tokens (summed over them). Layers not in ``layers`` are 0."""
+    position for the target tokens (``config.objective``: by default their joint probability).
+    Layers not in ``layers`` are 0."""
     return integrated_gradients(lm, _ids(lm, prompt), list(target_ids), steps=config.steps,
                                 baseline=config.baseline, objective=config.objective, site=config.site,
-                                layers=layers, batch_layers=config.batch_layers)
+                                layers=layers, batch_layers=config.batch_layers, rule=config.ig_rule)
 
 
 # Where target_probabilities put each row's last prompt token, for intervene(positions=-1).
@@ -204,9 +234,57 @@ def coarse_neurons(scores: torch.Tensor, threshold: float) -> list[tuple[int, in
     return sorted(found, key=lambda n: -n[2])
 
 
+def _tally(coarse_sets: Sequence[Sequence[tuple[int, int, float]]]) -> tuple[Counter, dict]:
+    """Per (layer, index): in how many of the sets it is, and the sum of its scores there."""
+    count: Counter = Counter()
+    total: dict[tuple[int, int], float] = {}
+    for neurons in coarse_sets:
+        for l, i, s in neurons:
+            count[(l, i)] += 1
+            total[(l, i)] = total.get((l, i), 0.0) + s
+    return count, total
+
+
+def _ranked(keys, count: Counter, total: dict) -> list[tuple[int, int, float]]:
+    """(layer, index, mean score), by number of paraphrases, then mean score, then position."""
+    keys = sorted(keys, key=lambda k: (-count[k], -total[k] / count[k], k))
+    return [(l, i, total[(l, i)] / count[(l, i)]) for l, i in keys]
+
+
+def refine_relation_dai(facts_coarse: Sequence[Sequence[Sequence[tuple[int, int, float]]]], p_start: float = 0.7,
+                        min_prompts: int = 3, min_mean: float = 2, max_mean: float = 5,
+                        tries: int = DAI_TRIES) -> tuple[list[list[tuple[int, int, float]]], float]:
+    """Dai et al. 2022's refinement (``2_get_kn.py``) for the facts of one relation.
+
+    ``facts_coarse[f]`` holds fact f's coarse sets, one per paraphrase (n_f of them). A neuron is
+    refined for fact f when it is in at least max(p * n_f, ``min_prompts``) of them. p starts at
+    ``p_start``; while the mean number of refined neurons per fact (over all the given facts) is
+    outside [``min_mean``, ``max_mean``], p moves by 0.05 (up when too many, down when too few),
+    for at most ``tries`` values of p. No cap. Returns (per fact: (layer, index, mean score) by
+    paraphrase count then mean score, the p used)."""
+    if not facts_coarse:
+        return [], p_start
+    tallies = [_tally(sets) for sets in facts_coarse]
+
+    def kept(p: float) -> list[list[tuple[int, int]]]:
+        # round() as in refine_neurons: 0.05-steps must not drift above a whole count.
+        return [[k for k, c in count.items() if c >= max(round(p * len(sets), 9), min_prompts)]
+                for (count, _), sets in zip(tallies, facts_coarse)]
+
+    p = p_start
+    for attempt in range(tries):
+        chosen = kept(p)
+        mean = sum(len(c) for c in chosen) / len(chosen)
+        if min_mean <= mean <= max_mean or attempt == tries - 1:
+            break
+        p = round(p + (P_STEP if mean > max_mean else -P_STEP), 9)
+    return [_ranked(c, count, total) for c, (count, total) in zip(chosen, tallies)], p
+
+
 def refine_neurons(coarse_sets: Sequence[Sequence[tuple[int, int, float]]], p_start: float = 0.5,
                    min_neurons: int = 2, max_neurons: int = 5) -> tuple[list[tuple[int, int, float]], float]:
-    """Neurons shared by at least a fraction p of the paraphrases' coarse sets, p adapted.
+    """engramlab's per-fact refinement: neurons shared by at least a share p of the paraphrases'
+    coarse sets, p adapted per fact.
 
     p starts at ``p_start``; while more than ``max_neurons`` are kept it rises by 0.05 (but not
     past a p that keeps fewer than ``min_neurons``), while fewer than ``min_neurons`` it falls by
@@ -215,12 +293,7 @@ def refine_neurons(coarse_sets: Sequence[Sequence[tuple[int, int, float]]], p_st
     n = len(coarse_sets)
     if n == 0:
         return [], p_start
-    count: Counter = Counter()
-    total: dict[tuple[int, int], float] = {}
-    for neurons in coarse_sets:
-        for l, i, s in neurons:
-            count[(l, i)] += 1
-            total[(l, i)] = total.get((l, i), 0.0) + s
+    count, total = _tally(coarse_sets)
 
     def kept(p: float) -> list[tuple[int, int]]:
         # round() guards against 0.1 + 0.2-style drift making p * n a hair above a whole count.
@@ -237,8 +310,41 @@ def refine_neurons(coarse_sets: Sequence[Sequence[tuple[int, int, float]]], p_st
         while len(chosen) < min_neurons and p - P_STEP > 1e-9:
             p = round(p - P_STEP, 9)
             chosen = kept(p)
-    ranked = sorted(chosen, key=lambda k: (-count[k], -total[k] / count[k], k))[:max_neurons]
-    return [(l, i, total[(l, i)] / count[(l, i)]) for l, i in ranked], p
+    return _ranked(chosen, count, total)[:max_neurons], p
+
+
+def apply_refinement(records: list[dict], config: NeuronConfig) -> dict[str, list[list[int]]]:
+    """Set ``neurons`` and ``p`` of every attributed record from its saved ``coarse`` sets by
+    ``config.refine`` (and its p_start, min_prompts, min/max_neurons), and return the relation
+    neurons ({relation: [[layer, index], ...]}, ``config.relation_share``). Paraphrases left out
+    (``None``) do not count. Works on the records of a saved run, so refinement variants need no
+    new attribution."""
+    done = [r for r in records if r["skipped"] is None]
+    by_relation: dict[str, list[dict]] = {}
+    for r in done:
+        by_relation.setdefault(r["relation"], []).append(r)
+
+    def usable(r: dict) -> list[list[tuple]]:
+        return [[tuple(n) for n in c] for c in r["coarse"] if c is not None]
+
+    def store(r: dict, neurons: list, share: float) -> None:
+        r.update(neurons=[[l, i, _short(s)] for l, i, s in neurons], p=share)
+
+    for mine in by_relation.values():
+        if config.refine == "dai":
+            refined, share = refine_relation_dai([usable(r) for r in mine], config.p_start, config.min_prompts,
+                                                 config.min_neurons, config.max_neurons)
+            for r, neurons in zip(mine, refined):
+                store(r, neurons, share)
+            continue
+        for r in mine:
+            sets = usable(r)
+            if config.min_prompts > 1:  # drop neurons in fewer paraphrases before adapting p
+                count, _ = _tally(sets)
+                sets = [[n for n in c if count[(n[0], n[1])] >= config.min_prompts] for c in sets]
+            store(r, *refine_neurons(sets, config.p_start, config.min_neurons, config.max_neurons))
+    return {rel: relation_neurons([[(l, i) for l, i, _ in r["neurons"]] for r in mine], config.relation_share)
+            for rel, mine in by_relation.items()}
 
 
 def relation_neurons(neuron_sets: Sequence[Sequence[tuple[int, int]]], share: float = 0.1) -> list[list[int]]:
@@ -284,6 +390,8 @@ class NeuronResult:
         out = {"n_facts": len(self.records), "n_attributed": len(done),
                "n_skipped": len(self.records) - len(done), **_effect_means(effects)}
         out["mean_neurons_per_fact"] = _mean([len(r["neurons"]) for r in done])
+        out["n_without_neurons"] = sum(not r["neurons"] for r in done)
+        out["mean_prompts_per_fact"] = _mean([sum(c is not None for c in r["coarse"]) for r in done])
         out["mean_coarse_per_prompt"] = _mean([len(c) for r in done for c in r["coarse"] if c is not None])
         out["mean_consistency"] = _mean([r["consistency"] for r in done])
         out["n_relation_neurons"] = sum(len(v) for v in self.relation_neurons.values())
@@ -326,6 +434,7 @@ def find_knowledge_neurons(lm, facts: FactSet, config: NeuronConfig | None = Non
                            show_progress: bool = False) -> NeuronResult:
     """Attribute, select and test the knowledge neurons of every fact (see module docstring)."""
     config = config or NeuronConfig()
+    check_facts_fit(lm, facts)
     start, cpu_start = time.time(), time.process_time()
     tok = lm.tokenizer
     prompts = [[fact.prompt(j) for j in range(len(fact.templates))] for fact in facts]
@@ -348,17 +457,12 @@ def find_knowledge_neurons(lm, facts: FactSet, config: NeuronConfig | None = Non
         for p, t, r in zip(ps, ts, rs):
             coarse.append(None if r > config.max_rank else
                           coarse_neurons(attribute_neurons(lm, p, t, config), config.threshold))
-        used = [c for c in coarse if c is not None]
-        refined, share = refine_neurons(used, config.p_start, config.min_neurons, config.max_neurons)
-        record.update(neurons=[[l, i, _short(s)] for l, i, s in refined], p=share, consistency=consistency(used),
-                      coarse=[None if c is None else [[l, i, _short(s)] for l, i, s in c] for c in coarse])
+        # Rounded as saved, so that refining a saved run (apply_refinement) gives the same result.
+        coarse = [None if c is None else [[l, i, _short(s)] for l, i, s in c] for c in coarse]
+        record.update(coarse=coarse, consistency=consistency([c for c in coarse if c is not None]))
     attributed_seconds = time.time() - start
 
-    by_relation: dict[str, list] = {}
-    for r in records:
-        if r["skipped"] is None:
-            by_relation.setdefault(r["relation"], []).append([(l, i) for l, i, _ in r["neurons"]])
-    rel_neurons = {rel: relation_neurons(sets, config.relation_share) for rel, sets in by_relation.items()}
+    rel_neurons = apply_refinement(records, config)
     measure_effects(lm, records, [ts[0] for ts in targets], config)
     n_done = sum(r["skipped"] is None for r in records)
     total, cpu = time.time() - start, time.process_time() - cpu_start
