@@ -48,11 +48,10 @@ whole sequence with the activation replaced, and a backward. The tests check bot
 
 from __future__ import annotations
 
-from contextlib import ExitStack, contextmanager
-from typing import Callable, Iterator, Sequence
+from contextlib import ExitStack
+from typing import Callable, Sequence
 
 import torch
-from torch import nn
 
 from engramlab.errors import EngramError
 from engramlab.locate.integration import RULES, check_rule, integration_tensors  # noqa: F401 (RULES re-exported)
@@ -61,38 +60,17 @@ SITES = ("neurons", "pre")
 BASELINES = ("zero", "mean", "mean_all")
 OBJECTIVES = ("prob", "logprob", "prob_sum")
 
-# The module whose output is the MLP pre-activation, per family (the "pre" site).
-_PRE_ACTIVATION = {"llama": "gate_proj", "gpt2": "c_fc", "gpt_neox": "dense_h_to_4h"}
-
 
 # -- sites and objective ----------------------------------------------------------------------
 def site_hook(lm, layer: int, site: str, fn: Callable[[torch.Tensor], torch.Tensor | None]):
     """Context manager running ``fn`` on layer ``layer``'s neuron tensor (batch, pos, d_mlp).
 
+    ``neurons`` is the input of the MLP output projection, ``pre`` the pre-activation (gate or
+    fc output; the gate half of a fused projection), both hook sites of the adapter.
     ``fn`` returns a replacement tensor or None (leave it)."""
-    if site == "neurons":
-        return lm.hooks.hook(f"blocks.{layer}.mlp.neurons", fn)
-    if site == "pre":
-        return _module_output_hook(_pre_module(lm, layer), fn)
-    raise EngramError(f"neuron site {site!r}: choose one of {', '.join(SITES)}")
-
-
-def _pre_module(lm, layer: int) -> nn.Module:
-    name = _PRE_ACTIVATION.get(lm.adapter.family)
-    module = getattr(lm.adapter.mlp(layer), name, None) if name else None
-    if module is None:
-        raise EngramError(f"neuron site 'pre' is not available for {lm.model.config.model_type} models (no "
-                          f"separate pre-activation projection); use the site 'neurons'")
-    return module
-
-
-@contextmanager
-def _module_output_hook(module: nn.Module, fn) -> Iterator[None]:
-    handle = module.register_forward_hook(lambda mod, args, out: fn(out))
-    try:
-        yield
-    finally:
-        handle.remove()
+    if site not in SITES:
+        raise EngramError(f"neuron site {site!r}: choose one of {', '.join(SITES)}")
+    return lm.hooks.hook(f"blocks.{layer}.mlp.{'neurons' if site == 'neurons' else 'pre'}", fn)
 
 
 def objective_from_logits(logits: torch.Tensor, target_ids: Sequence[int], objective: str) -> torch.Tensor:
