@@ -214,19 +214,26 @@ def small_world(tmp_path_factory):
 
 def test_two_concurrent_trains_on_one_out(tmp_path, small_world):
     out = tmp_path / "run"
-    first = subprocess.Popen(ENGRAM + train_args(small_world, out, 60), stdout=subprocess.PIPE,
+    # The first run is far too long to end by itself while the second starts (no race on timing);
+    # it is stopped with SIGTERM once the second has been refused.
+    first = subprocess.Popen(ENGRAM + train_args(small_world, out, 100_000), stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)
-    wait_for(out / "checkpoints" / "step-0000010", first)
-    t0 = time.time()
-    second = subprocess.run(ENGRAM + train_args(small_world, out, 50), capture_output=True, text=True)
-    assert second.returncode == 2, second.stderr
-    assert "in use by another engram run" in second.stderr and f"pid {first.pid}" in second.stderr
-    assert time.time() - t0 < 60  # refused at once, not after training
-    assert first.wait(timeout=600) == 0, first.communicate()
-    rows = read_jsonl(out / "metrics.jsonl")
-    assert [r["step"] for r in rows] == list(range(0, 61, 10))  # one run's rows, each step once
+    try:
+        wait_for(out / "checkpoints" / "step-0000010", first)
+        t0 = time.time()
+        second = subprocess.run(ENGRAM + train_args(small_world, out, 50), capture_output=True, text=True)
+        assert second.returncode == 2, second.stderr
+        assert "in use by another engram run" in second.stderr and f"pid {first.pid}" in second.stderr
+        assert time.time() - t0 < 60  # refused at once, not after training
+        assert first.poll() is None  # the first was running all along
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=120)
     m = manifest(out)
-    assert m["status"] == "complete" and m["config"]["steps"] == 60
+    assert m["status"] == "interrupted" and m["pid"] == first.pid and m["config"]["steps"] == 100_000
+    steps = [r["step"] for r in read_jsonl(out / "metrics.jsonl")]
+    assert steps == list(range(0, 10 * len(steps), 10))  # one run's rows, each step once
+    assert "--steps" in m["argv"] and m["argv"][m["argv"].index("--steps") + 1] == "100000"
 
 
 def test_sigterm_marks_the_run_interrupted_and_it_resumes_bit_identically(tmp_path, small_world):
