@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces the learning-dynamics figures in the README (issue 3) on a CPU.
-# Usage: benchmarks/learning_dynamics.sh OUT_DIR     (about 30 minutes on 2 idle cores)
+# Usage: benchmarks/learning_dynamics.sh OUT_DIR     (about 40 minutes on 2 idle cores)
 set -euo pipefail
 OUT=${1:-runs/dynamics}
 E="${ENGRAM:-.venv/bin/engram}"
@@ -27,5 +27,9 @@ $E train --world "$OUT/world_b" --init "$OUT/base" --out "$OUT/finetune_replay" 
   --eval-every 25 --checkpoints none --sampler replay:weight=0.3
 
 # 5. Attention patching: a twin from the same initial weights with the base run's final patterns.
+#    The first run stops at its plateau end (fine-grained evaluations); the second trains the
+#    twin to the end for its final loss and accuracy (patched evaluations throughout).
 $E train --world "$OUT/world_a" --out "$OUT/patched" --steps 2000 --lr 3e-3 --eval-every 25 \
   --patch-attention-from "$OUT/base:2000" --stop-at-plateau-end --checkpoints none
+$E train --world "$OUT/world_a" --out "$OUT/patched_full" --steps 2000 --lr 3e-3 --eval-every 100 \
+  --patch-attention-from "$OUT/base:2000" --checkpoints none

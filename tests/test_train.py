@@ -2,6 +2,7 @@
 
 import json
 import math
+from contextlib import ExitStack
 
 import pytest
 import torch
@@ -14,11 +15,11 @@ from engramlab.data.world import ATTRIBUTES, build_world
 from engramlab.data.wordtok import build_word_tokenizer
 from engramlab.dynamics.plateau import detect_plateau, fit_power_law
 from engramlab.models import wrap_model
-from engramlab.models.loading import list_checkpoints
+from engramlab.models.loading import list_checkpoints, load_model
 from engramlab.runs import read_jsonl
 from engramlab.train.checkpoints import checkpoint_steps
-from engramlab.train.metrics import EvalSet, baseline_loss, evaluate
-from engramlab.train.model_configs import build_model
+from engramlab.train.metrics import EvalSet, baseline_loss, empirical_marginal_loss, evaluate
+from engramlab.train.model_configs import build_model, count_parameters
 from engramlab.train.trainer import TrainConfig, Trainer, learning_rate, train
 
 SMALL = dict(batch_size=8, eval_every=4, eval_people=6, eval_templates=1, lr=3e-3)
@@ -66,39 +67,157 @@ def test_baseline_is_mean_log_value_count(world):
     assert baseline_loss(world) == pytest.approx(sum(math.log(counts[a]) for a in ATTRIBUTES) / 6)
 
 
-def test_batched_metrics_match_a_per_sentence_loop(world):
+def _plain_metrics(model, hooks, tok, world, docs, population="people", reference=None):
+    """Every metric of train.metrics.evaluate, one document at a time without padding.
+
+    Token positions come from tokenizing each sentence piece separately (the word tokenizer
+    maps words 1:1, so a document is <bos> followed by its sentences' tokens in order), not
+    from character offsets. ``reference``: a LoadedModel whose attention patterns (captured on
+    the same document) replace the model's own in every layer.
+    """
+    members = getattr(world, population)
+    sites = [f"blocks.{l}.attn.pattern" for l in range(hooks.adapter.n_layers)]
+    per_attr = {a: ([], []) for a in ATTRIBUTES}
+    first_top1, first_ent, all_top1, all_ent, attr_name = [], [], [], [], []
+    name_name, last_name = [], []
+    for doc in docs:
+        ids = [tok.bos_token_id]
+        values, mentions = [], []  # (attribute, first position, token ids); [positions]
+        for it in doc:
+            sent = tok(it.text, add_special_tokens=False)["input_ids"]
+            name_ids = tok(members[it.person_index].name, add_special_tokens=False)["input_ids"]
+            at = next(i for i in range(len(sent)) if sent[i : i + len(name_ids)] == name_ids)
+            mentions.append(list(range(len(ids) + at, len(ids) + at + len(name_ids))))
+            value_ids = tok(it.value, add_special_tokens=False)["input_ids"]
+            start = len(ids) + len(tok(it.prompt, add_special_tokens=False)["input_ids"])
+            values.append((it.attribute, start, value_ids))
+            ids += sent
+        full = tok(" ".join(it.text for it in doc), return_tensors="pt")["input_ids"]
+        assert full[0].tolist() == ids
+        for attribute, start, value_ids in values:
+            assert ids[start : start + len(value_ids)] == value_ids
+        with torch.no_grad(), ExitStack() as stack:
+            if reference is not None:
+                with reference.hooks.capture(sites) as ref:
+                    reference.model(full)
+                for site in sites:
+                    stack.enter_context(hooks.replace(site, ref[site]))
+            cache = stack.enter_context(hooks.capture(sites))
+            logits = model(full).logits[0].double()
+        lp, probs = logits.log_softmax(-1), logits.softmax(-1)
+        names_at = [p for m in mentions for p in m]
+        for attribute, start, value_ids in values:
+            rows = [start - 1 + j for j in range(len(value_ids))]  # positions predicting the value
+            per_attr[attribute][0].append(-sum(float(lp[r, v]) for r, v in zip(rows, value_ids)))
+            per_attr[attribute][1].append(all(int(logits[r].argmax()) == v for r, v in zip(rows, value_ids)))
+            top1 = [float(probs[r].max()) for r in rows]
+            ent = [float(-(probs[r] * probs[r].log()).sum()) for r in rows]
+            first_top1.append(top1[0])
+            first_ent.append(ent[0])
+            all_top1.append(sum(top1) / len(top1))
+            all_ent.append(sum(ent) / len(ent))
+            attr_name.append([float(cache[site][0, :, start - 1, names_at].sum(-1).mean()) for site in sites])
+        p0 = cache[sites[0]][0].double().mean(0)  # (T, T)
+        for q in names_at:
+            before = [k for k in names_at if k < q]
+            if before:
+                name_name.append(float(p0[q, before].sum()))
+        for m in mentions:
+            last_name.append(float(p0[m[-1], m[:-1]].sum()))
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    return {"attr_loss": mean([mean(v[0]) for v in per_attr.values()]),
+            "attr_acc": mean([mean(v[1]) for v in per_attr.values()]),
+            "first_token_top1_prob": mean(first_top1), "first_token_entropy": mean(first_ent),
+            "value_top1_prob": mean(all_top1), "value_entropy": mean(all_ent),
+            "attn.attr_to_name": [mean([a[l] for a in attr_name]) for l in range(len(sites))],
+            "attn.name_to_name_layer0": mean(name_name), "attn.last_name_to_name_layer0": mean(last_name)}
+
+
+def _sharp_tiny_model(tok, seed=0):
+    """The tiny preset with Q/K and the unembedding scaled up: peaked attention and output
+    distributions that differ between positions, so position or mask errors show."""
+    model = build_model("tiny", len(tok), 256, seed=seed, tokenizer=tok).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "q_proj" in name or "k_proj" in name:
+                p.mul_(12)
+            if "lm_head" in name:
+                p.mul_(60)
+    return model
+
+
+@pytest.mark.parametrize("context", ["sentence", "biography"])
+def test_batched_metrics_match_a_per_document_loop(world, context):
     tok = build_word_tokenizer(world)
-    model = build_model("tiny", len(tok), 128, seed=0, tokenizer=tok).eval()
+    model = _sharp_tiny_model(tok)
     lm = wrap_model(model, tok)
-    es = EvalSet.build("eval", world, "heldout_templates", tok, max_people=5, max_templates=2)
-    got = evaluate(model, es, batch_size=7, hooks=lm.hooks, attention_stats=True)
-    items = world.eval_items("heldout_templates", max_people=5, max_templates=2)
-    losses = {a: [] for a in ATTRIBUTES}
-    accs = {a: [] for a in ATTRIBUTES}
-    attr_name = torch.zeros(lm.adapter.n_layers)
-    for it in items:  # one sentence at a time, no padding
-        prompt_ids = tok(it.prompt)["input_ids"]  # <bos> prompt
-        ids = tok(it.text, return_tensors="pt")["input_ids"]
-        value_ids = tok(it.value, add_special_tokens=False)["input_ids"]
-        start = len(prompt_ids)
-        assert ids[0, start : start + len(value_ids)].tolist() == value_ids
-        sites = [f"blocks.{l}.attn.pattern" for l in range(lm.adapter.n_layers)]
-        with torch.no_grad(), lm.hooks.capture(sites) as cache:
-            logits = model(ids).logits[0]
-        lp = logits.log_softmax(-1)
-        losses[it.attribute].append(-sum(float(lp[start - 1 + j, v]) for j, v in enumerate(value_ids)))
-        accs[it.attribute].append(all(int(logits[start - 1 + j].argmax()) == v for j, v in enumerate(value_ids)))
-        name = world.people[it.person_index].name
-        name_ids = tok(name, add_special_tokens=False)["input_ids"]
-        n_name, row = len(name_ids), ids[0].tolist()
-        name_at = next(i for i in range(len(row)) if row[i : i + n_name] == name_ids)
-        for l, s in enumerate(sites):
-            attr_name[l] += cache[s][0, :, start - 1, name_at : name_at + n_name].sum(-1).mean()
-    ref_loss = sum(sum(v) / len(v) for v in losses.values()) / 6
-    ref_acc = sum(sum(v) / len(v) for v in accs.values()) / 6
-    assert got["eval.attr_loss"] == pytest.approx(ref_loss, rel=1e-4)
-    assert got["eval.attr_acc"] == pytest.approx(ref_acc)
-    assert got["eval.attn.attr_to_name"] == pytest.approx((attr_name / len(items)).tolist(), rel=1e-4)
+    for split, population in (("heldout_templates", "people"), ("heldout_people", "heldout_people")):
+        es = EvalSet.build("eval", world, split, tok, max_people=5, max_templates=2, context=context)
+        got = evaluate(model, es, batch_size=3, hooks=lm.hooks, attention_stats=True)
+        if context == "sentence":
+            docs = [[it] for it in world.eval_items(split, max_people=5, max_templates=2)]
+        else:
+            docs = world.eval_biographies(split, max_people=5, max_templates=2)
+            assert len(docs) == 10 and all(len(d) == 6 for d in docs)
+        ref = _plain_metrics(model, lm.hooks, tok, world, docs, population)
+        for key, value in ref.items():
+            assert got[f"eval.{key}"] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    # The two definitions of name->name differ (the paper's uses the last name token only).
+    assert got["eval.attn.name_to_name_layer0"] != pytest.approx(got["eval.attn.last_name_to_name_layer0"])
+
+
+def test_biography_context_evaluates_the_same_values_with_more_context(world):
+    items = world.eval_items("heldout_templates", max_people=7, max_templates=3)
+    bios = world.eval_biographies("heldout_templates", max_people=7, max_templates=3)
+    triples = lambda its: sorted((it.person_index, it.attribute, it.template_index) for it in its)  # noqa: E731
+    assert triples(items) == triples([it for bio in bios for it in bio])
+    assert all(len({it.person_index for it in bio}) == 1 for bio in bios)
+    assert len({tuple(it.attribute for it in bio) for bio in bios}) > 1  # sentence order is shuffled
+    tok = build_word_tokenizer(world)
+    model = _sharp_tiny_model(tok)
+    a = evaluate(model, EvalSet.build("e", world, "heldout_templates", tok, 7, 3))
+    b = evaluate(model, EvalSet.build("e", world, "heldout_templates", tok, 7, 3, context="biography"))
+    assert a["e.attr_loss"] != pytest.approx(b["e.attr_loss"], rel=1e-3)  # context changes the predictions
+    with pytest.raises(EngramError, match="--eval-context"):
+        EvalSet.build("e", world, "heldout_templates", tok, 2, 1, context="paragraph")
+
+
+def test_trainer_evaluates_in_the_configured_context(world, tmp_path):
+    cfg = TrainConfig(steps=2, checkpoints="none", eval_context="biography", **SMALL)
+    trainer = Trainer(cfg, world, tmp_path)
+    assert {es.name: es.context for es in trainer.evalsets} == {"eval": "biography", "train": "biography",
+                                                                "heldout": "biography"}
+    row = trainer.evaluate(0)
+    bios = EvalSet.build("x", world, "heldout_templates", trainer.tokenizer, SMALL["eval_people"],
+                         SMALL["eval_templates"], context="biography")
+    assert row["eval.attr_loss"] == pytest.approx(evaluate(trainer.model, bios)["x.attr_loss"], rel=1e-6)
+    for bad, flag in (({"eval_context": "page"}, "--eval-context"), ({"eval_template_choice": "last"},
+                                                                      "--eval-template-choice")):
+        with pytest.raises(EngramError, match=flag):
+            Trainer(TrainConfig(steps=2, checkpoints="none", **{**SMALL, **bad}), world, tmp_path / "bad")
+
+
+def test_empirical_marginal_loss_is_the_plug_in_entropy(world):
+    def part_entropy(values):  # -mean_i log(count(v_i) / N), one person at a time
+        counts = {v: values.count(v) for v in set(values)}
+        return -sum(math.log(counts[v] / len(values)) for v in values) / len(values)
+
+    people = world.people
+    total = 0.0
+    for attribute in ATTRIBUTES:
+        values = [p.attributes[attribute] for p in people]
+        if attribute == "birth_date":
+            months = [v.split()[0] for v in values]
+            days = [v.split()[1].rstrip(",") for v in values]
+            years = [v.split()[2] for v in values]
+            total += part_entropy(months) + part_entropy(days) + part_entropy(years)
+        else:
+            total += part_entropy(values)
+    assert empirical_marginal_loss(world) == pytest.approx(total / 6, rel=1e-9)
+    # Below the analytic baseline, closer to it for larger populations (the review's 4.569 at N=250).
+    n250 = build_world("tiny", n_people=250)
+    assert empirical_marginal_loss(world) < empirical_marginal_loss(n250) < baseline_loss(n250)
+    assert empirical_marginal_loss(n250) == pytest.approx(4.57, abs=0.04)
 
 
 def test_training_learns_and_resume_is_exact(world, tmp_path):
@@ -151,22 +270,139 @@ def test_attention_patching_uses_reference_patterns_with_stop_gradient(world, tm
     assert all(torch.equal(ref0[k], twin0[k]) for k in ref0)
 
 
+@pytest.fixture(scope="module")
+def reference_run(world, tmp_path_factory):
+    # Trained long and fast enough that its attention is far from the near-uniform initial one.
+    out = tmp_path_factory.mktemp("ref")
+    cfg = TrainConfig(steps=30, checkpoints="none", attention_stats=False, **{**SMALL, "eval_every": 30, "lr": 1e-2})
+    train(world, out, cfg, show_progress=False)
+    return out
+
+
+@pytest.mark.parametrize("window, patched", [(None, [True] * 5), ("4:8", [False, False, False, True, True]),
+                                             ("0:4", [True, True, True, False, False])])
+def test_patched_runs_evaluate_each_step_as_its_update_was_trained(world, reference_run, tmp_path, window, patched):
+    """metrics row s comes from update s-1: it is patched exactly when that update was."""
+    small = {**SMALL, "eval_every": 2}
+    cfg = TrainConfig(steps=8, checkpoints="none", patch_attention_from=f"{reference_run}:30", patch_window=window,
+                      attention_stats=False, **small)
+    summary = train(world, tmp_path / "twin", cfg, show_progress=False)
+    rows = read_jsonl(tmp_path / "twin" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 2, 4, 6, 8]
+    assert [r["patched"] for r in rows] == patched
+    if window is not None:
+        return
+    # The summary reports the twin as trained: the final model run with the reference's patterns,
+    # recomputed here sentence by sentence.
+    twin, ref = load_model(f"{tmp_path / 'twin'}:8"), load_model(f"{reference_run}:30")
+    docs = [[it] for it in world.eval_items("heldout_templates", max_people=SMALL["eval_people"],
+                                            max_templates=SMALL["eval_templates"])]
+    as_trained = _plain_metrics(twin.model, twin.hooks, twin.tokenizer, world, docs, reference=ref)
+    unpatched = _plain_metrics(twin.model, twin.hooks, twin.tokenizer, world, docs)
+    assert summary["final_attr_loss"] == pytest.approx(as_trained["attr_loss"], rel=1e-4)
+    assert summary["final_attr_acc"] == pytest.approx(as_trained["attr_acc"])
+    assert abs(as_trained["attr_loss"] - unpatched["attr_loss"]) > 0.05  # the two regimes differ
+
+
+def test_optimizer_state_is_reset_when_the_patch_window_opens(world, reference_run, tmp_path):
+    cfg = TrainConfig(steps=8, checkpoints="none", patch_attention_from=f"{reference_run}:30", patch_window="3:6",
+                      **SMALL)
+    twin = Trainer(cfg, world, tmp_path / "twin")
+    attn, mlp = twin.adapter.attn(0), twin.model.model.layers[0].mlp.down_proj.weight
+    state = twin.optimizer.state
+    for step in range(3):  # free attention: every parameter is updated
+        twin.train_step(step)
+    assert float(state[mlp]["step"]) == 3 and float(state[attn.q_proj.weight]["step"]) == 3
+    twin.train_step(3)  # patching starts: fresh AdamW moments; Q/K get no gradient, so no state
+    assert float(state[mlp]["step"]) == 1
+    assert attn.q_proj.weight not in state and attn.k_proj.weight not in state
+    frozen = attn.q_proj.weight.detach().clone()
+    twin.train_step(4)
+    twin.train_step(5)
+    assert float(state[mlp]["step"]) == 3 and torch.equal(attn.q_proj.weight, frozen)
+    twin.train_step(6)  # the window is over: Q/K learn again, with new moments
+    assert float(state[attn.q_proj.weight]["step"]) == 1 and float(state[mlp]["step"]) == 4
+    assert not torch.equal(attn.q_proj.weight, frozen)
+    for bad in ("6:3", "x:4"):
+        with pytest.raises(EngramError, match="--patch-window"):
+            Trainer(TrainConfig(steps=8, checkpoints="none", patch_attention_from=f"{reference_run}:30",
+                                patch_window=bad, **SMALL), world, tmp_path / "bad")
+
+
+def test_summary_reads_plateau_and_hallucination_onset_from_the_metrics(world, tmp_path):
+    trainer = Trainer(TrainConfig(steps=80, checkpoints="none", **SMALL), world, tmp_path)
+    b = trainer.baseline
+    eval_loss = [3.0, 1.2, 1.04, 1.0, 0.97, 0.92, 0.85, 0.5, 0.2]  # x baseline
+    unseen = [3.0, 1.2, 1.0, 1.05, 1.12, 1.2, 1.3, 2.0, 2.5]  # above 1.1 before the plateau: ignored
+    rows = [{"step": 10 * i, "eval.attr_loss": e * b, "eval.attr_acc": i / 10, "train.attr_acc": i / 9,
+             "heldout.attr_loss": h * b, "heldout.first_token_top1_prob": i / 20}
+            for i, (e, h) in enumerate(zip(eval_loss, unseen))]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    s = trainer.summary(wall=2.0, tokens=100)
+    assert (s["plateau_start_step"], s["plateau_end_step"]) == (20, 60)  # first <= 1.05 b; then first <= 0.9 b
+    assert s["heldout_rise_step"] == 40 and s["heldout_loss_at_plateau_end"] == pytest.approx(1.3 * b)
+    assert s["final_step"] == 80 and s["final_attr_loss"] == pytest.approx(0.2 * b) and s["final_attr_acc"] == 0.8
+    assert s["heldout_top1_prob_final"] == 0.4 and s["tokens_per_second"] == 50.0
+    strict = Trainer(TrainConfig(steps=80, checkpoints="none", plateau_reach=0.0, plateau_exit=0.2, **SMALL),
+                     world, tmp_path)
+    s = strict.summary(wall=2.0, tokens=100)
+    assert (s["plateau_start_step"], s["plateau_end_step"]) == (30, 70)
+    assert s["heldout_rise_step"] == 60  # first > 1.2 b from step 30
+    assert s["heldout_loss_at_plateau_end"] == pytest.approx(2.0 * b)
+
+
+def test_paper_preset_matches_the_reference_parameter_count():
+    d, layers, vocab = 512, 8, 1000
+    reference = layers * 12 * d * d  # Chinchilla "44M" shape: 4 d^2 attention + 2 * d * 4d MLP per layer
+    for spec in ("paper", "paper-gpt2"):
+        model = build_model(spec, vocab, 128, seed=0)
+        total, non_embedding = count_parameters(model)
+        assert total == sum(p.numel() for p in set(model.parameters()))
+        embeddings = sum(p.numel() for n, p in model.named_parameters()
+                         if n.endswith(("embed_tokens.weight", "wte.weight", "wpe.weight", "lm_head.weight")))
+        assert non_embedding == total - embeddings
+        assert abs(non_embedding - reference) / reference < 0.005, (spec, non_embedding)
+
+
 def test_cli_world_train_and_bad_input(tmp_path):
     runner = CliRunner()
     w = tmp_path / "world"
     r = runner.invoke(app, ["world", "--preset", "tiny", "--n-people", "30", "--out", str(w)])
     assert r.exit_code == 0, r.output
     summary = json.loads((w / "summary.json").read_text())
-    assert summary["n_people"] == 30 and summary["baseline_loss"] > 0
+    header = json.loads((w / "world.json").read_text())
+    sizes = {a: len(header["pools"][p]) for a, p in (("birth_city", "city"), ("current_city", "city"),
+                                                      ("university", "university"), ("major", "major"),
+                                                      ("employer", "employer"))}
+    sizes["birth_date"] = 12 * 31 * (header["config"]["year_max"] - header["config"]["year_min"] + 1)
+    assert summary["n_people"] == 30 and summary["n_heldout"] == 100
+    assert summary["baseline_loss"] == pytest.approx(sum(math.log(n) for n in sizes.values()) / 6)
+    assert {a: summary[f"values.{a}"] for a in ATTRIBUTES} == sizes
     run = tmp_path / "run"
     r = runner.invoke(app, ["train", "--world", str(w), "--out", str(run), "--steps", "4", "--eval-every", "2",
                             "--eval-people", "5", "--eval-templates", "1", "--batch-size", "4"])
     assert r.exit_code == 0, r.output
     s = json.loads((run / "summary.json").read_text())
-    for key in ("baseline_loss", "final_attr_loss", "final_attr_acc", "plateau_start_step", "plateau_end_step",
-                "heldout_loss_final", "train_wall_seconds", "tokens_per_second"):
-        assert key in s, key
-    assert json.loads((run / "manifest.json").read_text())["status"] == "complete"
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 2, 4] and [r["patched"] for r in rows] == [False] * 3
+    last = rows[-1]
+    assert s["final_step"] == 4 and s["baseline_loss"] == summary["baseline_loss"] == last["baseline_loss"]
+    assert (s["final_attr_loss"], s["final_attr_acc"], s["heldout_loss_final"]) == (
+        last["eval.attr_loss"], last["eval.attr_acc"], last["heldout.attr_loss"])
+    assert s["baseline_loss_empirical"] < s["baseline_loss"]
+    assert rows[0]["eval.attr_loss"] > s["baseline_loss"] * 2  # untrained: far above the baseline
+    n_items = 5 * 6 * 1  # --eval-people x attributes x --eval-templates
+    assert all(0 <= r["eval.attr_acc"] <= 1 and r["eval.attr_acc"] * n_items % 1 < 1e-6 for r in rows)
+    assert s["plateau_end_step"] is None  # 4 steps cannot get below the baseline
+    assert s["tokens_per_second"] > 0 and s["train_wall_seconds"] > 0
+    final = list_checkpoints(run)
+    assert set(final) >= {0, 4}
+    weights = load_file(str(final[4] / "model.safetensors"))
+    assert s["n_params"] == sum(t.numel() for t in weights.values())
+    assert s["n_params_non_embedding"] == s["n_params"] - sum(
+        t.numel() for k, t in weights.items() if k.endswith(("embed_tokens.weight", "lm_head.weight")))
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["config"]["eval_template_choice"] == "random"
     assert (run / "curves.png").stat().st_size > 0
     # A fine-tuning population: new names only, same pools (so the same vocabulary).
     w2 = tmp_path / "world2"
@@ -204,13 +440,27 @@ def test_continual_world_with_a_hf_tokenizer(tmp_path):
     assert {k.rsplit(".", 1)[1] for k in row if k.startswith("eval.attr_acc.bucket.")} <= buckets
     assert any(k.startswith("eval.attr_acc.bucket.") for k in row)
     assert summary["final_step"] == 2 and math.isfinite(summary["final_attr_loss"])
+    # Each bucket's numbers are those of its people evaluated alone (every person has the same
+    # number of values per attribute, so the mean over values is the mean over attributes).
+    final = load_model(f"{tmp_path}:2")
+    chosen = sorted({it.person_index for it in world.eval_items("heldout_templates", max_people=SMALL["eval_people"])})
+    for bucket in {world.people[i].bucket for i in chosen}:
+        people = [i for i in chosen if world.people[i].bucket == bucket]
+        es = EvalSet.build("b", world, "heldout_templates", final.tokenizer, None, SMALL["eval_templates"],
+                           people=people)
+        alone = evaluate(final.model, es)
+        assert row[f"eval.attr_loss.bucket.{bucket}"] == pytest.approx(alone["b.attr_loss"], rel=1e-4)
+        assert row[f"eval.attr_acc.bucket.{bucket}"] == pytest.approx(alone["b.attr_acc"])
 
 
 def test_non_uniform_sampler_also_measures_the_training_distribution(world, tmp_path):
     cfg = TrainConfig(steps=4, checkpoints="none", sampler="powerlaw:alpha=1.5", **SMALL)
     summary = train(world, tmp_path, cfg, show_progress=False)
-    row = read_jsonl(tmp_path / "metrics.jsonl")[-1]
-    assert "dist.attr_loss" in row and "plateau_end_step_train_dist" in summary
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    row = rows[-1]
+    assert summary["final_attr_acc_train_dist"] == row["dist.attr_acc"]
+    assert (summary["plateau_start_step_train_dist"], summary["plateau_end_step_train_dist"]) == detect_plateau(
+        [r["step"] for r in rows], [r["dist.attr_loss"] for r in rows], summary["baseline_loss"])
     trainer = Trainer(cfg, world, tmp_path / "again")
     dist = next(es for es in trainer.evalsets if es.name == "dist")
     drawn = dist.input_ids.shape[0] // (6 * SMALL["eval_templates"])

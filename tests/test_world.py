@@ -109,6 +109,53 @@ def test_eval_items_use_heldout_templates_only(world):
         world.eval_items("nope")
 
 
+def test_value_counts_are_what_the_generator_can_emit():
+    """value_counts() against the values the generator actually draws for many people."""
+    world = build_world("tiny", n_people=3000, n_heldout=0, year_min=2000, year_max=2004, n_cities=7,
+                        n_universities=5, n_majors=3, n_employers=6)
+    counts = world.value_counts()
+    seen = {a: {p.attributes[a] for p in world.people} for a in ATTRIBUTES}
+    for attribute in ATTRIBUTE_POOLS:  # 3000 draws from <= 7 values: every value shows up
+        assert len(seen[attribute]) == counts[attribute]
+    assert len(seen["birth_city"] | seen["current_city"]) == counts["birth_city"]
+    months, days, years = set(), set(), set()
+    for date in seen["birth_date"]:
+        month, day, year = date.replace(",", "").split()
+        months.add(month), days.add(int(day)), years.add(int(year))
+    assert months == set(MONTHS) and days == set(range(1, 32)) and years == set(range(2000, 2005))
+    assert counts["birth_date"] == len(months) * len(days) * len(years) == 1860
+    assert len(seen["birth_date"]) > 1000  # dates combine independently (not a few fixed dates)
+
+
+def test_eval_templates_are_drawn_per_person_not_the_lowest_indices(world):
+    items = world.eval_items("heldout_templates", max_templates=2)
+    first = world.eval_items("heldout_templates", max_templates=2, template_choice="first")
+    for it in items:
+        assert it.template_index in world.people[it.person_index].heldout_templates[it.attribute]
+    for chosen in (items, first):
+        per = {}
+        for it in chosen:
+            per.setdefault((it.person_index, it.attribute), []).append(it.template_index)
+        assert all(len(set(v)) == 2 for v in per.values()) and len(per) == world.config.n_people * 6
+    # "first" keeps the two lowest held-out indices; the random draw uses all five positions
+    # of the sorted held-out list about equally (1/5 each for 2 of 5 drawn; 300*6 pairs).
+    rank = [world.people[it.person_index].heldout_templates[it.attribute].index(it.template_index) for it in items]
+    share = [rank.count(r) / len(rank) for r in range(5)]
+    assert all(abs(x - 0.2) < 0.03 for x in share), share
+    assert {world.people[it.person_index].heldout_templates[it.attribute].index(it.template_index)
+            for it in first} == {0, 1}
+    # Seeded per person: the same for a subset, for another call, for the training-template split.
+    subset = world.eval_items("heldout_templates", max_people=9, max_templates=2)
+    by_person = {(it.person_index, it.attribute, it.template_index) for it in items}
+    assert all((it.person_index, it.attribute, it.template_index) in by_person for it in subset)
+    assert subset == world.eval_items("heldout_templates", max_people=9, max_templates=2)
+    train = world.eval_items("train_templates", max_people=50, max_templates=3)
+    assert max(world.people[it.person_index].train_templates[it.attribute].index(it.template_index)
+               for it in train) > 10
+    with pytest.raises(EngramError, match="--eval-template-choice"):
+        world.eval_items("heldout_templates", max_templates=2, template_choice="last")
+
+
 def test_name_precedes_value_in_every_sentence(world):
     person = world.people[0]
     for attribute in ATTRIBUTES:

@@ -10,10 +10,12 @@ import typer
 from engramlab.cli.common import (
     DeviceOpt,
     OutOpt,
+    OverwriteOpt,
     SeedOpt,
     app,
     console,
     print_summary,
+    run_mode,
     user_errors,
 )
 from engramlab.errors import EngramError
@@ -41,7 +43,7 @@ def _parse_sets(items: list[str] | None, flag: str) -> dict:
 @user_errors
 def world(preset: str = typer.Option("tiny", "--preset", "-p", help="tiny | small | paper | continual-tiny | "
                                      "continual."),
-          out: Path = OutOpt, seed: int = SeedOpt,
+          out: Path = OutOpt, seed: int = SeedOpt, overwrite: bool = OverwriteOpt,
           n_people: Optional[int] = typer.Option(None, "--n-people", "-N", help="Trained population size."),
           n_heldout: Optional[int] = typer.Option(None, "--n-heldout", help="Held-out population size."),
           disjoint_from: Optional[Path] = typer.Option(None, "--disjoint-from", help="Another world whose names "
@@ -61,7 +63,7 @@ def world(preset: str = typer.Option("tiny", "--preset", "-p", help="tiny | smal
         exclude = {p.name for p in other.people + other.heldout_people}
     config = {"preset": preset, "overrides": overrides, "disjoint_from": str(disjoint_from or "") or None}
     w = build_world(preset, exclude_names=exclude, **overrides)
-    with RunDir(out, "world", config, seed=seed) as run:
+    with RunDir(out, "world", config, seed=seed, mode=run_mode(overwrite)) as run:
         w.save(run.path)
         tok = build_word_tokenizer(w)
         counts = w.value_counts()
@@ -94,6 +96,11 @@ def train(world_dir: Optional[Path] = typer.Option(None, "--world", "-w", help="
                                       "replay:weight=W."),
           eval_every: int = typer.Option(50, "--eval-every"), eval_people: int = typer.Option(100, "--eval-people"),
           eval_templates: int = typer.Option(2, "--eval-templates"),
+          eval_context: str = typer.Option("sentence", "--eval-context", help="sentence: each evaluation sentence "
+                                           "alone; biography: whole evaluation-template biographies (the paper)."),
+          eval_template_choice: str = typer.Option("random", "--eval-template-choice", help="random: "
+                                                   "--eval-templates drawn per person (seeded); first: lowest "
+                                                   "indices (before 2026-12)."),
           checkpoints: str = typer.Option("dense:24", "--checkpoints", help="dense:N | log:N | every:K | none."),
           old_world: Optional[str] = typer.Option(None, "--old-world", help="Population trained before (retention "
                                                   "metrics, replay); default: the --init run's world."),
@@ -108,6 +115,7 @@ def train(world_dir: Optional[Path] = typer.Option(None, "--world", "-w", help="
                                                    "plateau is over."),
           resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint "
                                       "(its saved config is used)."),
+          overwrite: bool = OverwriteOpt,
           seed: int = SeedOpt, device: str = DeviceOpt):
     """Train a model on a world's biographies; checkpoints and knowledge metrics over training."""
     from dataclasses import asdict
@@ -121,25 +129,32 @@ def train(world_dir: Optional[Path] = typer.Option(None, "--world", "-w", help="
         manifest = out / "manifest.json"
         if not manifest.is_file():
             raise EngramError(f"--resume: {out} has no manifest.json, so no run to resume; start it without --resume")
-        cfg = TrainConfig(**load_json(manifest, "run manifest")["config"])
+        saved = load_json(manifest, "run manifest")["config"]
+        # Runs made before eval_template_choice existed evaluated the lowest template indices.
+        cfg = TrainConfig(**{"eval_template_choice": "first", **saved})
     else:
         if world_dir is None:
             raise EngramError("engram train needs --world DIR (make one with `engram world --preset tiny --out DIR`)")
         cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, min_lr_ratio=min_lr_ratio, schedule=schedule,
                           warmup_steps=warmup_steps, weight_decay=weight_decay, beta1=beta1, beta2=beta2,
                           grad_clip=grad_clip, sampler=sampler, seed=seed, eval_every=eval_every,
-                          eval_people=eval_people, eval_templates=eval_templates, checkpoints=checkpoints,
+                          eval_people=eval_people, eval_templates=eval_templates, eval_context=eval_context,
+                          eval_template_choice=eval_template_choice, checkpoints=checkpoints,
                           plateau_reach=plateau_reach, plateau_exit=plateau_exit, device=device,
                           model_config=model_config, init=init, tokenizer=tokenizer, old_world=old_world,
                           patch_attention_from=patch_attention_from, patch_window=patch_window,
                           stop_at_plateau_end=stop_at_plateau_end, world=str(world_dir))
     w = World.load(cfg.world)
-    with RunDir(out, "train", asdict(cfg), seed=cfg.seed) as run:
-        summary = run_training(w, run.path, cfg, resume=resume)
-        run.finish(summary)
-    print_summary("train", out, summary, ["baseline_loss", "final_attr_loss", "final_attr_acc", "plateau_start_step",
-                                           "plateau_end_step", "heldout_loss_final", "old_acc_final",
-                                           "tokens_per_second"])
+    with RunDir(out, "train", asdict(cfg), seed=cfg.seed, mode=run_mode(overwrite, resume)) as run:
+        if run.already_complete:  # resuming a finished run changes nothing
+            summary = run.summary
+        else:
+            summary = run_training(w, run.path, cfg, resume=resume)
+            run.finish(summary)
+    print_summary("train", out, summary, ["n_params", "n_params_non_embedding", "baseline_loss",
+                                           "baseline_loss_empirical", "final_attr_loss", "final_attr_acc",
+                                           "plateau_start_step", "plateau_end_step", "heldout_loss_final",
+                                           "old_acc_final", "tokens_per_second"])
 
 
 @app.command()
@@ -153,6 +168,7 @@ def sweep(out: Path = OutOpt,
           lr: float = typer.Option(1e-3, "--lr"), eval_every: int = typer.Option(50, "--eval-every"),
           eval_people: int = typer.Option(100, "--eval-people"),
           eval_templates: int = typer.Option(2, "--eval-templates"),
+          eval_context: str = typer.Option("sentence", "--eval-context", help="sentence | biography (see train)."),
           checkpoints: str = typer.Option("none", "--checkpoints", help="Checkpoint schedule of each run."),
           plateau_exit: float = typer.Option(0.10, "--plateau-exit"),
           schedule: str = typer.Option("constant", "--schedule", help="LR schedule of each run; constant keeps "
@@ -169,10 +185,11 @@ def sweep(out: Path = OutOpt,
 
     parsed = parse_grid(grid)
     base = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, eval_every=eval_every, eval_people=eval_people,
-                       eval_templates=eval_templates, checkpoints=checkpoints, plateau_exit=plateau_exit,
+                       eval_templates=eval_templates, eval_context=eval_context, checkpoints=checkpoints,
+                       plateau_exit=plateau_exit,
                        model_config=model_config, device=device, schedule=schedule,
                        stop_at_plateau_end=not full_runs)
-    with RunDir(out, "sweep", {"grid": parsed, "preset": preset, "base": asdict(base)}) as run:
+    with RunDir(out, "sweep", {"grid": parsed, "preset": preset, "base": asdict(base)}, mode="continue") as run:
         summary = run_sweep(run.path, parsed, preset=preset, base=base, log=console.print)
         run.finish(summary)
     print_summary("sweep", out, summary, list(summary))

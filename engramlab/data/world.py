@@ -231,36 +231,80 @@ class World:
         return Biography(" ".join(sentences), spans, person_index)
 
     def eval_items(self, split: str = "heldout_templates", max_people: int | None = None,
-                   max_templates: int | None = None, people: list[int] | None = None) -> list[EvalItem]:
+                   max_templates: int | None = None, people: list[int] | None = None,
+                   template_choice: str = "random") -> list[EvalItem]:
         """Evaluation sentences of ``split``, one per (person, attribute, template).
 
         heldout_templates: trained people, their 5 held-out templates (the test of knowledge);
         train_templates: trained people, their training templates (memorisation);
         heldout_people: the never-trained population, its held-out templates (hallucination).
         ``max_people`` keeps a random but fixed subset (the same people for both splits of the
-        trained population); ``max_templates`` keeps the first k templates per attribute.
-        ``people`` lists the person indices explicitly instead (repeats allowed: a sample drawn
-        from a training distribution).
+        trained population). ``max_templates`` keeps k templates per (person, attribute):
+        ``template_choice="random"`` draws them per person and attribute from a generator
+        seeded by (world seed, population, person, attribute), so every template index is
+        equally likely and the choice does not depend on which other people are evaluated;
+        ``"first"`` keeps the k lowest indices (the behaviour before 2026-12, which favours
+        low-index templates). ``people`` lists the person indices explicitly instead (repeats
+        allowed: a sample drawn from a training distribution).
         """
+        population, chosen = self._eval_people(split, max_people, people)
+        members = getattr(self, population)
+        items = []
+        for i in chosen:
+            for attribute in ATTRIBUTES:
+                for t in self.eval_templates(split, i, attribute, max_templates, template_choice):
+                    prompt, value, suffix = self.render(members[i], attribute, t)
+                    items.append(EvalItem(i, attribute, t, prompt, value, suffix, population))
+        return items
+
+    def eval_biographies(self, split: str = "heldout_templates", max_people: int | None = None,
+                         max_templates: int | None = None, people: list[int] | None = None,
+                         template_choice: str = "random") -> list[list[EvalItem]]:
+        """Evaluation biographies (the fact-learning paper's protocol): per chosen person, k
+        biographies of six sentences, the j-th using the j-th of the k templates that
+        ``eval_items`` picks for each attribute (so both modes evaluate the same
+        (person, attribute, template) triples), sentences in an order shuffled by a generator
+        seeded by (world seed, population, person, j). Each biography is a list of six
+        EvalItems; its text is their texts joined by single spaces, as in training.
+        """
+        population, chosen = self._eval_people(split, max_people, people)
+        bios = []
+        for i in chosen:
+            per_attr = {a: self.eval_templates(split, i, a, max_templates, template_choice) for a in ATTRIBUTES}
+            for j in range(min(len(t) for t in per_attr.values())):
+                order = list(ATTRIBUTES)
+                random.Random(f"engramlab-eval-order-{self.config.seed}-{population}-{i}-{j}").shuffle(order)
+                member = getattr(self, population)[i]
+                bios.append([EvalItem(i, a, per_attr[a][j], *self.render(member, a, per_attr[a][j]), population)
+                             for a in order])
+        return bios
+
+    def eval_templates(self, split: str, person_index: int, attribute: str, k: int | None,
+                       choice: str = "random") -> list[int]:
+        """The template indices ``eval_items`` uses for one (person, attribute), ascending."""
+        population = "heldout_people" if split == "heldout_people" else "people"
+        person = getattr(self, population)[person_index]
+        pool = person.train_templates[attribute] if split == "train_templates" else person.heldout_templates[attribute]
+        if k is None or k >= len(pool):
+            return list(pool)
+        if choice == "first":
+            return list(pool[:k])
+        if choice != "random":
+            raise EngramError(f"--eval-template-choice {choice!r}: use random or first")
+        rng = random.Random(f"engramlab-eval-templates-{self.config.seed}-{population}-{person_index}-{attribute}")
+        return sorted(rng.sample(list(pool), k))
+
+    def _eval_people(self, split: str, max_people: int | None, people: list[int] | None) -> tuple[str, list[int]]:
         if split not in EVAL_SPLITS:
             raise EngramError(f"eval split {split!r} is unknown; use one of {EVAL_SPLITS}")
         population = "heldout_people" if split == "heldout_people" else "people"
-        members = getattr(self, population)
-        chosen = range(len(members))
+        chosen = list(range(len(getattr(self, population))))
         if people is not None:
             chosen = list(people)
-        elif max_people is not None and max_people < len(members):
+        elif max_people is not None and max_people < len(chosen):
             subset_rng = random.Random(f"engramlab-eval-{self.config.seed}-{population}")
-            chosen = sorted(subset_rng.sample(chosen, max_people))
-        which = "train_templates" if split == "train_templates" else "heldout_templates"
-        items = []
-        for i in chosen:
-            person = members[i]
-            for attribute in ATTRIBUTES:
-                for t in getattr(person, which)[attribute][:max_templates]:
-                    prompt, value, suffix = self.render(person, attribute, t)
-                    items.append(EvalItem(i, attribute, t, prompt, value, suffix, population))
-        return items
+            chosen = sorted(subset_rng.sample(range(len(chosen)), max_people))
+        return population, chosen
 
     def value_counts(self) -> dict[str, int]:
         """Number of possible values per attribute; log of it is the no-knowledge loss."""

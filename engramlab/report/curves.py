@@ -61,7 +61,10 @@ def plot_training_curves(rows: list[dict], out_png: str | Path, plateau: tuple[i
         n_layers = len(rows[-1]["eval.attn.attr_to_name"])
         for l in range(n_layers):
             ax.plot(steps, [r["eval.attn.attr_to_name"][l] for r in rows], label=f"layer {l}: value -> name")
-        ax.plot(steps, [r["eval.attn.name_to_name_layer0"] for r in rows], "k:", label="layer 0: name -> name")
+        ax.plot(steps, [r["eval.attn.name_to_name_layer0"] for r in rows], "k:", label="layer 0: name -> earlier name")
+        if "eval.attn.last_name_to_name_layer0" in rows[-1]:  # absent in runs made before 2026-12
+            ax.plot(steps, [r["eval.attn.last_name_to_name_layer0"] for r in rows], "k--",
+                    label="layer 0: last name token -> name")
         ax.set_ylim(0, 1)
         ax.legend(fontsize=7)
     ax.set_title("attention to the name")

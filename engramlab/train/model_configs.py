@@ -9,8 +9,15 @@ preset      layers  heads  d_model  d_mlp  use
 ==========  ======  =====  =======  =====  ===========================================
 tiny        2       4      128      512    CPU, seconds to minutes (tests, dynamics demos)
 small       4       4      256      1024   CPU, tens of minutes
-paper       8       8      512      2048   the 44M-parameter reference (GPU)
+paper       8       8      512      1365   the fact-learning paper's "44M" model (GPU)
+paper-gpt2  8       8      512      2048   the same, GPT-2 style: Chinchilla's exact shape
 ==========  ======  =====  =======  =====  ===========================================
+
+``paper`` matches the reference's parameter count, not its MLP width: a GPT-2 MLP has two
+d_model x d_mlp matrices, a Llama (SwiGLU) MLP three, so the Llama preset uses
+d_mlp = 2 * 2048 / 3 ~ 1365 and both styles hold ~25.2M non-embedding parameters
+(12 * n_layers * d_model^2). Before 2026-12 ``paper`` used d_mlp 2048 (33.6M non-embedding);
+``--model-config`` with a config.json reproduces that shape if wanted.
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ PRESETS = {
     "small": dict(n_layers=4, n_heads=4, d_model=256, d_mlp=1024),
     "paper": dict(n_layers=8, n_heads=8, d_model=512, d_mlp=2048),
 }
+#: Per-style MLP widths that differ from PRESETS (SwiGLU: 3 matrices instead of 2).
+LLAMA_D_MLP = {"paper": 1365}
 STYLES = ("llama", "gpt2")
 
 
@@ -47,7 +56,8 @@ def make_config(spec: str, vocab_size: int, max_len: int, tokenizer=None):
     if name in PRESETS and style in STYLES:
         p = PRESETS[name]
         if style == "llama":
-            return LlamaConfig(vocab_size=vocab_size, hidden_size=p["d_model"], intermediate_size=p["d_mlp"],
+            d_mlp = LLAMA_D_MLP.get(name, p["d_mlp"])
+            return LlamaConfig(vocab_size=vocab_size, hidden_size=p["d_model"], intermediate_size=d_mlp,
                                num_hidden_layers=p["n_layers"], num_attention_heads=p["n_heads"],
                                num_key_value_heads=p["n_heads"], max_position_embeddings=max_len,
                                tie_word_embeddings=False, rope_theta=10000.0, **special)
@@ -81,3 +91,19 @@ def build_model(spec: str, vocab_size: int, max_len: int, seed: int, tokenizer=N
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     return model.train()
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(total, non-embedding) parameter counts; tied weights count once.
+
+    Non-embedding leaves out every ``nn.Embedding`` (tokens; GPT-2's learned positions) and
+    the output projection (lm_head, when it is not tied to the token embedding), the
+    convention of Kaplan et al. and of the "44M non-embedding" of the fact-learning paper.
+    """
+    params = {id(p): p.numel() for p in model.parameters()}
+    embedding = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if out is not None:
+        embedding |= {id(p) for p in out.parameters()}
+    total = sum(params.values())
+    return total, total - sum(n for i, n in params.items() if i in embedding)

@@ -79,7 +79,8 @@ def run_sweep(out: str | Path, grid: dict[str, list], preset: str = "tiny", base
                 world.save(world_dir)
             cfg = dataclasses.replace(base, **train_kw, world=str(world_dir))
             log(f"sweep: {run_dir.name}")
-            with RunDir(run_dir, "train", dataclasses.asdict(cfg), seed=cfg.seed) as run:
+            # An unfinished unit is trained again from the start.
+            with RunDir(run_dir, "train", dataclasses.asdict(cfg), seed=cfg.seed, mode="overwrite") as run:
                 run.finish(train(World.load(world_dir), run.path, cfg, show_progress=show_progress))
         summary = json.loads((run_dir / "summary.json").read_text())
         rows.append({**point, "run": str(run_dir.relative_to(out)), **{f"summary.{k}": v for k, v in summary.items()}})

@@ -39,8 +39,8 @@ from engramlab.progress import progress_bar
 from engramlab.report.curves import plot_training_curves
 from engramlab.runs import append_jsonl, atomic_directory, atomic_write_jsonl, read_jsonl
 from engramlab.train.checkpoints import checkpoint_steps
-from engramlab.train.metrics import EvalSet, baseline_loss, evaluate
-from engramlab.train.model_configs import build_model
+from engramlab.train.metrics import EVAL_CONTEXTS, EvalSet, baseline_loss, empirical_marginal_loss, evaluate
+from engramlab.train.model_configs import build_model, count_parameters
 
 
 @dataclass
@@ -62,6 +62,8 @@ class TrainConfig:
     eval_every: int = 50
     eval_people: int = 100           # people per evaluation split (a fixed random subset)
     eval_templates: int = 2          # templates per (person, attribute) in evaluation
+    eval_context: str = "sentence"   # sentence | biography (whole evaluation biographies)
+    eval_template_choice: str = "random"  # random (seeded per person) | first (lowest indices)
     attention_stats: bool = True
     checkpoints: str = "dense:24"    # see train.checkpoints
     plateau_reach: float = 0.05
@@ -144,6 +146,10 @@ class Trainer:
             if "old=" not in spec:
                 spec = spec.replace("replay:", f"replay:old={self.population.n_old},", 1)
         self.sampler = make_sampler(spec, self.population.n_new, seed=cfg.seed)
+        if cfg.eval_context not in EVAL_CONTEXTS:
+            raise EngramError(f"--eval-context {cfg.eval_context!r}: use sentence or biography")
+        if cfg.eval_template_choice not in ("random", "first"):
+            raise EngramError(f"--eval-template-choice {cfg.eval_template_choice!r}: use random or first")
         self.baseline = baseline_loss(world)
         self.ckpt_steps = set(checkpoint_steps(cfg.checkpoints, cfg.steps))
         self.start_step = 0
@@ -203,12 +209,16 @@ class Trainer:
             a, b = (int(x) if x else None for x in self.cfg.patch_window.split(":"))
         except ValueError:
             raise EngramError(f"--patch-window {self.cfg.patch_window!r}: use A:B (steps), e.g. 0:500") from None
-        return (a or 0, self.cfg.steps if b is None else b)
+        a, b = a or 0, self.cfg.steps if b is None else b
+        if not 0 <= a < b:
+            raise EngramError(f"--patch-window {self.cfg.patch_window!r}: need 0 <= A < B (steps), e.g. 0:500")
+        return a, b
 
     def _build_evalsets(self) -> list[EvalSet]:
         c, tok = self.cfg, self.tokenizer
-        sets = [EvalSet.build("eval", self.world, "heldout_templates", tok, c.eval_people, c.eval_templates),
-                EvalSet.build("train", self.world, "train_templates", tok, c.eval_people, c.eval_templates)]
+        how = dict(context=c.eval_context, template_choice=c.eval_template_choice)
+        sets = [EvalSet.build("eval", self.world, "heldout_templates", tok, c.eval_people, c.eval_templates, **how),
+                EvalSet.build("train", self.world, "train_templates", tok, c.eval_people, c.eval_templates, **how)]
         p = self.sampler.probabilities()[self.population.n_old:]
         if self.world.config.kind == "bio" and not np.allclose(p, p[0]):
             # A non-uniform sampler: also measure knowledge on the training distribution itself,
@@ -216,12 +226,13 @@ class Trainer:
             rng = np.random.default_rng([c.seed, 7])
             drawn = sorted(rng.choice(len(p), size=c.eval_people, p=p / p.sum()).tolist())
             sets.append(EvalSet.build("dist", self.world, "heldout_templates", tok, None, c.eval_templates,
-                                      people=drawn))
+                                      people=drawn, **how))
         if self.world.heldout_people:
-            sets.append(EvalSet.build("heldout", self.world, "heldout_people", tok, c.eval_people, c.eval_templates))
+            sets.append(EvalSet.build("heldout", self.world, "heldout_people", tok, c.eval_people, c.eval_templates,
+                                      **how))
         if self.old_world is not None:
             sets.append(EvalSet.build("old", self.old_world, "heldout_templates", tok, c.eval_people,
-                                      c.eval_templates))
+                                      c.eval_templates, **how))
         return sets
 
     # -- checkpoints and resume -------------------------------------------------------------
@@ -252,7 +263,8 @@ class Trainer:
                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
         if missing:  # tied embeddings are stored once
             self.model.tie_weights()
-        self.optimizer.load_state_dict(torch.load(ckpts[step] / "optimizer.pt", map_location=self.device))
+        state = torch.load(ckpts[step] / "optimizer.pt", map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(state)
         self.start_step = step + 1
         metrics = self.out / "metrics.jsonl"
         if metrics.exists():  # drop evaluations made after the checkpoint: they will be redone
@@ -270,7 +282,9 @@ class Trainer:
         return self.patch_range is not None and self.patch_range[0] <= step < self.patch_range[1]
 
     def evaluate(self, step: int) -> dict:
-        source = self._patterns if self._patching(step) else None
+        # Step s is the model after update s - 1 (0-based): evaluate it the way that update ran,
+        # so a patched twin is measured with the patterns it was trained with (step 0: update 0).
+        source = self._patterns if self._patching(max(step - 1, 0)) else None
         row = {"step": step}
         for es in self.evalsets:
             row.update(evaluate(self.model, es, hooks=self.hooks, pattern_source=source,
@@ -366,8 +380,12 @@ class Trainer:
         rows = read_jsonl(self.out / "metrics.jsonl")
         start, end = self._plateau()
         last = rows[-1]
+        n_params, n_non_embedding = count_parameters(self.model)
         out = {
             "baseline_loss": self.baseline,
+            # What knowing only the N trained people's empirical marginals scores (below the
+            # analytic baseline by ~(pool - 1) / 2N per pool); not used by the plateau criterion.
+            "baseline_loss_empirical": empirical_marginal_loss(self.world),
             "final_step": last["step"],
             "final_attr_loss": last["eval.attr_loss"],
             "final_attr_acc": last["eval.attr_acc"],
@@ -378,6 +396,8 @@ class Trainer:
             "tokens_per_second": round(tokens / wall, 1) if wall > 0 else None,
             "n_people": len(self.world.people),
             "sampler": self.cfg.sampler,
+            "n_params": n_params,
+            "n_params_non_embedding": n_non_embedding,
         }
         if "dist.attr_loss" in last:  # knowledge on the training distribution (non-uniform samplers)
             out["plateau_start_step_train_dist"], out["plateau_end_step_train_dist"] = self._plateau("dist")
