@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import functools
+import hashlib
 import json
 import os
 import platform
@@ -255,7 +256,7 @@ class RunDir:
     """
 
     def __init__(self, path: str | Path, command: str, config: dict, seed: int | None = None,
-                 argv: list[str] | None = None, mode: str = "new"):
+                 argv: list[str] | None = None, mode: str = "new", inputs: dict | None = None):
         if mode not in MODES:
             raise ValueError(f"RunDir mode {mode!r}: one of {MODES}")
         self.path = Path(path)
@@ -263,6 +264,7 @@ class RunDir:
         self.config = config
         self.seed = seed
         self.mode = mode
+        self.inputs = inputs  # fingerprints of the input files (checked on resume)
         self.argv = list(sys.argv if argv is None else argv)
         self.started = _now()
         self._t0 = time.time()
@@ -353,6 +355,7 @@ class RunDir:
             raise EngramError(f"{where}: holds a run of `engram {command}`, not {self.command}; choose another "
                               f"--out, or pass --overwrite to replace it")
         if self.mode == "resume":
+            self._check_inputs(previous.get("inputs") or {})
             if status == "complete":
                 self.already_complete = True
                 summary = self.path / "summary.json"
@@ -366,6 +369,12 @@ class RunDir:
                                   f"--resume to continue it or --overwrite to start again")
             self._clear(here)
         # "continue": keep everything; the command skips what is done.
+
+    def _check_inputs(self, saved: dict) -> None:
+        for key, value in (self.inputs or {}).items():
+            if key in saved and saved[key] != value:
+                raise EngramError(f"--resume: {self.path} was started on other input ({key} differs: the files "
+                                  f"changed since); resuming would mix two inputs - restore them or start a new run")
 
     def _clear(self, entries: list[Path]) -> None:
         for entry in entries:
@@ -443,9 +452,24 @@ class RunDir:
                 "host": socket.gethostname(),
                 "heartbeat": _now(),
             }
+            if self.inputs:
+                manifest["inputs"] = self.inputs
             if error:
                 manifest["error"] = error
             atomic_write_json(self.file("manifest.json"), manifest)
+
+
+def fingerprint(paths: Iterable[str | Path]) -> str:
+    """sha256 over the names and bytes of ``paths`` (missing files count as absent)."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(p) for p in paths):
+        digest.update(path.name.encode() + b"\0")
+        if path.is_file():
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+        digest.update(b"\0")
+    return digest.hexdigest()
 
 
 def run_is_live(manifest: dict, path: str | Path) -> bool:

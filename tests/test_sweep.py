@@ -1,5 +1,6 @@
 """Sweeps: grid parsing, per-group power-law fits, and a small end-to-end grid that resumes."""
 
+import dataclasses
 import json
 
 import pytest
@@ -41,3 +42,24 @@ def test_small_sweep_end_to_end_and_resume(tmp_path):
     ran = []
     run_sweep(tmp_path, grid, base=base, show_progress=False, log=ran.append)
     assert ran == []
+
+
+def test_a_sweep_rerun_with_other_settings_does_not_report_old_results(tmp_path):
+    base = TrainConfig(steps=4, batch_size=4, eval_every=2, eval_people=4, eval_templates=1, checkpoints="none",
+                       lr=1e-3)
+    grid = {"n_people": [20]}
+    run_sweep(tmp_path, grid, base=base, show_progress=False, log=lambda *_: None)
+    first = json.loads((tmp_path / "sweep.jsonl").read_text().splitlines()[0])
+    ran = []
+    changed = dataclasses.replace(base, lr=1e-2)
+    run_sweep(tmp_path, grid, base=changed, show_progress=False, log=ran.append)
+    assert any("lr: 0.001 -> 0.01" in line for line in ran)  # it says why it trains again
+    again = json.loads((tmp_path / "sweep.jsonl").read_text().splitlines()[0])
+    manifest = json.loads((tmp_path / again["run"] / "manifest.json").read_text())
+    assert manifest["config"]["lr"] == 0.01 and manifest["status"] == "complete"
+    assert again["summary.final_attr_loss"] != first["summary.final_attr_loss"]
+    # A bad value anywhere in the grid is refused before the first run trains.
+    with pytest.raises(EngramError, match=r"TrainConfig.eval_every=0 \(--eval-every\)"):
+        run_sweep(tmp_path / "bad", {"n_people": [20], "eval_every": [2, 0]}, base=base, show_progress=False,
+                  log=lambda *_: None)
+    assert not (tmp_path / "bad" / "runs").exists()

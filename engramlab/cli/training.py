@@ -76,7 +76,8 @@ def world(preset: str = typer.Option("tiny", "--preset", "-p", help="tiny | smal
 
 @app.command()
 @user_errors
-def train(world_dir: Optional[Path] = typer.Option(None, "--world", "-w", help="World directory from engram world."),
+def train(ctx: typer.Context,
+          world_dir: Optional[Path] = typer.Option(None, "--world", "-w", help="World directory from engram world."),
           model_config: str = typer.Option("tiny", "--model-config", help="tiny | small | paper (+ -gpt2), or a "
                                            "HF config.json / model dir for fresh weights."),
           out: Path = OutOpt,
@@ -121,7 +122,8 @@ def train(world_dir: Optional[Path] = typer.Option(None, "--world", "-w", help="
     from dataclasses import asdict
 
     from engramlab.data.world import World
-    from engramlab.runs import RunDir, load_json
+    from engramlab.data.world import WORLD_FILES
+    from engramlab.runs import RunDir, fingerprint, load_json
     from engramlab.train.trainer import TrainConfig
     from engramlab.train.trainer import train as run_training
 
@@ -129,7 +131,12 @@ def train(world_dir: Optional[Path] = typer.Option(None, "--world", "-w", help="
         manifest = out / "manifest.json"
         if not manifest.is_file():
             raise EngramError(f"--resume: {out} has no manifest.json, so no run to resume; start it without --resume")
-        saved = load_json(manifest, "run manifest")["config"]
+        previous = load_json(manifest, "run manifest")
+        if previous.get("command") != "train":
+            raise EngramError(f"--resume: {out} holds a run of `engram {previous.get('command')}`, not train; "
+                              f"point --out at a train run")
+        saved = previous["config"]
+        _refuse_changed_flags(ctx, saved)
         # Runs made before eval_template_choice existed evaluated the lowest template indices.
         cfg = TrainConfig(**{"eval_template_choice": "first", **saved})
     else:
@@ -145,7 +152,8 @@ def train(world_dir: Optional[Path] = typer.Option(None, "--world", "-w", help="
                           patch_attention_from=patch_attention_from, patch_window=patch_window,
                           stop_at_plateau_end=stop_at_plateau_end, world=str(world_dir))
     w = World.load(cfg.world)
-    with RunDir(out, "train", asdict(cfg), seed=cfg.seed, mode=run_mode(overwrite, resume)) as run:
+    inputs = {"world": fingerprint(Path(cfg.world) / name for name in WORLD_FILES)}
+    with RunDir(out, "train", asdict(cfg), seed=cfg.seed, mode=run_mode(overwrite, resume), inputs=inputs) as run:
         if run.already_complete:  # resuming a finished run changes nothing
             summary = run.summary
         else:
@@ -155,6 +163,20 @@ def train(world_dir: Optional[Path] = typer.Option(None, "--world", "-w", help="
                                            "baseline_loss_empirical", "final_attr_loss", "final_attr_acc",
                                            "plateau_start_step", "plateau_end_step", "heldout_loss_final",
                                            "old_acc_final", "tokens_per_second"])
+
+
+def _refuse_changed_flags(ctx: typer.Context, saved: dict) -> None:
+    """With --resume the saved config is used; a flag given now that says otherwise is an error."""
+    for name, value in ctx.params.items():
+        key = "world" if name == "world_dir" else name
+        # Compared by name: typer may ship its own copy of click's ParameterSource.
+        if key not in saved or getattr(ctx.get_parameter_source(name), "name", None) != "COMMANDLINE":
+            continue
+        now = str(value) if key == "world" and value is not None else value
+        if now != saved[key]:
+            flag = "--" + name.replace("_dir", "").replace("_", "-")
+            raise EngramError(f"--resume continues with the run's saved config, but {flag} {now!r} differs from "
+                              f"its {saved[key]!r}; leave {flag} out, or start a new run in another --out")
 
 
 @app.command()

@@ -41,6 +41,8 @@ ATTRIBUTE_POOLS = {"birth_city": "city", "current_city": "city", "university": "
 MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August",
           "September", "October", "November", "December")
 EVAL_SPLITS = ("heldout_templates", "train_templates", "heldout_people")
+#: The files of a saved world (``World.save``); a run records their fingerprint.
+WORLD_FILES = ("world.json", "people.jsonl", "heldout_people.jsonl")
 _FORMAT = "engramlab-world"
 _REGENERATE = "regenerate it with `engram world --preset PRESET --out DIR`"
 
@@ -336,6 +338,9 @@ class World:
         """Read a world written by ``save``; EngramError naming the file on any damage."""
         world_dir = Path(world_dir)
         path = world_dir / "world.json"
+        if not path.is_file():
+            raise EngramError(f"{world_dir}: no world there (no world.json); check the path, or make one with "
+                              f"`engram world --preset tiny --out {world_dir}`")
         header = _read_json(path, _read_text(path))
         try:
             if header.get("format") != _FORMAT:
@@ -346,6 +351,9 @@ class World:
             if set(POOL_NAMES) - set(pools):
                 raise KeyError(f"pools {sorted(set(POOL_NAMES) - set(pools))}")
             for attribute in ATTRIBUTES:
+                if not isinstance(templates[attribute], list) or not templates[attribute]:
+                    raise EngramError(f'"templates"."{attribute}" must be a non-empty list of templates, got '
+                                      f"{type(templates[attribute]).__name__}")
                 for t in templates[attribute]:
                     check_template(t)
         except KeyError as err:
@@ -360,7 +368,37 @@ class World:
             raise EngramError(f"{world_dir}: {len(people)} people and {len(heldout)} held-out "
                               f"people but world.json says {config.n_people} and "
                               f"{config.n_heldout}; {_REGENERATE}")
+        for name, group in (("people.jsonl", people), ("heldout_people.jsonl", heldout)):
+            _check_people(world_dir / name, group, pools, templates, config)
         return cls(config, pools, templates, people, heldout)
+
+
+def _check_people(path: Path, people: list[Person], pools: dict, templates: dict, config: WorldConfig) -> None:
+    """Every template index names a template and every value comes from its pool (or is a date
+    of the world's years): an edited file would otherwise crash rendering or train on values the
+    no-knowledge baseline does not count."""
+    pool_sets = {a: set(pools[p]) for a, p in ATTRIBUTE_POOLS.items()}
+    years = range(config.year_min, config.year_max + 1)
+    for number, person in enumerate(people, start=1):
+        where = f"{path} line {number} ({person.name})"
+        for attribute in ATTRIBUTES:
+            n = len(templates[attribute])
+            for table in (person.train_templates, person.heldout_templates):
+                bad = [i for i in table[attribute] if not isinstance(i, int) or not 0 <= i < n]
+                if bad:
+                    raise EngramError(f"{where}: {attribute} template index {bad[0]!r} is out of range (the world "
+                                      f"has {n} {attribute} templates); {_REGENERATE}")
+            value = person.attributes[attribute]
+            if attribute == "birth_date":
+                month, _, rest = str(value).partition(" ")
+                day, _, year = rest.partition(", ")
+                ok = month in MONTHS and day.isdigit() and 1 <= int(day) <= 31 and year.isdigit() \
+                    and int(year) in years
+            else:
+                ok = value in pool_sets[attribute]
+            if not ok:
+                raise EngramError(f"{where}: {attribute} {value!r} is not a value this world can hold (not in its "
+                                  f"{ATTRIBUTE_POOLS.get(attribute, 'date')} pool); {_REGENERATE}")
 
 
 def _read_text(path: Path) -> str:

@@ -3,8 +3,11 @@
 A grid is a dict KEY -> list of values. Keys that are world settings (``n_people``,
 ``n_cities``, ...) shape the world; keys that are training settings (``sampler``, ``lr``,
 ``steps``, ...) shape the run; ``seed`` sets both. Every combination is one run directory
-``OUT/runs/<name>``; a finished run (its summary.json exists) is skipped, so an interrupted
-sweep resumes where it stopped. After the runs::
+``OUT/runs/<name>``. A finished run is skipped only when the config it was trained with equals
+the one requested now (and its world is the one the grid point builds); otherwise it is trained
+again, with a line naming the keys that differ. So an interrupted sweep resumes where it stopped,
+and a sweep re-run with other settings never reports old results. Every grid point's world and
+training config is built and checked before the first run starts. After the runs::
 
     OUT/sweep.jsonl        one row per run: its grid values and summary
     OUT/fit.json           plateau_end_step ~ a * N^b, per group of the other grid keys
@@ -62,24 +65,29 @@ def _run_name(point: dict) -> str:
 
 def run_sweep(out: str | Path, grid: dict[str, list], preset: str = "tiny", base: TrainConfig | None = None,
               show_progress: bool = True, log=print) -> dict:
-    """Run every grid point (skipping finished ones), then fit and plot. Returns the summary."""
+    """Run every grid point (skipping finished ones that match), then fit and plot. Returns the summary."""
     out = Path(out)
     base = base or TrainConfig()
     keys = list(grid)
-    rows = []
-    for values in itertools.product(*(grid[k] for k in keys)):
+    units = []
+    for values in itertools.product(*(grid[k] for k in keys)):  # plan (and validate) everything first
         point = dict(zip(keys, values))
-        run_dir = out / "runs" / _run_name(point)
-        if not (run_dir / "summary.json").is_file():
-            world_kw = {k: v for k, v in point.items() if k in WORLD_KEYS}
-            train_kw = {k: v for k, v in point.items() if k in TRAIN_KEYS}
-            world = build_world(preset, **world_kw)
-            world_dir = out / "worlds" / _run_name(world_kw or {"preset": preset})
-            if not (world_dir / "world.json").is_file():
-                world.save(world_dir)
-            cfg = dataclasses.replace(base, **train_kw, world=str(world_dir))
+        world_kw = {k: v for k, v in point.items() if k in WORLD_KEYS}
+        train_kw = {k: v for k, v in point.items() if k in TRAIN_KEYS}
+        world = build_world(preset, **world_kw)
+        world_dir = out / "worlds" / _run_name(world_kw or {"preset": preset})
+        cfg = dataclasses.replace(base, **train_kw, world=str(world_dir))
+        units.append((point, world, world_dir, cfg, out / "runs" / _run_name(point)))
+    rows = []
+    for point, world, world_dir, cfg, run_dir in units:
+        if not _same_world(world_dir, world):
+            world.save(world_dir)
+        differs = _differences(run_dir, dataclasses.asdict(cfg))
+        if differs:
+            if differs != ["(not finished)"]:
+                log(f"sweep: {run_dir.name} was trained with other settings ({', '.join(differs)}); training again")
             log(f"sweep: {run_dir.name}")
-            # An unfinished unit is trained again from the start.
+            # An unfinished or different unit is trained again from the start.
             with RunDir(run_dir, "train", dataclasses.asdict(cfg), seed=cfg.seed, mode="overwrite") as run:
                 run.finish(train(World.load(world_dir), run.path, cfg, show_progress=show_progress))
         summary = json.loads((run_dir / "summary.json").read_text())
@@ -93,6 +101,27 @@ def run_sweep(out: str | Path, grid: dict[str, list], preset: str = "tiny", base
         prefix = "fit" if name == "all" else f"fit.{name}"
         summary.update({f"{prefix}_{k}": v for k, v in fit.items() if k in ("a", "b", "r2", "n")})
     return summary
+
+
+def _same_world(world_dir: Path, world: World) -> bool:
+    if not (world_dir / "world.json").is_file():
+        return False
+    try:
+        return World.load(world_dir) == world
+    except EngramError:  # damaged: build it again
+        return False
+
+
+def _differences(run_dir: Path, requested: dict) -> list[str]:
+    """Why the unit in ``run_dir`` cannot be reused: [] when it is a complete run of ``requested``."""
+    try:
+        manifest = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ["(not finished)"]
+    if manifest.get("status") != "complete" or not (run_dir / "summary.json").is_file():
+        return ["(not finished)"]
+    saved = manifest.get("config") or {}
+    return [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in requested.items() if saved.get(k) != v]
 
 
 def fit_groups(rows: list[dict], keys: list[str]) -> dict[str, dict]:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from engramlab.config import option, validate
 from engramlab.data.samplers import make_sampler
 from engramlab.data.world import World
 from engramlab.data.wordtok import build_word_tokenizer, encode_biographies
@@ -42,32 +43,39 @@ from engramlab.train.checkpoints import checkpoint_steps
 from engramlab.train.metrics import EVAL_CONTEXTS, EvalSet, baseline_loss, empirical_marginal_loss, evaluate
 from engramlab.train.model_configs import build_model, count_parameters
 
+SCHEDULES = ("cosine", "constant", "linear")
+TEMPLATE_CHOICES = ("random", "first")
+
 
 @dataclass
 class TrainConfig:
     """Every knob of a training run (all plain data: saved in manifest.json)."""
 
-    steps: int = 2000
-    batch_size: int = 32
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1        # cosine decays to lr * min_lr_ratio
-    schedule: str = "cosine"         # cosine | constant | linear
-    warmup_steps: int = 0
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
+    steps: int = option(2000, "Optimiser steps.", range=(0, None))
+    batch_size: int = option(32, "Biographies per step.", range=(1, None))
+    lr: float = option(1e-3, "Peak learning rate.", range=(0, None), open_low=True)
+    min_lr_ratio: float = option(0.1, "cosine/linear decay to lr x min_lr_ratio.", range=(0, 1))
+    schedule: str = option("cosine", "Learning-rate schedule.", choices=SCHEDULES)
+    warmup_steps: int = option(0, "Linear warm-up steps.", range=(0, None))
+    weight_decay: float = option(0.1, "AdamW weight decay.", range=(0, None))
+    beta1: float = option(0.9, "AdamW beta1.", range=(0, 1), open_high=True)
+    beta2: float = option(0.95, "AdamW beta2.", range=(0, 1), open_high=True)
+    grad_clip: float = option(1.0, "Clip the gradient norm to this (0: no clipping).", range=(0, None))
     sampler: str = "uniform"
     seed: int = 0
-    eval_every: int = 50
-    eval_people: int = 100           # people per evaluation split (a fixed random subset)
-    eval_templates: int = 2          # templates per (person, attribute) in evaluation
-    eval_context: str = "sentence"   # sentence | biography (whole evaluation biographies)
-    eval_template_choice: str = "random"  # random (seeded per person) | first (lowest indices)
+    eval_every: int = option(50, "Evaluate every this many steps.", range=(1, None))
+    eval_people: int = option(100, "People per evaluation split (a fixed random subset).", range=(1, None))
+    eval_templates: int = option(2, "Templates per (person, attribute) in evaluation.", range=(1, None))
+    eval_context: str = option("sentence", "sentence | biography (whole evaluation biographies).",
+                               choices=EVAL_CONTEXTS)
+    eval_template_choice: str = option("random", "random (seeded per person) | first (lowest indices).",
+                                       choices=TEMPLATE_CHOICES)
     attention_stats: bool = True
     checkpoints: str = "dense:24"    # see train.checkpoints
-    plateau_reach: float = 0.05
-    plateau_exit: float = 0.10
+    plateau_reach: float = option(0.05, "Plateau starts at the first eval within this fraction above the baseline.",
+                                  range=(0, None))
+    plateau_exit: float = option(0.10, "Plateau ends at the first eval this fraction below the baseline.",
+                                 range=(0, 1), open_high=True)
     stop_at_plateau_end: bool = False  # end the run at the plateau's end (scaling sweeps)
     device: str = "cpu"
     model_config: str = "tiny"
@@ -78,6 +86,30 @@ class TrainConfig:
     patch_window: str | None = None  # "A:B": patch steps [A, B); default: the whole run
     world: str = ""
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        validate(self)
+        # The mini-languages are parsed now, so a typo fails before anything is written.
+        checkpoint_steps(self.checkpoints, max(self.steps, 1))
+        if not self.sampler.startswith("replay"):
+            make_sampler(self.sampler, 10, seed=0)
+        patch_window(self)
+
+
+def patch_window(cfg: "TrainConfig") -> tuple[int, int] | None:
+    """The patched steps [A, B) of ``--patch-window A:B`` (None: no patching)."""
+    if not cfg.patch_attention_from:
+        return None
+    if not cfg.patch_window:
+        return (0, cfg.steps)
+    try:
+        a, b = (int(x) if x else None for x in cfg.patch_window.split(":"))
+    except ValueError:
+        raise EngramError(f"--patch-window {cfg.patch_window!r}: use A:B (steps), e.g. 0:500") from None
+    a, b = a or 0, cfg.steps if b is None else b
+    if not 0 <= a < b:
+        raise EngramError(f"--patch-window {cfg.patch_window!r}: need 0 <= A < B (steps), e.g. 0:500")
+    return a, b
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
@@ -146,10 +178,6 @@ class Trainer:
             if "old=" not in spec:
                 spec = spec.replace("replay:", f"replay:old={self.population.n_old},", 1)
         self.sampler = make_sampler(spec, self.population.n_new, seed=cfg.seed)
-        if cfg.eval_context not in EVAL_CONTEXTS:
-            raise EngramError(f"--eval-context {cfg.eval_context!r}: use sentence or biography")
-        if cfg.eval_template_choice not in ("random", "first"):
-            raise EngramError(f"--eval-template-choice {cfg.eval_template_choice!r}: use random or first")
         self.baseline = baseline_loss(world)
         self.ckpt_steps = set(checkpoint_steps(cfg.checkpoints, cfg.steps))
         self.start_step = 0
@@ -201,18 +229,7 @@ class Trainer:
         return ref
 
     def _patch_range(self) -> tuple[int, int] | None:
-        if not self.cfg.patch_attention_from:
-            return None
-        if not self.cfg.patch_window:
-            return (0, self.cfg.steps)
-        try:
-            a, b = (int(x) if x else None for x in self.cfg.patch_window.split(":"))
-        except ValueError:
-            raise EngramError(f"--patch-window {self.cfg.patch_window!r}: use A:B (steps), e.g. 0:500") from None
-        a, b = a or 0, self.cfg.steps if b is None else b
-        if not 0 <= a < b:
-            raise EngramError(f"--patch-window {self.cfg.patch_window!r}: need 0 <= A < B (steps), e.g. 0:500")
-        return a, b
+        return patch_window(self.cfg)
 
     def _build_evalsets(self) -> list[EvalSet]:
         c, tok = self.cfg, self.tokenizer
@@ -349,8 +366,9 @@ class Trainer:
         t0, tokens, train_loss = time.time(), 0, float("nan")
         # Step s applies the s-th update: batches are indexed by s - 1 so step 1 sees batch 0.
         batches = self.batches(self.start_step - 1, cfg.steps)
+        status = lambda: f"loss {train_loss:.3f}" if train_loss == train_loss else ""  # noqa: E731 (nan: none yet)
         for index, batch in progress_bar(batches, "train", enabled=show_progress,
-                                         total=cfg.steps - self.start_step + 1):
+                                         total=cfg.steps - self.start_step + 1, status=status):
             step = index + 1
             train_loss, n = self.train_step(index, batch)
             tokens += n
