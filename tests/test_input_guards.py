@@ -90,3 +90,35 @@ def test_bad_recall_options_write_nothing(tmp_path, tiny_hf_dir, args, message):
 def test_bad_inspect_options(tiny_hf_dir):
     r = CliRunner().invoke(app, ["inspect", "--model", str(tiny_hf_dir), "--seq-len", "-3"])
     assert r.exit_code == 2 and "--seq-len -3: must be >= 1" in r.output
+
+
+@pytest.mark.parametrize("locate", ["neurons", "dkn", "circuit"])
+def test_every_locator_refuses_prompts_beyond_the_context(locate):  # probe cases 21, 22, 39
+    from engramlab.locate.circuits import find_circuit
+    from engramlab.locate.degenerate import find_dkns
+    from engramlab.locate.neurons import find_knowledge_neurons
+
+    find = {"neurons": find_knowledge_neurons, "dkn": find_dkns, "circuit": find_circuit}[locate]
+    lm = _lm("gpt2", max_pos=16)
+    over = Fact(" ".join(["word"] * 12), "capital", "Paris", ("The capital of {} is",))
+    with pytest.raises(EngramError, match="more than the model's context of 16 tokens"):
+        find(lm, FactSet([over, over]))
+
+
+@pytest.mark.parametrize("verb", ["recall", "neurons", "dkn", "circuit"])
+def test_limit_zero_is_an_error_for_every_fact_verb(tmp_path, verb):  # probe cases 18, 38
+    r = CliRunner().invoke(app, [verb, "--model", "smollm2-135m", "--facts", "country_capital_city",
+                                 "--limit", "0", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "--limit 0: must be >= 1" in r.output and not (tmp_path / "o").exists()
+
+
+def test_a_bad_flag_into_a_complete_run_leaves_it_as_it_was(tmp_path, tiny_hf_dir):  # probe case 122
+    runner = CliRunner()
+    out = tmp_path / "done"
+    args = ["recall", "--model", str(tiny_hf_dir), "--facts", "country_capital_city", "--limit", "3", "--out", str(out)]
+    assert runner.invoke(app, args).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    for extra in (["--dtype", "float8"], []):  # a typo, then an honest re-run without --overwrite
+        r = runner.invoke(app, args + extra)
+        assert r.exit_code == 2 and r.output.count("error:") == 1
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
