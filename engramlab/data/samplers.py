@@ -20,6 +20,7 @@ uninterrupted one would. Grammar (``SAMPLER_GRAMMAR``)::
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -200,15 +201,23 @@ class ReplaySampler(Sampler):
 
 
 def _count_world_people(spec: str, path: str) -> int:
-    from engramlab.data.world import World  # late import: world.py imports this module
-
+    """How many people the world at ``path`` trains on, read from its world.json header (this
+    module sits below ``world``, which loads the whole world and checks it)."""
     world_dir = Path(path)
     if world_dir.is_file():
         world_dir = world_dir.parent
-    if not (world_dir / "world.json").exists():
+    header = world_dir / "world.json"
+    if not header.exists():
         raise EngramError(f"sampler spec {spec!r}: no world at {path} (world.json missing); "
                           f"give old= a world directory from `engram world` or a count")
-    return len(World.load(world_dir).people)
+    try:
+        n = json.loads(header.read_text(encoding="utf-8"))["config"]["n_people"]
+    except (OSError, ValueError, KeyError, TypeError):
+        n = None
+    if not isinstance(n, int) or n < 1:
+        raise EngramError(f"sampler spec {spec!r}: {header} does not say how many people the world has; "
+                          f"regenerate it with `engram world`, or give old= a count")
+    return n
 
 
 def make_sampler(spec: str, n_people: int, seed: int = 0) -> Sampler:

@@ -26,10 +26,8 @@ docs/dkn.md for the choices and why.
 
 from __future__ import annotations
 
-import copy
 import math
 import random
-from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from itertools import combinations
 from pathlib import Path
@@ -41,9 +39,11 @@ import torch
 from engramlab.config import check, option, validate
 from engramlab.data.facts import FactSet, target_token_ids
 from engramlab.errors import EngramError
+from engramlab.locate.dkn_robustness import robustness
 from engramlab.locate.neuron_graph import Neuron, neuron_distances, reader_inv_rms
 from engramlab.locate.ig import BASELINES
 from engramlab.locate.neurons import NeuronConfig, attribute_neurons, coarse_neurons, first_token_ranks
+from engramlab.locate.suppression import scaled_target_probs
 from engramlab.locate.topology import METHODS, ClusterConfig, cluster_neurons
 from engramlab.models.context import check_facts_fit
 from engramlab.models.loading import LoadedModel
@@ -103,55 +103,6 @@ class DKNConfig:
         self.cluster.validate()
         check(self, "method", self.method in self.methods, f"must be one of --methods ({', '.join(self.methods)})")
         check(self, "t_low", self.t_low < self.t_high, f"must be < t_high ({self.t_high})")
-
-
-# -- P(target) under suppression ------------------------------------------------------------------
-@torch.no_grad()
-def scaled_target_probs(lm: LoadedModel, prompt: str, target_ids: Sequence[int], neuron_sets: Sequence[Sequence[Neuron]],
-                        factors: float | Sequence[float] = 0.0, positions: str = "last",
-                        batch_size: int = 64) -> np.ndarray:
-    """P(target | prompt) with each neuron set's activations multiplied by its factor, (len(sets),).
-
-    P(target) is teacher-forced: prod_j P(t_j | prompt, t_<j) over the target tokens t, the same
-    objective as ``engramlab.locate.neurons.target_probability`` (tested against it).
-    ``positions="last"`` scales the neurons at the last prompt token only, ``"all"`` at every
-    position. Row r of a batch scales set r, so
-    every subset a search tests costs one row. With ``"last"`` nothing before the last prompt
-    token can change (the model is causal), so the prompt prefix runs once and every row only
-    computes the segment (last prompt token + target tokens but the last) on its keys/values.
-    """
-    prompt_ids = lm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    target_ids = list(target_ids)
-    factors = [float(factors)] * len(neuron_sets) if isinstance(factors, (int, float)) else list(factors)
-    prefix = None
-    if positions == "last" and len(prompt_ids) > 1:
-        prefix = lm.model(input_ids=torch.tensor([prompt_ids[:-1]], device=lm.device), use_cache=True).cache
-        segment, where = prompt_ids[-1:] + target_ids[:-1], [0]
-    else:
-        segment = prompt_ids + target_ids[:-1]
-        where = None if positions == "all" else [len(prompt_ids) - 1]
-    target = torch.tensor(target_ids, device=lm.device)
-    d_mlp, out = lm.adapter.d_mlp, []
-    for start in range(0, len(neuron_sets), batch_size):
-        rows = neuron_sets[start:start + batch_size]
-        scales: dict[int, torch.Tensor] = {}
-        for r, (neurons, f) in enumerate(zip(rows, factors[start:start + batch_size])):
-            for l, i in neurons:
-                scales.setdefault(l, torch.ones(len(rows), d_mlp, dtype=lm.dtype, device=lm.device))[r, i] = f
-        cache = None
-        if prefix is not None:  # a fresh copy per batch: the forward pass appends to the cache
-            cache = copy.deepcopy(prefix)
-            cache.batch_repeat_interleave(len(rows))
-        with ExitStack() as stack:
-            for l, s in scales.items():
-                stack.enter_context(lm.hooks.edit(f"blocks.{l}.mlp.neurons", lambda t, s=s: t * s[:, None, :],
-                                                  positions=where))
-            logits = lm.model(input_ids=torch.tensor([segment] * len(rows), device=lm.device), cache=cache,
-                              use_cache=cache is not None, logits_to_keep=len(target_ids)).logits
-        # The last len(target) positions predict the target tokens, one each.
-        logp = logits[:, -len(target_ids):].float().log_softmax(-1)
-        out.append(logp.gather(-1, target.expand(len(rows), -1)[..., None]).sum(dim=(1, 2)).exp().cpu())
-    return torch.cat(out).double().numpy() if out else np.zeros(0)
 
 
 class FactProbe:
@@ -333,8 +284,6 @@ def analyse_fact(lm: LoadedModel, fact, config: DKNConfig, attribute: Attributio
         entry = {"clusters": [[list(neurons[a]) for a in c] for c in clusters], **asdict(found)}
         entry["dkn_neurons"] = sorted(list(n) for c in (found.dkn or []) for n in members[c])
         if found.dkn is not None and config.robustness:
-            from engramlab.locate.dkn_analyses import robustness
-
             entry["robustness"] = robustness(lm, fact, [tuple(n) for n in entry["dkn_neurons"]], config)
         rec["methods"][method] = entry
     return rec

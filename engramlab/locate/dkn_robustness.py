@@ -1,0 +1,60 @@
+"""Robustness of a DKN: does it carry the fact across rephrasings of the query?
+
+The fact's query with one word inserted, deleted or replaced (outside the subject), scored with
+the DKN left alone, attenuated (activations x ``attenuate``, default 0) and enhanced
+(x ``enhance``, default 2). ``find_dkns`` runs it for every DKN it finds.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Sequence
+
+from engramlab.data.facts import Fact, render, target_token_ids
+from engramlab.locate.neuron_graph import Neuron
+from engramlab.locate.suppression import scaled_target_probs
+from engramlab.models.loading import LoadedModel
+
+PERTURBATIONS = ("insert", "delete", "replace")
+# Words that change the wording of a query but not what it asks.
+FILLERS = ("really", "actually", "also", "indeed", "certainly", "now", "truly", "still")
+
+
+# -- robustness ------------------------------------------------------------------------------------
+def perturb(template: str, kind: str, rng: random.Random) -> str | None:
+    """The template with one word inserted, deleted or replaced; None if it has no word to edit.
+
+    The word holding the subject placeholder and the last word (which sets up the answer, e.g.
+    "is" or "in") are never edited, so the query still asks for the same object.
+    """
+    words = template.split(" ")
+    editable = [k for k, w in enumerate(words[:-1]) if "{}" not in w]
+    if kind == "insert":
+        words.insert(rng.randint(0, len(words) - 1), rng.choice(FILLERS))
+    elif not editable:
+        return None
+    elif kind == "delete":
+        del words[rng.choice(editable)]
+    else:
+        k = rng.choice(editable)
+        words[k] = rng.choice([f for f in FILLERS if f != words[k].lower()])
+    return " ".join(words)
+
+
+def robustness(lm: LoadedModel, fact: Fact, dkn: Sequence[Neuron], config) -> dict:
+    """{variant: {"base", "attenuated", "enhanced"}} P(target) for the clean query and each perturbation.
+
+    ``config`` is the ``DKNConfig`` (its seed, template, attenuate, enhance and positions)."""
+    rng = random.Random(f"{config.seed}:{fact.relation}:{fact.subject}")  # str seeds are stable
+    template = fact.template(config.template)
+    variants = {"clean": template, **{k: perturb(template, k, rng) for k in PERTURBATIONS}}
+    out = {}
+    for kind, variant in variants.items():
+        if variant is None:
+            continue
+        prompt = render(variant, fact.subject)
+        target = target_token_ids(lm.tokenizer, prompt, fact.object)
+        p = scaled_target_probs(lm, prompt, target, [[], list(dkn), list(dkn)],
+                                [1.0, config.attenuate, config.enhance], config.positions)
+        out[kind] = {"base": float(p[0]), "attenuated": float(p[1]), "enhanced": float(p[2])}
+    return out
