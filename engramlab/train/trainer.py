@@ -183,7 +183,7 @@ class Trainer:
         self.start_step = 0
         self.optimizer = self._make_optimizer()
         self.reference = self._load_reference() if cfg.patch_attention_from else None
-        self.patch_range = self._patch_range()
+        self.patch_range = patch_window(cfg)
         if resume:
             self._resume()
         self.evalsets = self._build_evalsets()
@@ -227,9 +227,6 @@ class Trainer:
                               f"({ref.adapter.n_layers}x{ref.adapter.n_heads}) differ from the model being trained "
                               f"({self.adapter.n_layers}x{self.adapter.n_heads}); use a checkpoint of the same config")
         return ref
-
-    def _patch_range(self) -> tuple[int, int] | None:
-        return patch_window(self.cfg)
 
     def _build_evalsets(self) -> list[EvalSet]:
         c, tok = self.cfg, self.tokenizer
