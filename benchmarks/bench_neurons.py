@@ -9,7 +9,7 @@ relations of the README's knowledge-neuron result), their main template.
 Part 1, SmolLM2-135M (30 layers), every layer, m steps, site ``mlp.neurons``, zero baseline,
 probability objective (the joint probability of the target tokens), integration rule ``--ig-rule``
 (default right):
-  * batched: ``engramlab.locate.ig.integrated_gradients``;
+  * batched: ``engramlab.locate.neurons.ig.integrated_gradients``;
   * plain per-layer, per-step loop: the reference the tests use (a full forward + backward per
     layer and step), on the first ``--per-step-prompts`` prompts only (minutes each);
   * plain per-layer loop with the m steps in one batch (how the knowledge-neurons package works).
@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from engramlab.data.facts import load_facts, target_token_ids
-from engramlab.locate.ig import integrated_gradients, integrated_gradients_plain
+from engramlab.locate.neurons.ig import integrated_gradients, integrated_gradients_plain
 from engramlab.models import load_model, wrap_model
 from engramlab.models.loading import load_tokenizer
 

@@ -11,13 +11,13 @@ from typer.testing import CliRunner
 
 from engramlab.data.facts import Fact, FactSet
 from engramlab.errors import EngramError
-from engramlab.locate import topology
-from engramlab.locate.degenerate import (DKNConfig, DKNResult, FactProbe, find_dkns,
+from engramlab.locate.dkn import clustering as topology
+from engramlab.locate.dkn import (DKNConfig, DKNResult, FactProbe, find_dkns,
                                          scaled_target_probs, search_dkn)
-from engramlab.locate.neuron_graph import neuron_distances
-from engramlab.locate.dkn_analyses import EvolveConfig, evolvability, neuron_param_masks, perturb
+from engramlab.locate.dkn.graph import neuron_distances
+from engramlab.locate.dkn.evolvability import EvolveConfig, evolvability, neuron_param_masks, perturb
 from engramlab.locate.neurons import intervene, target_probability
-from engramlab.locate.topology import ClusterConfig, cluster_neurons, persistence_diagram
+from engramlab.locate.dkn.clustering import ClusterConfig, cluster_neurons, persistence_diagram
 from engramlab.models import tiny_model, wrap_model
 
 from conftest import word_tokenizer
@@ -79,7 +79,7 @@ def test_distances_gated_mlp_by_hand_and_direction():
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])
 @torch.no_grad()
 def test_rms_norm_scale_by_hand(family):
-    from engramlab.locate.neuron_graph import reader_inv_rms
+    from engramlab.locate.dkn.graph import reader_inv_rms
 
     tok = word_tokenizer(["the capital of france is paris"])
     lm = wrap_model(tiny_model(family, vocab_size=len(tok), n_layers=3, seed=2), tok)
@@ -162,7 +162,7 @@ def _reference_graph():
 
 
 def test_reference_ntc_on_hand_made_graph():
-    from engramlab.locate.topology import reference_ntc
+    from engramlab.locate.dkn.clustering import reference_ntc
 
     dist = _reference_graph()
     # By hand: 42 finite edges, 0.2 quantile at position 0.2 * 41 = 8.2 of the sorted distances:
@@ -261,7 +261,7 @@ def test_sampled_verification_is_labelled_and_sound():
 
 
 def test_found_rate_counts_sampled_dkns_apart():
-    from engramlab.locate.degenerate import method_summary
+    from engramlab.locate.dkn import method_summary
 
     def entry(dkn, check, bounded):
         return {"dkn": dkn, "check": check, "bounded": bounded, "partial_drop": 0.01 if dkn else None,
@@ -397,7 +397,7 @@ def test_param_masks_select_exactly_the_neurons(family):
 
 
 def test_matched_kn_by_layer_with_a_shortfall():
-    from engramlab.locate.dkn_analyses import matched_kn, matched_random
+    from engramlab.locate.dkn.evolvability import matched_kn, matched_random
 
     dkn = [(3, 0), (3, 1), (5, 0)]
     cands = {(3, 0): 1.0, (3, 1): 0.9, (5, 0): 0.8, (3, 2): 0.5, (3, 4): 0.6, (4, 7): 0.9, (6, 1): 0.8, (2, 3): 0.7}
@@ -418,7 +418,7 @@ def _train_batch_model(family):
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_training_moves_only_the_masked_neurons(family):
-    from engramlab.locate.dkn_analyses import _batch, trained
+    from engramlab.locate.dkn.evolvability import _batch, trained
 
     lm, facts = _train_batch_model(family)
     a = lm.adapter

@@ -24,8 +24,8 @@ from transformers.activations import ACT2FN
 from engramlab.errors import EngramError
 from engramlab.locate.circuits import CircuitGraph, attribute_batch
 from engramlab.locate.circuits.data import batch_from_ids
-from engramlab.locate.ig import integrated_gradients, integrated_gradients_plain
-from engramlab.locate.neuron_graph import read_vectors
+from engramlab.locate.neurons.ig import integrated_gradients, integrated_gradients_plain
+from engramlab.locate.dkn.graph import read_vectors
 from engramlab.models import get_adapter, supported_model_types, tiny_model, wrap_model
 
 CASES = [(t, {}) for t in supported_model_types()] + [("gpt_neox", {"use_parallel_residual": False})]

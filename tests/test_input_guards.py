@@ -95,7 +95,7 @@ def test_bad_inspect_options(tiny_hf_dir):
 @pytest.mark.parametrize("locate", ["neurons", "dkn", "circuit"])
 def test_every_locator_refuses_prompts_beyond_the_context(locate):  # probe cases 21, 22, 39
     from engramlab.locate.circuits import find_circuit
-    from engramlab.locate.degenerate import find_dkns
+    from engramlab.locate.dkn import find_dkns
     from engramlab.locate.neurons import find_knowledge_neurons
 
     find = {"neurons": find_knowledge_neurons, "dkn": find_dkns, "circuit": find_circuit}[locate]

@@ -14,7 +14,7 @@ import engramlab.cli.neurons  # noqa: F401  (registers the verb on app)
 from engramlab.cli.common import app
 from engramlab.data.facts import FactSet, load_facts, target_token_ids
 from engramlab.errors import EngramError
-from engramlab.locate.ig import integrated_gradients, integrated_gradients_plain
+from engramlab.locate.neurons.ig import integrated_gradients, integrated_gradients_plain
 from engramlab.locate.neurons import (NeuronConfig, NeuronResult, apply_refinement, coarse_neurons, consistency,
                                       find_knowledge_neurons, intervene, refine_neurons, refine_relation_dai,
                                       relation_neurons, target_probabilities, target_probability)

@@ -12,10 +12,10 @@ from engramlab import EngramError
 from engramlab.cli import app
 from engramlab.config import declared_options
 from engramlab.locate.circuits import CircuitConfig
-from engramlab.locate.degenerate import DKNConfig
-from engramlab.locate.dkn_analyses import EvolveConfig
+from engramlab.locate.dkn import DKNConfig
+from engramlab.locate.dkn.evolvability import EvolveConfig
 from engramlab.locate.neurons import NeuronConfig
-from engramlab.locate.topology import ClusterConfig
+from engramlab.locate.dkn.clustering import ClusterConfig
 from engramlab.recall import RecallConfig
 from engramlab.train.trainer import TrainConfig
 

@@ -75,7 +75,7 @@ def circuit(model: str = ModelOpt,
     held-out facts: faithfulness, Hit@10, faithfulness vs N, head roles, logit lens."""
     from engramlab.data.facts import load_facts
     from engramlab.locate.circuits import CircuitConfig, find_circuit
-    from engramlab.locate.circuits.draw import draw_circuit
+    from engramlab.report.circuits import draw_circuit
     from engramlab.models import load_model
     from engramlab.runs import RunDir, set_seed
 

@@ -98,9 +98,9 @@ def dkn(model: str = ModelOpt,
     """Find degenerate knowledge neurons: clusters of knowledge neurons that back each other up."""
     from dataclasses import asdict
 
-    from engramlab.locate.degenerate import DKNConfig, find_dkns
-    from engramlab.locate.dkn_analyses import EvolveConfig, evolvability
-    from engramlab.locate.topology import ClusterConfig
+    from engramlab.locate.dkn import DKNConfig, find_dkns
+    from engramlab.locate.dkn.evolvability import EvolveConfig, evolvability
+    from engramlab.locate.dkn.clustering import ClusterConfig
     from engramlab.models import load_model
     from engramlab.runs import RunDir, set_seed
 

@@ -32,7 +32,7 @@ rms itself moves a little with A's output):
 The graph: distance ``1 / s(A, B)`` for 0 < j - i <= ``max_span``; same-layer pairs and pairs
 further apart have no direct edge (``inf``): they are linked only through paths over other
 neurons of the fact, which is what single-linkage (persistence) clustering and the shortest-path
-distances of the baselines do (``engramlab.locate.topology``). The published DKN code instead
+distances of the baselines do (``engramlab.locate.dkn.clustering``). The published DKN code instead
 puts a direct edge only between *adjacent* layers and links gaps of 2-3 layers through the fact's
 other neurons in every intermediate layer; here any earlier writer connects to any reader up to
 ``max_span`` layers later, since the residual stream carries A's output to every later layer.
@@ -48,8 +48,7 @@ from torch import nn
 
 from engramlab.models.adapters import ArchAdapter
 from engramlab.models.loading import LoadedModel
-
-Neuron = tuple[int, int]  # (layer, index)
+from engramlab.models.scoring import Neuron  # noqa: F401  ((layer, index), re-exported)
 
 
 def norm_read(norm: nn.Module) -> tuple[torch.Tensor | None, bool]:

@@ -33,9 +33,9 @@ import torch
 
 from engramlab.data.facts import Fact, target_token_ids
 from engramlab.config import option, validate
-from engramlab.locate.degenerate import DKNConfig, DKNResult
-from engramlab.locate.dkn_robustness import PERTURBATIONS, perturb, robustness  # noqa: F401 (re-exported)
-from engramlab.locate.neuron_graph import Neuron
+from engramlab.locate.dkn import DKNConfig, DKNResult
+from engramlab.locate.dkn.robustness import PERTURBATIONS, perturb, robustness  # noqa: F401 (re-exported)
+from engramlab.models.scoring import Neuron
 from engramlab.models.adapters import ArchAdapter
 from engramlab.models.loading import LoadedModel, pad_rows
 

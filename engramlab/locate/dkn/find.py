@@ -5,11 +5,11 @@ Pipeline per fact (``find_dkns``):
 1. **Candidates**: integrated-gradients attribution of every MLP neuron at the last prompt
    position (``engramlab.locate.neurons.attribute_neurons``); the coarse knowledge neurons are
    those above ``threshold`` x the largest attribution, at most ``max_candidates`` of them.
-2. **Neuron graph** (``engramlab.locate.neuron_graph``): distance 1 / |w_out_A . r_B| between a
+2. **Neuron graph** (``engramlab.locate.dkn.graph``): distance 1 / |w_out_A . r_B| between a
    neuron A and a neuron B up to ``max_span`` layers later that reads what A writes (with
    ``norm_scale="rms"`` times the reading layer's 1/rms on the fact's prompt); others are
    linked only through paths over other candidates of the fact.
-3. **Clusters** by each method of ``engramlab.locate.topology`` (persistence by default, in the
+3. **Clusters** by each method of ``engramlab.locate.dkn.clustering`` (persistence by default, in the
    ``cluster.clustering`` parameterisation: engramlab's ``quantile`` or the published
    ``reference`` NTC).
 4. **Verification, enforced** (``search_dkn``): a DKN is a set of >= 2 clusters such that
@@ -26,10 +26,7 @@ docs/dkn.md for the choices and why.
 
 from __future__ import annotations
 
-import math
-import random
 from dataclasses import asdict, dataclass, field
-from itertools import combinations
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -39,12 +36,15 @@ import torch
 from engramlab.config import check, option, validate
 from engramlab.data.facts import FactSet, target_token_ids
 from engramlab.errors import EngramError
-from engramlab.locate.dkn_robustness import robustness
-from engramlab.locate.neuron_graph import Neuron, neuron_distances, reader_inv_rms
-from engramlab.locate.ig import BASELINES
-from engramlab.locate.neurons import NeuronConfig, attribute_neurons, coarse_neurons, first_token_ranks
-from engramlab.locate.suppression import scaled_target_probs
-from engramlab.locate.topology import METHODS, ClusterConfig, cluster_neurons
+from engramlab.locate.base import mean_of
+from engramlab.locate.dkn.clustering import METHODS, ClusterConfig, cluster_neurons
+from engramlab.locate.dkn.graph import neuron_distances, reader_inv_rms
+from engramlab.locate.dkn.robustness import robustness
+from engramlab.locate.dkn.search import search_dkn
+from engramlab.locate.dkn.suppression import scaled_target_probs
+from engramlab.locate.neurons.ig import BASELINES, integrated_gradients
+from engramlab.locate.neurons.select import coarse_neurons
+from engramlab.models.scoring import encode, first_token_ranks
 from engramlab.models.context import check_facts_fit
 from engramlab.models.loading import LoadedModel
 from engramlab.progress import progress_bar
@@ -126,119 +126,16 @@ class FactProbe:
         return [(self.base - p) / self.base for p in self.probs(sets)]
 
 
-# -- the enforced search ----------------------------------------------------------------------------
-@dataclass
-class Search:
-    """Outcome of ``search_dkn`` for one fact and one clustering."""
-
-    dkn: list[int] | None  # cluster indices of the DKN, or None
-    partial_drop: float | None  # largest drop over the checked proper subsets of the DKN
-    full_drop: float | None  # drop with the whole DKN suppressed
-    all_drop: float  # drop with every cluster suppressed (measured whether or not a DKN exists)
-    max_single_drop: float  # largest drop from suppressing one cluster
-    check: str  # "exhaustive": every proper subset of the DKN (if any) was measured; "sampled": only some
-    bounded: bool  # the subset budget was exceeded: the search sampled and/or set clusters aside
-    n_shed: int  # clusters set aside by the bounded search
-    n_subsets: int  # subsets whose drop was measured
-    n_verified: int | None  # proper subsets of the DKN that were measured (of 2^k - 2); None without DKN
-    reason: str | None  # why there is no DKN
-
-
-def _n_subsets(k: int, max_size: int) -> int:
-    return sum(math.comb(k, s) for s in range(1, max_size + 1))
-
-
-def search_dkn(drop_of: Callable[[list[frozenset]], list[float]], n_clusters: int, t_low: float = 0.05,
-               t_high: float = 0.3, max_dkn_clusters: int | None = None, max_subsets: int = 512,
-               subset_samples: int = 64, seed: int = 0) -> Search:
-    """Find the largest set of >= 2 clusters that passes the DKN test (module docstring).
-
-    ``drop_of`` maps subsets of cluster indices to relative drops. While testing every subset of
-    up to ``max_dkn_clusters`` clusters would take more than ``max_subsets`` measurements, the
-    search is *sampled*: the set of all remaining clusters is checked against its singletons, its
-    leave-one-outs and ``subset_samples`` random proper subsets, and if it fails one cluster is set
-    aside: the one whose absence the rest tolerates best (largest drop with the rest suppressed),
-    ties going to the one that hurts most alone. Once few enough remain, every subset is measured
-    and the largest passing set (then the largest full drop) wins.
-
-    Soundness: a DKN from the exhaustive phase (``check="exhaustive"``, even after shedding) had
-    every proper subset measured. A DKN accepted in the sampled step (``check="sampled"``) passed
-    only the subsets it reports (``n_verified`` of 2^k - 2): a subset that was not drawn may
-    still drop P(target) by ``t_low`` or more, so such DKNs are counted apart.
-    """
-    cache: dict[frozenset, float] = {}
-
-    def drops(subsets: list[frozenset]) -> list[float]:
-        missing = list(dict.fromkeys(s for s in subsets if s not in cache))
-        if missing:
-            cache.update(zip(missing, drop_of(missing)))
-        return [cache[s] for s in subsets]
-
-    active = list(range(n_clusters))
-    all_drop = drops([frozenset(active)])[0] if active else 0.0
-    max_single = max(drops([frozenset([c]) for c in active]), default=0.0)
-    sampled, shed = False, 0
-
-    def outcome(dkn=None, partial=None, full=None, reason=None, check="exhaustive", verified=None) -> Search:
-        if dkn is not None and verified is None:
-            verified = 2 ** len(dkn) - 2  # the exhaustive phase measured every proper subset
-        return Search(dkn, partial, full, all_drop, max_single, check, sampled, shed, len(cache), verified, reason)
-
-    if n_clusters < 2:
-        return outcome(reason=f"{n_clusters} cluster(s); a DKN needs 2")
-    rng = random.Random(seed)
-    limit = min(max_dkn_clusters or n_clusters, n_clusters)
-    while _n_subsets(len(active), limit) > max_subsets:
-        sampled = True
-        whole = frozenset(active)
-        alone = drops([frozenset([c]) for c in active])
-        rest = drops([whole - {c} for c in active])
-        if limit == len(active):  # the whole remaining set is itself a candidate: sample its subsets
-            samples = {frozenset(rng.sample(active, rng.randint(2, len(active) - 2)))
-                       for _ in range(subset_samples if len(active) >= 4 else 0)}
-            full = drops([whole])[0]
-            partial = max(alone + rest + drops(sorted(samples, key=sorted)))
-            if full <= t_high:  # fewer clusters suppressed are assumed not to drop it more
-                return outcome(reason=f"suppressing all {len(active)} remaining clusters drops P(target) by "
-                                      f"only {full:.3f} <= t_high", check="sampled")
-            if partial < t_low:
-                n_checked = len({frozenset([c]) for c in active} | {whole - {c} for c in active} | samples)
-                return outcome(sorted(active), partial, full, check="sampled", verified=n_checked)
-        # Set aside the cluster the others do best without (largest drop of the rest), then the
-        # one that hurts most alone (the least degenerate).
-        active.pop(max(range(len(active)), key=lambda k: (rest[k], alone[k])))
-        shed += 1
-        limit = min(limit, len(active))
-
-    subsets = [frozenset(c) for size in range(1, limit + 1) for c in combinations(active, size)]
-    values = dict(zip(subsets, drops(subsets)))
-    within: dict[frozenset, float] = {}  # largest drop over a set's non-empty subsets, itself included
-    best, best_key, best_full = None, None, -math.inf
-    for s in subsets:  # ordered by size: every subset is done before its supersets
-        partial = max(within[s - {c}] for c in s) if len(s) > 1 else -math.inf
-        within[s] = max(values[s], partial)
-        if len(s) < 2:
-            continue
-        best_full = max(best_full, values[s])
-        if values[s] > t_high and partial < t_low and (best_key is None or (len(s), values[s]) > best_key):
-            best, best_key = (sorted(s), partial, values[s]), (len(s), values[s])
-    if best is not None:
-        return outcome(*best)
-    if best_full <= t_high:
-        return outcome(reason=f"no set of clusters drops P(target) by more than t_high (best {best_full:.3f})")
-    return outcome(reason="every set of clusters that drops P(target) by more than t_high has a proper subset "
-                          "that drops it by t_low or more")
-
-
 # -- per fact, per method -----------------------------------------------------------------------------
 Attribution = Callable[[LoadedModel, str, list[int]], torch.Tensor]  # -> (n_layers, d_mlp)
 
 
 def ig_attribution(config: DKNConfig) -> Attribution:
-    """Integrated-gradients neuron attribution from ``engramlab.locate.neurons`` with our settings."""
-    neuron_config = NeuronConfig(steps=config.steps, baseline=config.baseline, batch_layers=config.batch_layers,
-                                 seed=config.seed)
-    return lambda lm, prompt, target_ids: attribute_neurons(lm, prompt, target_ids, neuron_config)
+    """Integrated-gradients neuron attribution (``engramlab.locate.neurons.ig``: the knowledge-neuron
+    kernel, objective "prob", site "neurons") with our steps, baseline and layer batching."""
+    return lambda lm, prompt, target_ids: integrated_gradients(
+        lm, encode(lm, prompt), list(target_ids), steps=config.steps, baseline=config.baseline,
+        batch_layers=config.batch_layers)
 
 
 def candidate_neurons(attribution: torch.Tensor, threshold: float, max_candidates: int) -> list[tuple[int, int, float]]:
@@ -289,7 +186,7 @@ def analyse_fact(lm: LoadedModel, fact, config: DKNConfig, attribute: Attributio
     return rec
 
 
-def find_dkns(lm: LoadedModel, facts: FactSet, config: DKNConfig | None = None, attribute: Attribution | None = None,
+def find_degenerate_neurons(lm: LoadedModel, facts: FactSet, config: DKNConfig | None = None, attribute: Attribution | None = None,
               show_progress: bool = False) -> "DKNResult":
     """Degenerate knowledge neurons of every fact (see the module docstring).
 
@@ -304,12 +201,10 @@ def find_dkns(lm: LoadedModel, facts: FactSet, config: DKNConfig | None = None, 
     return DKNResult(records, asdict(config))
 
 
+find_dkns = find_degenerate_neurons  # the shorter name the CLI verb uses
+
+
 # -- the Result ------------------------------------------------------------------------------------------
-def _mean(values) -> float | None:
-    values = [v for v in values if v is not None]
-    return float(np.mean(values)) if values else None
-
-
 def method_summary(entries: list[dict]) -> dict:
     """Headline numbers of one method over the evaluated facts' entries."""
     found = [e for e in entries if e["dkn"] is not None]
@@ -321,19 +216,19 @@ def method_summary(entries: list[dict]) -> dict:
         "dkn_found_rate_exhaustive": rate(len(found) - len(sampled)),  # every proper subset measured
         "dkn_found_rate_sampled": rate(len(sampled)),  # accepted on a sample of its proper subsets
         "n_dkn": len(found),
-        "mean_partial_drop": _mean(e["partial_drop"] for e in found),
-        "mean_full_drop": _mean(e["full_drop"] for e in found),
-        "mean_clusters": _mean(len(e["clusters"]) for e in entries),
-        "mean_dkn_clusters": _mean(len(e["dkn"]) for e in found),
-        "mean_dkn_neurons": _mean(len(e["dkn_neurons"]) for e in found),
-        "mean_all_clusters_drop": _mean(e["all_drop"] for e in entries),
-        "mean_max_single_drop": _mean(e["max_single_drop"] for e in entries),
+        "mean_partial_drop": mean_of(e["partial_drop"] for e in found),
+        "mean_full_drop": mean_of(e["full_drop"] for e in found),
+        "mean_clusters": mean_of(len(e["clusters"]) for e in entries),
+        "mean_dkn_clusters": mean_of(len(e["dkn"]) for e in found),
+        "mean_dkn_neurons": mean_of(len(e["dkn_neurons"]) for e in found),
+        "mean_all_clusters_drop": mean_of(e["all_drop"] for e in entries),
+        "mean_max_single_drop": mean_of(e["max_single_drop"] for e in entries),
         "n_sampled_searches": sum(e.get("bounded", e["check"] == "sampled") for e in entries),
     }
     robust = [e["robustness"] for e in found if e.get("robustness")]
     for kind in (robust[0] if robust else {}):
         for condition in robust[0][kind]:
-            out[f"robustness.{kind}.{condition}"] = _mean(r[kind][condition] for r in robust if kind in r)
+            out[f"robustness.{kind}.{condition}"] = mean_of(r[kind][condition] for r in robust if kind in r)
     return out
 
 
@@ -354,7 +249,7 @@ class DKNResult:
         evaluated = [r for r in self.records if not r["skipped"]]
         out = {"n_facts": len(self.records), "n_evaluated": len(evaluated),
                "n_skipped": len(self.records) - len(evaluated),
-               "mean_candidates": _mean(len(r["candidates"]) for r in evaluated)}
+               "mean_candidates": mean_of(len(r["candidates"]) for r in evaluated)}
         for method in self.methods:
             for k, v in method_summary([r["methods"][method] for r in evaluated]).items():
                 out[f"{method}.{k}"] = v

@@ -2,7 +2,7 @@
 
 Every method takes the fact's *neuron graph* as a symmetric distance matrix ``dist`` of shape
 (n, n): ``dist[a, b]`` is the distance of the direct connection between neurons a and b, ``inf``
-where there is none, 0 on the diagonal (``engramlab.locate.degenerate.neuron_distances`` builds it).
+where there is none, 0 on the diagonal (``engramlab.locate.dkn.neuron_distances`` builds it).
 Every method returns clusters as lists of node indices, sorted.
 
 ==============  ==============================================================================

@@ -11,8 +11,8 @@ import random
 from typing import Sequence
 
 from engramlab.data.facts import Fact, render, target_token_ids
-from engramlab.locate.neuron_graph import Neuron
-from engramlab.locate.suppression import scaled_target_probs
+from engramlab.models.scoring import Neuron
+from engramlab.locate.dkn.suppression import scaled_target_probs
 from engramlab.models.loading import LoadedModel
 
 PERTURBATIONS = ("insert", "delete", "replace")

@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from engramlab.locate.neuron_graph import Neuron
+from engramlab.models.scoring import Neuron
 from engramlab.models.loading import LoadedModel
 
 

@@ -1,0 +1,260 @@
+"""Knowledge neurons (Dai et al., 2022): which MLP neurons hold a fact, and what editing them does.
+
+``find_knowledge_neurons(lm, facts, config)`` runs, per fact:
+
+1. a rank check: a fact whose first target token ranks beyond ``max_rank`` after its main prompt
+   is skipped with the reason recorded (attributing what the model does not know is noise);
+   paraphrases beyond it are left out of the selection;
+2. attribution: integrated gradients over every layer's MLP neurons at the last prompt position,
+   for each paraphrase (the fact's templates) - see ``engramlab.locate.neurons.ig``;
+3. selection: coarse neurons score > ``threshold`` x max per paraphrase; refined neurons are
+   those in the coarse sets of at least a share p of the paraphrases, by one of two rules
+   (``refine``):
+   - "fact" (engramlab's default): p starts at ``p_start`` (0.5) and moves by 0.05 per fact
+     towards ``min_neurons``..``max_neurons`` kept; what remains is ranked by paraphrase count,
+     then mean score, and cut to ``max_neurons`` (``refine_neurons``);
+   - "dai" (Dai et al. 2022's code): a neuron needs at least max(p * n, ``min_prompts`` = 3)
+     of the fact's n paraphrases; p starts at 0.7 and moves by 0.05 per *relation* until the
+     relation's mean count per fact is in ``min_neurons``..``max_neurons`` (at most 6 tries);
+     no cap (``refine_relation_dai``);
+4. interventions on the refined set at the last prompt position: suppress (x0) and enhance (x2),
+   measured as the relative change (p' - p) / p of the target probability (teacher-forced, the
+   product over the target tokens: the quantity the default objective "prob" attributes) on the
+   fact, on other facts of its relation, on facts of other relations, and for as many random
+   neurons drawn from the same layers.
+
+Relation neurons are those in the refined sets of at least ``relation_share`` of a relation's
+attributed facts. The consistency of a fact is the mean pairwise Jaccard index of its
+paraphrases' coarse sets (None with one paraphrase).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from engramlab.config import check, option, validate
+from engramlab.data.facts import FactSet, target_token_ids
+from engramlab.locate import integration
+from engramlab.locate.base import mean_of, short
+from engramlab.locate.neurons.effects import measure_effects
+from engramlab.locate.neurons.ig import BASELINES, OBJECTIVES, SITES, integrated_gradients
+from engramlab.locate.neurons.select import _tally, coarse_neurons, consistency, refine_neurons, refine_relation_dai, relation_neurons
+from engramlab.models.context import check_facts_fit
+from engramlab.models.scoring import encode, first_token_ranks
+from engramlab.progress import progress_bar
+from engramlab.runs import atomic_write_json, atomic_write_jsonl, load_json, read_jsonl
+
+REFINE = ("fact", "dai")
+# Per refinement rule: (p_start, min_prompts) when not given.
+_PRESETS = {"fact": (0.5, 1), "dai": (0.7, 3)}
+
+
+@dataclass
+class NeuronConfig:
+    """Settings of ``find_knowledge_neurons``.
+
+    The defaults are engramlab's (per-fact refinement, right-sum rule); ``refine="dai"`` with
+    ``ig_rule="left"`` is the closest to Dai et al. 2022's code (see docs/neurons.md for what still
+    differs). ``p_start`` and ``min_prompts`` left at None take the refinement rule's preset."""
+
+    steps: int = option(20, "m, integration steps.", range=(1, None))
+    baseline: str = option("zero", "zero | mean (positions 1..P-2) | mean_all (positions 0..P-2).",
+                           choices=BASELINES)
+    objective: str = option("prob", "prob (joint probability) | logprob | prob_sum of the target tokens.",
+                            choices=OBJECTIVES)
+    site: str = option("neurons", "neurons (input of the MLP output projection) | pre (pre-activation).",
+                       choices=SITES)
+    ig_rule: str = option("right", "Integration rule: right | left (Dai's code) | trapezoid.",
+                          choices=integration.RULES)
+    threshold: float = option(0.2, "Coarse: score > threshold x max score of the prompt.", range=(0, 1),
+                              open_high=True)
+    refine: str = option("fact", "fact (p adapted per fact, cut to max_neurons) | dai (per relation).",
+                         choices=REFINE)
+    p_start: float | None = option(None, "Refined: kept by >= p of the paraphrases (None: 0.5 fact, 0.7 dai).",
+                                   range=(0, 1), open_low=True)
+    min_prompts: int | None = option(None, "...and by >= this many paraphrases (None: 1 fact, 3 dai).",
+                                     range=(1, None), integer=True)
+    min_neurons: int = option(2, "fact: per fact; dai: the relation's mean per fact, kept in this range.",
+                              range=(1, None))
+    max_neurons: int = option(5, "...and at most this many.", range=(1, None))
+    relation_share: float = option(0.1, "Relation neurons: in >= this share of the relation's facts.",
+                                   range=(0, 1), open_low=True)
+    max_rank: int = option(100, "Skip facts whose first target token ranks beyond this.", range=(1, None))
+    batch_layers: int | None = option(None, "Layers per IG batch (None: as many as fit in memory).",
+                                      range=(1, None), integer=True)
+    n_random_repeats: int = option(3, "Random-neuron controls per fact.", range=(0, None),
+                                   flag="--random-repeats")
+    seed: int = 0
+    n_compare: int = option(20, "At most this many facts of the same / other relations per fact.",
+                            range=(0, None))
+
+    def __post_init__(self):
+        validate(self)
+        p_start, min_prompts = _PRESETS[self.refine]
+        self.p_start = p_start if self.p_start is None else self.p_start
+        self.min_prompts = min_prompts if self.min_prompts is None else self.min_prompts
+        check(self, "min_neurons", self.min_neurons <= self.max_neurons, f"must be <= max_neurons ({self.max_neurons})")
+
+
+def attribute_neurons(lm, prompt: str | Sequence[int], target_ids: Sequence[int], config: NeuronConfig,
+                      layers: Sequence[int] | None = None) -> torch.Tensor:
+    """Integrated-gradients scores (n_layers, d_mlp) of every MLP neuron at the last prompt
+    position for the target tokens (``config.objective``: by default their joint probability).
+    Layers not in ``layers`` are 0."""
+    return integrated_gradients(lm, encode(lm, prompt), list(target_ids), steps=config.steps,
+                                baseline=config.baseline, objective=config.objective, site=config.site,
+                                layers=layers, batch_layers=config.batch_layers, rule=config.ig_rule)
+
+
+# Where target_probabilities put each row's last prompt token, for intervene(positions=-1).
+
+def apply_refinement(records: list[dict], config: NeuronConfig) -> dict[str, list[list[int]]]:
+    """Set ``neurons`` and ``p`` of every attributed record from its saved ``coarse`` sets by
+    ``config.refine`` (and its p_start, min_prompts, min/max_neurons), and return the relation
+    neurons ({relation: [[layer, index], ...]}, ``config.relation_share``). Paraphrases left out
+    (``None``) do not count. Works on the records of a saved run, so refinement variants need no
+    new attribution."""
+    done = [r for r in records if r["skipped"] is None]
+    by_relation: dict[str, list[dict]] = {}
+    for r in done:
+        by_relation.setdefault(r["relation"], []).append(r)
+
+    def usable(r: dict) -> list[list[tuple]]:
+        return [[tuple(n) for n in c] for c in r["coarse"] if c is not None]
+
+    def store(r: dict, neurons: list, share: float) -> None:
+        r.update(neurons=[[l, i, short(s)] for l, i, s in neurons], p=share)
+
+    for mine in by_relation.values():
+        if config.refine == "dai":
+            refined, share = refine_relation_dai([usable(r) for r in mine], config.p_start, config.min_prompts,
+                                                 config.min_neurons, config.max_neurons)
+            for r, neurons in zip(mine, refined):
+                store(r, neurons, share)
+            continue
+        for r in mine:
+            sets = usable(r)
+            if config.min_prompts > 1:  # drop neurons in fewer paraphrases before adapting p
+                count, _ = _tally(sets)
+                sets = [[n for n in c if count[(n[0], n[1])] >= config.min_prompts] for c in sets]
+            store(r, *refine_neurons(sets, config.p_start, config.min_neurons, config.max_neurons))
+    return {rel: relation_neurons([[(l, i) for l, i, _ in r["neurons"]] for r in mine], config.relation_share)
+            for rel, mine in by_relation.items()}
+
+
+
+@dataclass
+class NeuronResult:
+    """Per-fact knowledge neurons and intervention effects (one record per fact, in order).
+
+    A record: relation, subject, object, ``prompts`` (the paraphrases), ``ranks`` (first target
+    token after each), ``neurons`` ([layer, index, mean score] refined, best first), ``coarse``
+    (per paraphrase: [layer, index, score] lists, None where left out), ``p`` (the final share),
+    ``consistency``, ``skipped`` (reason or None), ``effects`` (see ``measure_effects``)."""
+
+    records: list[dict]
+    relation_neurons: dict[str, list[list[int]]]
+    config: dict
+    stats: dict = field(default_factory=dict)
+
+    def attributed(self) -> list[dict]:
+        return [r for r in self.records if r["skipped"] is None]
+
+    def summary(self) -> dict:
+        done = self.attributed()
+        effects = [r["effects"] for r in done if r.get("effects")]
+
+        out = {"n_facts": len(self.records), "n_attributed": len(done),
+               "n_skipped": len(self.records) - len(done), **_effect_means(effects)}
+        out["mean_neurons_per_fact"] = mean_of([len(r["neurons"]) for r in done])
+        out["n_without_neurons"] = sum(not r["neurons"] for r in done)
+        out["mean_prompts_per_fact"] = mean_of([sum(c is not None for c in r["coarse"]) for r in done])
+        out["mean_coarse_per_prompt"] = mean_of([len(c) for r in done for c in r["coarse"] if c is not None])
+        out["mean_consistency"] = mean_of([r["consistency"] for r in done])
+        out["n_relation_neurons"] = sum(len(v) for v in self.relation_neurons.values())
+        out["seconds_per_fact"] = self.stats.get("seconds_per_fact")
+        out["cpu_seconds_per_fact"] = self.stats.get("cpu_seconds_per_fact")
+        for rel in sorted({r["relation"] for r in done}):
+            mine = [r for r in done if r["relation"] == rel]
+            out[f"relation.{rel}.n_attributed"] = len(mine)
+            for key, value in _effect_means([r["effects"] for r in mine if r.get("effects")]).items():
+                if key.endswith("_drop"):
+                    out[f"relation.{rel}.{key}"] = value
+        return out
+
+    def save(self, directory: str | Path) -> None:
+        d = Path(directory)
+        atomic_write_jsonl(d / "neurons.jsonl", self.records)
+        atomic_write_json(d / "relation_neurons.json", self.relation_neurons)
+        atomic_write_json(d / "neurons_config.json", {"config": self.config, "stats": self.stats})
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "NeuronResult":
+        d = Path(directory)
+        meta = load_json(d / "neurons_config.json", "knowledge-neuron config")
+        return cls(read_jsonl(d / "neurons.jsonl"), load_json(d / "relation_neurons.json", "relation neurons"),
+                   meta["config"], meta.get("stats", {}))
+
+
+def _effect_means(effects: list[dict]) -> dict:
+    """Mean drop (minus the relative change under suppression: 1 = the probability went to zero)
+    and mean relative change under enhancement, per kind of target."""
+    out = {}
+    for key in ("own", "same_relation", "other_relation", "random"):
+        out[f"mean_{key}_drop"] = mean_of([None if e["suppress"][key] is None else -e["suppress"][key]
+                                         for e in effects])
+        out[f"mean_{key}_enhance"] = mean_of([e["enhance"][key] for e in effects])
+    return out
+
+
+def find_knowledge_neurons(lm, facts: FactSet, config: NeuronConfig | None = None,
+                           show_progress: bool = False) -> NeuronResult:
+    """Attribute, select and test the knowledge neurons of every fact (see module docstring)."""
+    config = config or NeuronConfig()
+    check_facts_fit(lm, facts)
+    start, cpu_start = time.time(), time.process_time()
+    tok = lm.tokenizer
+    prompts = [[fact.prompt(j) for j in range(len(fact.templates))] for fact in facts]
+    targets = [[target_token_ids(tok, p, fact.object) for p in ps] for fact, ps in zip(facts, prompts)]
+    flat_ranks = iter(first_token_ranks(lm, [p for ps in prompts for p in ps], [t for ts in targets for t in ts]))
+    ranks = [[next(flat_ranks) for _ in ps] for ps in prompts]
+
+    records = []
+    for fact, ps, ts, rs in progress_bar(list(zip(facts, prompts, targets, ranks)), "knowledge neurons",
+                                         enabled=show_progress):
+        record = {"relation": fact.relation, "subject": fact.subject, "object": fact.object, "prompts": ps,
+                  "target_tokens": tok.convert_ids_to_tokens(ts[0]), "ranks": rs, "neurons": [], "coarse": [],
+                  "p": None, "consistency": None, "skipped": None, "effects": None}
+        records.append(record)
+        if rs[0] > config.max_rank:
+            record["skipped"] = (f"object {fact.object!r} ranks {rs[0]} after {ps[0]!r}, beyond max_rank "
+                                 f"{config.max_rank}: the model does not predict it")
+            continue
+        coarse: list[list | None] = []
+        for p, t, r in zip(ps, ts, rs):
+            coarse.append(None if r > config.max_rank else
+                          coarse_neurons(attribute_neurons(lm, p, t, config), config.threshold))
+        # Rounded as saved, so that refining a saved run (apply_refinement) gives the same result.
+        coarse = [None if c is None else [[l, i, short(s)] for l, i, s in c] for c in coarse]
+        record.update(coarse=coarse, consistency=consistency([c for c in coarse if c is not None]))
+    attributed_seconds = time.time() - start
+
+    rel_neurons = apply_refinement(records, config)
+    measure_effects(lm, records, [ts[0] for ts in targets], config.n_compare, config.n_random_repeats,
+                    config.seed)
+    n_done = sum(r["skipped"] is None for r in records)
+    total, cpu = time.time() - start, time.process_time() - cpu_start
+    # CPU seconds (all threads of this process) are the steadier figure on a shared machine.
+    stats = {"attribution_seconds": round(attributed_seconds, 3), "total_seconds": round(total, 3),
+             "cpu_seconds": round(cpu, 3), "seconds_per_fact": round(total / n_done, 3) if n_done else None,
+             "cpu_seconds_per_fact": round(cpu / n_done, 3) if n_done else None}
+    meta = {**asdict(config), "model": getattr(lm, "spec", None), "n_layers": lm.adapter.n_layers,
+            "d_mlp": lm.adapter.d_mlp}
+    return NeuronResult(records, rel_neurons, meta, stats)
+
+
