@@ -2,7 +2,7 @@
 
 For each fact the prompt is ``templates[t].format(subject)`` (no chat template, no special
 tokens) and the target is the token sequence of " " + object. One teacher-forced forward pass
-over prompt + target gives, per fact:
+over prompt + target (``engramlab.models.scoring.target_logits``) gives, per fact:
 
 * ``target_prob`` / ``target_rank``: probability and rank (1 = most likely) of the first target
   token after the prompt - the definition behind the LRE README's top-1/top-10 table;
@@ -18,12 +18,13 @@ from pathlib import Path
 
 import torch
 
-from engramlab.config import option, validate
+from engramlab.config import option, to_dict, validate
 from engramlab.data.facts import FactSet, target_token_ids
+from engramlab.locate.base import fact_record, model_facts
 from engramlab.models.context import check_facts_fit
-from engramlab.models.loading import LoadedModel, pad_rows
+from engramlab.models.loading import LoadedModel
+from engramlab.models.scoring import answer_ranks, target_logits
 from engramlab.progress import progress_bar
-from engramlab.runs import atomic_write_json, atomic_write_jsonl, load_json, read_jsonl
 
 
 @dataclass
@@ -39,35 +40,42 @@ class RecallConfig:
 
 @dataclass
 class RecallResult:
-    """Per-fact recall records and their summary (the Result shape every locator shares)."""
+    """Per-fact recall records and their summary (see ``engramlab.locate.base.Result``)."""
 
-    records: list[dict]
+    rows: list[dict]
     config: dict = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)
+    model: dict = field(default_factory=dict)
+
+    def records(self) -> list[dict]:
+        return self.rows
 
     def summary(self) -> dict:
         """Flat headline numbers: overall and per-relation accuracies."""
-        out = _accuracies(self.records)
-        relations = sorted({r["relation"] for r in self.records})
+        out = _accuracies(self.rows)
+        relations = sorted({r["relation"] for r in self.rows})
         out["n_relations"] = len(relations)
         for rel in relations:
-            for k, v in _accuracies([r for r in self.records if r["relation"] == rel]).items():
+            for k, v in _accuracies([r for r in self.rows if r["relation"] == rel]).items():
                 out[f"relation.{rel}.{k}"] = v
         return out
 
     def per_relation(self) -> dict[str, dict]:
-        rels = sorted({r["relation"] for r in self.records})
-        return {rel: _accuracies([r for r in self.records if r["relation"] == rel]) for rel in rels}
+        rels = sorted({r["relation"] for r in self.rows})
+        return {rel: _accuracies([r for r in self.rows if r["relation"] == rel]) for rel in rels}
 
     def save(self, directory: str | Path) -> None:
-        d = Path(directory)
-        atomic_write_jsonl(d / "facts.jsonl", self.records)
-        atomic_write_json(d / "recall_config.json", self.config)
+        """The shared files; the records also as ``facts.jsonl``, their name before the contract."""
+        from engramlab.locate.base import write_result
+
+        write_result(directory, "recall", self, records_alias="facts.jsonl")
 
     @classmethod
     def load(cls, directory: str | Path) -> "RecallResult":
-        d = Path(directory)
-        config = load_json(d / "recall_config.json", "recall config") if (d / "recall_config.json").exists() else {}
-        return cls(read_jsonl(d / "facts.jsonl"), config)
+        from engramlab.locate.base import read_result
+
+        got = read_result(directory, "recall", old_config=("recall_config.json",), old_records=("facts.jsonl",))
+        return cls(got.records, got.config, got.stats, got.model)
 
 
 def _accuracies(records: list[dict]) -> dict:
@@ -85,44 +93,38 @@ def _accuracies(records: list[dict]) -> dict:
 
 
 @torch.no_grad()
-def score_recall(lm: LoadedModel, facts: FactSet, template_index: int = 0, batch_size: int = 16,
-                 show_progress: bool = False) -> RecallResult:
-    """Score every fact of ``facts`` with ``lm`` (see module docstring for the definitions)."""
-    RecallConfig(template=template_index, batch_size=batch_size)
+def score_recall(lm: LoadedModel, facts: FactSet, config: RecallConfig | None = None, *, progress: bool = False,
+                 template_index: int | None = None, batch_size: int | None = None,
+                 show_progress: bool | None = None) -> RecallResult:
+    """Score every fact of ``facts`` with ``lm`` (see module docstring for the definitions).
+
+    ``template_index``, ``batch_size`` and ``show_progress`` are the old spellings of
+    ``config.template``, ``config.batch_size`` and ``progress`` (accepted for one release)."""
+    if template_index is not None or batch_size is not None:
+        base = config or RecallConfig()
+        config = RecallConfig(template=base.template if template_index is None else template_index,
+                              batch_size=base.batch_size if batch_size is None else batch_size)
+    config = config or RecallConfig()
+    progress = progress if show_progress is None else show_progress
     check_facts_fit(lm, facts)
     tok = lm.tokenizer
-    items = []
-    for fact in facts:
-        prompt = fact.prompt(template_index)
-        prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-        target = target_token_ids(tok, prompt, fact.object)
-        items.append((fact, prompt, prompt_ids, target))
+    facts = list(facts)
+    prompts = [fact.prompt(config.template) for fact in facts]
+    targets = [target_token_ids(tok, prompt, fact.object) for fact, prompt in zip(facts, prompts)]
+    rows = target_logits(lm, prompts, targets, batch_size=config.batch_size)  # a generator: one batch at a time
 
     records = []
-    batches = range(0, len(items), batch_size)
-    for start in progress_bar(batches, "recall", enabled=show_progress):
-        chunk = items[start : start + batch_size]
-        ids, mask = pad_rows([p + t for _, _, p, t in chunk], lm.pad_id, lm.device)
-        logits = lm.model(input_ids=ids, attention_mask=mask).logits.float()  # (batch, pos, vocab)
-        for row, (fact, prompt, p, t) in enumerate(chunk):
-            # Position i predicts token i+1: target token j is predicted at len(p) - 1 + j.
-            pred = logits[row, len(p) - 1 : len(p) - 1 + len(t)]  # (len(t), vocab)
-            first = pred[0]
-            probs = first.softmax(-1)
-            target_logit = first[t[0]]
-            rank = int((first > target_logit).sum()) + 1
-            greedy = pred.argmax(-1).tolist()
-            records.append({
-                "relation": fact.relation,
-                "subject": fact.subject,
-                "object": fact.object,
-                "prompt": prompt,
-                "target_tokens": tok.convert_ids_to_tokens(t),
-                "target_prob": float(probs[t[0]]),
-                "target_rank": rank,
-                "top1_token": tok.decode([int(first.argmax())]),
-                "exact_match": greedy == t,
-                "greedy_completion": tok.decode(greedy),
-            })
-    config = {"template_index": template_index, "batch_size": batch_size, "n_facts": len(items)}
-    return RecallResult(records, config)
+    for fact, prompt, t, pred in progress_bar(zip(facts, prompts, targets, rows), "recall", enabled=progress,
+                                              total=len(facts)):
+        pred = pred.float()  # (len(t), vocab): row j predicts target token j given the earlier ones
+        first = pred[0]
+        greedy = pred.argmax(-1).tolist()
+        records.append(fact_record(
+            fact, prompt, tok.convert_ids_to_tokens(t),
+            target_prob=float(first.softmax(-1)[t[0]]),
+            target_rank=int(answer_ranks(first[None], torch.tensor([t[0]]))[0]),
+            top1_token=tok.decode([int(first.argmax())]),
+            exact_match=greedy == t,
+            greedy_completion=tok.decode(greedy),
+        ))
+    return RecallResult(records, to_dict(config), {"n_facts": len(facts)}, model_facts(lm))

@@ -473,7 +473,10 @@ def test_find_circuit_saves_and_loads(tmp_path):
     for rule, extra in (("greedy", {"top_n": 10}), ("threshold", {"threshold": 0.0})):
         other = find_circuit(lm, facts, CircuitConfig(require_correct=False, rule=rule, curve=(1.0,), **extra))
         assert other.summary()["n_edges_kept"] <= (10 if rule == "greedy" else result.graph.n_edges)
-    result.save(tmp_path, eapig=True)
+    from engramlab.locate.circuits.store import write_eapig
+
+    result.save(tmp_path)
+    write_eapig(tmp_path / "circuit_eapig.json", result)
     again = CircuitResult.load(tmp_path)
     assert torch.equal(again.kept, result.kept) and again.summary() == summary
     eapig = json.loads((tmp_path / "circuit_eapig.json").read_text())

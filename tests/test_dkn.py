@@ -16,7 +16,8 @@ from engramlab.locate.dkn import (DKNConfig, DKNResult, FactProbe, find_dkns,
                                          scaled_target_probs, search_dkn)
 from engramlab.locate.dkn.graph import neuron_distances
 from engramlab.locate.dkn.evolvability import EvolveConfig, evolvability, neuron_param_masks, perturb
-from engramlab.locate.neurons import intervene, target_probability
+from engramlab.locate.neurons import target_probability
+from engramlab.models.scoring import NeuronScale
 from engramlab.locate.dkn.clustering import ClusterConfig, cluster_neurons, persistence_diagram
 from engramlab.models import tiny_model, wrap_model
 
@@ -324,7 +325,7 @@ def test_verifier_finds_the_two_groups_and_rejects_a_lone_group():
     attribution = lambda lm, prompt, target: torch.tensor([[1.0, 0.9] + [0.0] * 6, [0.8, 0.7] + [0.0] * 6])
     config = DKNConfig(known_rank=1, robustness=True)
     result = find_dkns(redundant_model(), FactSet([fact]), config, attribute=attribution)
-    rec = result.records[0]
+    rec = result.records()[0]
     assert rec["skipped"] is None and rec["n_edges"] == 2
     persistence = rec["methods"]["persistence"]
     assert sorted(persistence["clusters"]) == [[[0, 0], [1, 0]], [[0, 1], [1, 1]]]
@@ -338,7 +339,7 @@ def test_verifier_finds_the_two_groups_and_rejects_a_lone_group():
     assert summary["mean_full_drop"] > 0.9 and summary["mean_partial_drop"] < 0.05
 
     # Without path B, group A carries the fact alone: suppressing it kills the fact -> no DKN.
-    lone = find_dkns(redundant_model(with_b=False), FactSet([fact]), config, attribute=attribution).records[0]
+    lone = find_dkns(redundant_model(with_b=False), FactSet([fact]), config, attribute=attribution).records()[0]
     entry = lone["methods"]["persistence"]
     assert entry["dkn"] is None and entry["max_single_drop"] > 0.9 and "proper subset" in entry["reason"]
     assert lone["methods"]["pairs"]["dkn"] is None
@@ -351,7 +352,7 @@ def test_result_save_load_roundtrip(tmp_path):
                        attribute=attribution)
     result.save(tmp_path)
     again = DKNResult.load(tmp_path)
-    assert again.records == json.loads(json.dumps(result.records))
+    assert again.records() == json.loads(json.dumps(result.records()))
     assert again.summary() == result.summary()
     assert set(again.summary()) >= {"kmeans.dkn_found_rate", "persistence.mean_full_drop", "dkn_found_rate"}
 
@@ -363,11 +364,11 @@ def test_scaled_probs_match_intervene(family):
     lm = wrap_model(tiny_model(family, vocab_size=len(tok), n_layers=3, seed=1), tok)
     prompt, target = "the capital of france is", tok.convert_tokens_to_ids(["paris", "city"])
     sets = [[], [(0, 3)], [(1, 5), (2, 7), (0, 1)]]
-    for factor, positions, theirs in ((0.0, "last", -1), (2.0, "last", -1), (0.0, "all", None)):
+    for factor, positions, theirs in ((0.0, "last", "prompt_end"), (2.0, "last", "prompt_end"), (0.0, "all", "all")):
         ours = scaled_target_probs(lm, prompt, target, sets, factor, positions, batch_size=2)
         for s, p in zip(sets, ours):
-            with intervene(lm, s, factor, positions=theirs):
-                assert p == pytest.approx(target_probability(lm, prompt, target), rel=1e-4)
+            assert p == pytest.approx(target_probability(lm, prompt, target, edits=NeuronScale(s, factor, theirs)),
+                                      rel=1e-4)
 
 
 # -- analyses -------------------------------------------------------------------------------------------
@@ -448,7 +449,7 @@ def test_evolvability_arms_are_matched_and_the_model_restored():
                                                            [0.8, 0.7, 0.4, 0.3] + [0.0] * 4])
     facts = [_fact()]
     result = find_dkns(lm, FactSet(facts), DKNConfig(methods=("persistence",), robustness=False), attribute=attribution)
-    assert result.records[0]["methods"]["persistence"]["dkn_neurons"] == [[0, 0], [0, 1], [1, 0], [1, 1]]
+    assert result.records()[0]["methods"]["persistence"]["dkn_neurons"] == [[0, 0], [0, 1], [1, 0], [1, 1]]
     lm.model.requires_grad_(False)  # as load_model leaves it
     lm.adapter.mlp_out_proj(1).weight.requires_grad_(True)  # ...but one, whose flag must survive too
     before = {n: (p.detach().clone(), p.requires_grad) for n, p in lm.model.named_parameters()}
@@ -466,9 +467,10 @@ def test_evolvability_arms_are_matched_and_the_model_restored():
     assert arms["full"]["n_params"] == sum(p.numel() for p in lm.model.parameters())
     for name, p in lm.model.named_parameters():
         assert torch.equal(p, before[name][0]) and p.requires_grad == before[name][1], name
-    result.evolvability = evo
-    summary = result.summary()
-    assert summary["evolvability.kn.n_neurons"] == 4 and "evolvability.kn.layers" not in summary
+    from engramlab.locate.dkn.evolvability import EvolvabilityResult
+
+    summary = EvolvabilityResult(evo).summary()  # the dkn verb files these under evolvability.*
+    assert summary["kn.n_neurons"] == 4 and "kn.layers" not in summary
     with pytest.raises(EngramError, match="--evolve-arms"):
         evolvability(lm, result, facts, EvolveConfig(arms=("dkn", "nope")))
 
@@ -507,8 +509,7 @@ def test_dkn_command_on_tiny_model(tmp_path, tiny_hf_dir):
         assert r["base_prob"] == pytest.approx(target_probability(lm, r["prompt"], target), rel=1e-4)
         entry = r["methods"]["persistence"]
         every = [tuple(n) for c in entry["clusters"] for n in c]
-        with intervene(lm, every, 0.0, positions=-1):
-            p_all = target_probability(lm, r["prompt"], target)
+        p_all = target_probability(lm, r["prompt"], target, edits=NeuronScale(every, 0.0, "prompt_end"))
         assert entry["all_drop"] == pytest.approx((r["base_prob"] - p_all) / r["base_prob"], rel=1e-3, abs=1e-6)
 
     # The published NTC with rms-scaled edges: same edges, only clusters of > 1 neuron, rms recorded.
@@ -522,7 +523,7 @@ def test_dkn_command_on_tiny_model(tmp_path, tiny_hf_dir):
         if not r["skipped"]:
             assert all(len(c) > 1 for c in r["methods"]["persistence"]["clusters"])
             assert len(r["reader_rms"]) == lm.adapter.n_layers and min(r["reader_rms"]) > 0
-    config = json.loads((ref / "dkn_config.json").read_text())
+    config = json.loads((ref / "config.json").read_text())["config"]  # the shared layout (was dkn_config.json)
     assert config["cluster"]["clustering"] == "reference" and config["norm_scale"] == "rms"
 
     for flag, value in (("--method", "nope"), ("--clustering", "paper"), ("--norm-scale", "layer")):

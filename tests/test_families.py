@@ -10,6 +10,10 @@ tiny config (``engramlab.models.tiny``) makes these tests fail. For each type:
 * q/k/v, the pattern and the heads agree: z_h = pattern_h @ v_{kv_head(h)} (GQA), and the weight
   views of q/k/v and of the MLP reproduce the sites they name;
 * the DKN read vectors (norm folded) give the MLP pre-activations up to the per-position 1/rms;
+* the branch-input sites (attn.in, mlp.in, ln_final.in) hold what the norm modules receive and
+  editing them changes only that branch; every site's ``grad`` hook equals autograd's gradient
+  with respect to a tensor substituted at the site; every norm's ``norm_spec`` reproduces it, and
+  the attention readers' folded weights give the q/k/v projections;
 * batched integrated gradients equal the plain per-step reference, and EAP-IG equals the
   per-reader residual-copy reference of tests/test_circuits.py.
 """
@@ -24,9 +28,11 @@ from transformers.activations import ACT2FN
 from engramlab.errors import EngramError
 from engramlab.locate.circuits import CircuitGraph, attribute_batch
 from engramlab.locate.circuits.data import batch_from_ids
+from engramlab.locate.circuits.readers import AttentionReaders
 from engramlab.locate.neurons.ig import integrated_gradients, integrated_gradients_plain
 from engramlab.locate.dkn.graph import read_vectors
 from engramlab.models import get_adapter, supported_model_types, tiny_model, wrap_model
+from engramlab.models.hooks import site_name
 
 CASES = [(t, {}) for t in supported_model_types()] + [("gpt_neox", {"use_parallel_residual": False})]
 CASE_IDS = [t for t, _ in CASES[:-1]] + ["gpt_neox-sequential"]
@@ -61,16 +67,16 @@ def run(lm, ids=IDS):
 
 
 def sites(lm, layer):
-    return {s: f"blocks.{layer}.{s}" for s in ("resid_pre", "resid_mid", "resid_post", "attn.q", "attn.k", "attn.v",
-                                               "attn.pattern", "attn.heads", "attn.out", "mlp.pre", "mlp.neurons",
-                                               "mlp.out")
+    return {s: f"blocks.{layer}.{s}" for s in ("resid_pre", "resid_mid", "resid_post", "attn.in", "attn.q", "attn.k",
+                                               "attn.v", "attn.pattern", "attn.heads", "attn.out", "mlp.in",
+                                               "mlp.pre", "mlp.neurons", "mlp.out")
             if not (s == "resid_mid" and lm.adapter.parallel_residual)}
 
 
 def capture_all(lm, ids=IDS, pattern=True):
     """Every site of every layer; with ``pattern`` the run takes the eager attention path."""
     names = [n for l in range(lm.adapter.n_layers) for n in sites(lm, l).values()
-             if pattern or not n.endswith("attn.pattern")] + ["ln_final.out"]
+             if pattern or not n.endswith("attn.pattern")] + ["ln_final.in", "ln_final.out"]
     with lm.hooks.capture(names) as c:
         out = run(lm, ids)
     return c, out
@@ -200,6 +206,130 @@ def test_folded_read_vectors_give_the_pre_activations(lm):
             scale = (got * dots).sum(-1, keepdim=True) / dots.pow(2).sum(-1, keepdim=True)  # the rstd
             assert torch.all(scale > 0)
             assert torch.allclose(got, scale * dots, atol=1e-5, rtol=1e-4)
+
+
+# -- branch inputs, gradients, norms ---------------------------------------------------------------
+def _module_inputs(lm, ids=IDS):
+    """What each norm module receives in a plain forward, from raw torch pre-hooks (no HookPoints),
+    keyed by the site name that should hold it; and HF's own hidden states."""
+    a, seen, handles = lm.adapter, {}, []
+
+    def grab(key):
+        def pre(module, args, kwargs):
+            seen[key] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
+        return pre
+
+    modules = {site_name("attn.in", l): a.attn_norm(l) for l in range(a.n_layers)}
+    modules |= {site_name("mlp.in", l): a.mlp_norm(l) for l in range(a.n_layers)}
+    modules["ln_final.in"] = a.final_norm
+    for key, module in modules.items():
+        handles.append(module.register_forward_pre_hook(grab(key), with_kwargs=True))
+    try:
+        with torch.no_grad():
+            hidden = lm.model(input_ids=ids, output_hidden_states=True).hidden_states
+    finally:
+        for h in handles:
+            h.remove()
+    return seen, hidden
+
+
+def test_branch_input_sites_hold_what_the_norms_read(lm):
+    a, (c, _) = lm.adapter, capture_all(lm, pattern=False)  # the default attention path, like HF's
+    seen, hidden = _module_inputs(lm)
+    for name, value in seen.items():
+        assert torch.equal(c[name], value), name
+    for l in range(a.n_layers):
+        # HF's hidden_states[l] is the input of layer l; the attention norm reads it as it is.
+        assert torch.equal(c[site_name("attn.in", l)], hidden[l])
+        assert torch.equal(c[site_name("attn.in", l)], c[site_name("resid_pre", l)])
+        mid = "resid_pre" if a.parallel_residual else "resid_mid"
+        assert torch.equal(c[site_name("mlp.in", l)], c[site_name(mid, l)])
+    assert torch.equal(c["ln_final.in"], c[site_name("resid_post", a.n_layers - 1)])
+    assert torch.allclose(a.final_norm(c["ln_final.in"]), c["ln_final.out"], atol=1e-6)
+
+
+def test_editing_a_branch_input_changes_only_that_branch(lm):
+    """An edit of attn.in / mlp.in changes what that branch reads; the residual stream around it
+    carries the unedited tensor."""
+    a, (clean, _) = lm.adapter, capture_all(lm, pattern=False)
+    delta = torch.randn(a.d_model, generator=torch.Generator().manual_seed(5))
+    for branch, out in (("attn.in", "attn.out"), ("mlp.in", "mlp.out")):
+        names = [site_name(k, 0) for k in ("resid_pre", "attn.out", "mlp.out", "resid_post")]
+        with lm.hooks.capture(names) as c, lm.hooks.add(site_name(branch, 0), delta):
+            run(lm)
+        pre, attn, mlp, post = (c[n] for n in names)
+        assert torch.equal(pre, clean[names[0]])
+        assert not torch.allclose(c[site_name(out, 0)], clean[site_name(out, 0)], atol=1e-4), branch
+        assert torch.allclose(pre + attn + mlp, post, atol=1e-5), branch  # no delta in the residual
+    with lm.hooks.add("ln_final.in", delta):
+        edited = run(lm)
+    assert torch.allclose(edited, a.final_norm(clean["ln_final.in"] + delta) @ a.W_U, atol=1e-5)
+
+
+def _loss(logits):
+    w = torch.randn(logits.shape[-1], generator=torch.Generator().manual_seed(2))
+    return (logits[:, -3:] * w).sum()
+
+
+def _substituted_grad(lm, name, value):
+    """dL/dx with x a fresh tensor equal to ``value`` substituted at the site (autograd's own)."""
+    x = value.clone().requires_grad_(True)
+    with lm.hooks.replace(name, x * 1):  # x * 1: OLMo clamps q/k/v in place, not allowed on a leaf
+        return torch.autograd.grad(_loss(lm.model(input_ids=IDS).logits), x)[0]
+
+
+def test_grad_hooks_equal_autograd_through_the_site(lm):
+    params = [p for p in lm.model.parameters()]
+    for name in lm.hooks.names():
+        with lm.hooks.capture(name) as c:  # on its own: only attn.pattern takes the eager path
+            run(lm)
+        got = []
+        with lm.hooks.grad(name, got.append):
+            logits = lm.model(input_ids=IDS).logits
+        torch.autograd.grad(_loss(logits), params, allow_unused=True)  # the hook fires here
+        assert len(got) == 1 and got[0].shape == c[name].shape, name
+        if lm.hooks.site(name).editable:
+            want = _substituted_grad(lm, name, c[name])
+        else:  # resid_mid is the residual itself: what flows on to resid_post plus the MLP's share
+            post, mlp_in = site_name("resid_post", int(name.split(".")[1])), name.replace("resid_mid", "mlp.in")
+            with lm.hooks.capture([post, mlp_in]) as c:
+                run(lm)
+            want = _substituted_grad(lm, post, c[post]) + _substituted_grad(lm, mlp_in, c[mlp_in])
+        scale = float(want.abs().max())
+        assert scale > 0 and float((got[0] - want).abs().max()) <= 1e-5 * scale, name
+
+
+def test_norm_specs_reproduce_every_norm(lm):
+    a = lm.adapter
+    x = 2.0 * torch.randn(3, 5, a.d_model, generator=torch.Generator().manual_seed(4)) + 0.5
+    norms = [a.attn_norm(l) for l in range(a.n_layers)] + [a.mlp_norm(l) for l in range(a.n_layers)]
+    for norm in norms + [a.final_norm]:
+        spec = a.norm_spec(norm)
+        assert spec.kind in ("layer", "rms"), type(norm)  # every supported family has a closed form
+        assert spec.centred == (spec.kind == "layer")
+        with torch.no_grad():
+            assert torch.allclose(spec.apply(x), norm(x), atol=1e-5), type(norm)
+            x_hat, rstd = spec.normalise(x)
+            y = x_hat * (1 if spec.gain is None else spec.gain) + (0 if spec.bias is None else spec.bias)
+            assert torch.allclose(y, norm(x), atol=1e-5)
+
+
+def test_folded_attention_readers_give_the_projections(lm):
+    """norm(x) @ W_r = rstd(x) * (x @ W~_r) + bias_norm @ W_r: the folded weights W~ (gain and
+    centring) and rstd of ``AttentionReaders`` against the attention norm module itself."""
+    a, (c, _) = lm.adapter, capture_all(lm)
+    for l in range(a.n_layers):
+        readers = AttentionReaders(lm, l)
+        assert readers.kind is not None
+        x = c[site_name("attn.in", l)].flatten(0, 1)  # (n, d_model)
+        w = torch.cat([a.W_Q(l), a.W_K(l), a.W_V(l)]).detach()  # (R, d_model, d_head)
+        with torch.no_grad():
+            want = torch.einsum("nd,rde->nre", a.attn_norm(l)(x), w)
+            if readers.spec.bias is not None:
+                want = want - torch.einsum("d,rde->re", readers.spec.bias, w)
+            rstd = readers.normalise(x)[1]  # (n, 1)
+            got = rstd[:, :, None] * torch.einsum("nd,rde->nre", x, readers.weights())
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), l
 
 
 # -- locators ---------------------------------------------------------------------------------------

@@ -16,8 +16,9 @@ from engramlab.data.facts import FactSet, load_facts, target_token_ids
 from engramlab.errors import EngramError
 from engramlab.locate.neurons.ig import integrated_gradients, integrated_gradients_plain
 from engramlab.locate.neurons import (NeuronConfig, NeuronResult, apply_refinement, coarse_neurons, consistency,
-                                      find_knowledge_neurons, intervene, refine_neurons, refine_relation_dai,
+                                      find_knowledge_neurons, refine_neurons, refine_relation_dai,
                                       relation_neurons, target_probabilities, target_probability)
+from engramlab.models.scoring import NeuronScale
 from engramlab.models import tiny_model, wrap_model
 
 from conftest import HAS_SMOLLM2, word_tokenizer
@@ -369,21 +370,19 @@ def test_intervene_matches_plain_hooks(tiny_lm, factor):
     for target in ([7], [7, 9, 3]):
         clean = target_probability(tiny_lm, PROMPT, target)
         assert clean == pytest.approx(hand_probability(tiny_lm, PROMPT, target, [], None), rel=1e-5)
-        with intervene(tiny_lm, neurons, factor):
-            edited = target_probability(tiny_lm, PROMPT, target)
-        # -1 means the last prompt token even though the input continues with target tokens.
+        edited = target_probability(tiny_lm, PROMPT, target, edits=NeuronScale(neurons, factor))
+        # "prompt_end": the last prompt token, even though the input continues with target tokens.
         assert edited == pytest.approx(hand_probability(tiny_lm, PROMPT, target, edits, len(PROMPT) - 1), rel=1e-5)
         assert edited != pytest.approx(clean, rel=1e-7)
-        with intervene(tiny_lm, neurons, factor, positions=None):
-            everywhere = target_probability(tiny_lm, PROMPT, target)
+        everywhere = target_probability(tiny_lm, PROMPT, target, edits=NeuronScale(neurons, factor, "all"))
         assert everywhere == pytest.approx(hand_probability(tiny_lm, PROMPT, target, edits, None), rel=1e-5)
 
 
 def test_padded_batch_equals_one_by_one(tiny_lm):
     prompts, targets = [PROMPT, [4, 2], [9, 9, 9, 1, 2, 3, 4]], [[7, 8], [3], [5, 6, 7]]
-    with intervene(tiny_lm, [(0, 1), (1, 5)], 0.0):
-        batched = target_probabilities(tiny_lm, prompts, targets)
-        single = [target_probability(tiny_lm, p, t) for p, t in zip(prompts, targets)]
+    edit = NeuronScale([(0, 1), (1, 5)], 0.0)
+    batched = target_probabilities(tiny_lm, prompts, targets, edits=edit)
+    single = [target_probability(tiny_lm, p, t, edits=edit) for p, t in zip(prompts, targets)]
     assert batched == pytest.approx(single, rel=1e-5)
     logs = target_probabilities(tiny_lm, prompts, targets, objective="logprob")
     assert [float(torch.tensor(v).exp()) for v in logs] == pytest.approx(target_probabilities(tiny_lm, prompts, targets),
@@ -425,7 +424,7 @@ def test_find_knowledge_neurons_end_to_end(tmp_path, tiny_word_lm):
     chosen = FactSet([facts[k] for k in (0, 3, 7, 34, 35, 36)])
     config = NeuronConfig(steps=4, max_rank=40, n_compare=100, n_random_repeats=1)
     result = find_knowledge_neurons(lm, chosen, config)
-    skipped = [r for r in result.records if r["skipped"]]
+    skipped = [r for r in result.records() if r["skipped"]]
     done = result.attributed()
     assert len(skipped) == 2 and len(done) == 4   # a random model predicts some objects within rank 40
     assert all("beyond max_rank 40" in r["skipped"] and not r["neurons"] for r in skipped)
@@ -436,7 +435,7 @@ def test_find_knowledge_neurons_end_to_end(tmp_path, tiny_word_lm):
         ref = torch.stack([reference_ig(lm, ids, t, l) for l in range(lm.adapter.n_layers)])
         want = {(int(l), int(i)) for l, i in zip(*torch.nonzero(ref > 0.2 * ref.max(), as_tuple=True))}
         assert {(l, i) for l, i, _ in r["coarse"][0]} == want
-    effects = hand_effects(lm, result.records)
+    effects = hand_effects(lm, result.records())
     assert len(effects) == len(done)
     for r, own, same, other in effects:
         assert 1 <= len(r["neurons"]) <= 5 and len(r["coarse"]) == len(r["prompts"])
@@ -453,9 +452,9 @@ def test_find_knowledge_neurons_end_to_end(tmp_path, tiny_word_lm):
     result.save(tmp_path)
     assert NeuronResult.load(tmp_path).summary() == summary
     # Refining the saved records again gives the same neurons.
-    again = NeuronResult.load(tmp_path).records
+    again = NeuronResult.load(tmp_path).records()
     apply_refinement(again, config)
-    assert [r["neurons"] for r in again] == [r["neurons"] for r in result.records]
+    assert [r["neurons"] for r in again] == [r["neurons"] for r in result.records()]
 
 
 def test_ranks_match_recall(tiny_word_lm):
@@ -465,7 +464,7 @@ def test_ranks_match_recall(tiny_word_lm):
     lm, facts = tiny_word_lm
     prompts = [f.prompt() for f in facts]
     ranks = first_token_ranks(lm, prompts, [target_token_ids(lm.tokenizer, p, f.object) for p, f in zip(prompts, facts)])
-    assert ranks == [r["target_rank"] for r in score_recall(lm, facts).records]
+    assert ranks == [r["target_rank"] for r in score_recall(lm, facts).records()]
 
 
 def test_cli_neurons(tmp_path, tiny_word_lm):

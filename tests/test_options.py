@@ -2,7 +2,8 @@
 
 For each config dataclass and each field declared with a range or choices, a value outside them
 must raise one ``EngramError`` line naming the field and its flag; and every verb that exposes
-the field as a flag must exit 2 on it before writing anything."""
+the field as a flag must exit 2 on it before writing anything. The flags are made from the
+declarations, so no verb in engramlab/cli may declare one of them (or its help) again."""
 
 import pytest
 import typer
@@ -69,3 +70,55 @@ def test_the_cli_refuses_it_before_writing(tmp_path, verb, cls, opt):
     assert r.exit_code == 2, r.output
     assert r.output.count("error:") == 1 and opt.cli_flag in r.output
     assert not out.exists()
+
+
+# -- declared once: no verb repeats a field's flag, default or help ---------------------------------------------------
+def _cli_option_calls():
+    """(file, line, flags, help) of every typer.Option(...) written in engramlab/cli."""
+    import ast
+    from pathlib import Path
+
+    import engramlab.cli
+
+    for path in sorted(Path(engramlab.cli.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+            if name != "Option":
+                continue
+            flags = {part for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)
+                     for part in a.value.split("/") if part.startswith("-")}
+            text = next((k.value.value for k in node.keywords if k.arg == "help" and isinstance(k.value, ast.Constant)),
+                        None)
+            yield path.name, node.lineno, flags, text
+
+
+def test_no_verb_redeclares_a_config_field():
+    from engramlab.data.world import WorldConfig
+
+    declared = {}
+    for cls in [*CONFIGS, WorldConfig]:
+        for o in declared_options(cls):
+            for flag in (o.flag or o.cli_flag).split("/"):
+                declared[flag] = f"{cls.__name__}.{o.name}"
+    helps = {o.help.strip(): f"{cls.__name__}.{o.name}" for cls in CONFIGS for o in declared_options(cls)}
+    calls = list(_cli_option_calls())
+    assert len(calls) > 10  # the scan sees the verbs' own options
+    for file, line, flags, text in calls:
+        again = sorted(f for f in flags if f in declared)
+        assert not again, f"cli/{file}:{line} declares {again}, which {declared[again[0]]} declares: drop it there"
+        assert text is None or text.strip() not in helps, \
+            f"cli/{file}:{line} repeats the help of {helps[text.strip()]}"
+
+
+def test_every_verb_option_that_sets_a_config_field_is_generated():
+    """The flags of the config-backed verbs are the declared options plus the verb's own, listed here."""
+    own = {"--model", "-m", "--facts", "-f", "--relation", "-r", "--limit", "-n", "--out", "-o", "--overwrite",
+           "--seed", "--dtype", "--device", "--config", "--set", "--help", "--paraphrases", "--evolvability",
+           "--eapig-json", "--draw", "--world", "-w", "--resume", "--grid", "-g", "--preset", "-p"}
+    for verb, classes in VERBS.items():
+        generated = {f for c in classes for o in declared_options(c) for f in (o.flag or o.cli_flag).split("/")}
+        extra = _flags(verb) - generated - own
+        assert not extra, f"{verb}: {sorted(extra)} set config fields without being declared on one"

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from engramlab.cli import app
 from engramlab.data.facts import load_facts, target_token_ids
 from engramlab.models import load_model
-from engramlab.recall import RecallResult, score_recall
+from engramlab.recall import RecallConfig, RecallResult, score_recall
 
 from conftest import HAS_SMOLLM2
 
@@ -28,8 +28,8 @@ def greedy_reference(lm, prompt, n_tokens):
 
 def check_against_reference(lm, facts):
     result = score_recall(lm, facts, batch_size=5)  # batches mix prompt lengths: padding exercised
-    assert len(result.records) == len(facts)
-    for fact, rec in zip(facts, result.records):
+    assert len(result.records()) == len(facts)
+    for fact, rec in zip(facts, result.records()):
         prompt = fact.prompt()
         target = target_token_ids(lm.tokenizer, prompt, fact.object)
         assert rec["exact_match"] == (greedy_reference(lm, prompt, len(target)) == target), fact
@@ -50,8 +50,23 @@ def test_recall_matches_reference_on_tiny_model(tiny_hf_dir):
 def test_recall_matches_reference_on_smollm2(smollm2):
     facts = load_facts("country_capital_city")[:12]
     result = check_against_reference(smollm2, facts)
-    by_subject = {r["subject"]: r for r in result.records}
+    by_subject = {r["subject"]: r for r in result.records()}
     assert by_subject["France"]["target_rank"] == 1 and by_subject["France"]["exact_match"]
+
+
+def test_config_and_the_old_keywords_agree(tiny_hf_dir):
+    lm = load_model(str(tiny_hf_dir))
+    facts = load_facts("country_capital_city").filter(limit=9)
+    new = score_recall(lm, facts, RecallConfig(template=-1, batch_size=4), progress=False)
+    old = score_recall(lm, facts, template_index=-1, batch_size=4, show_progress=False)
+    assert new.records() == old.records() and new.config == old.config
+    assert new.config == {"template": -1, "batch_size": 4} and new.stats == {"n_facts": 9}
+    assert list(new.records()[0]) == ["relation", "subject", "object", "prompt", "target_tokens", "target_prob",
+                                      "target_rank", "top1_token", "exact_match", "greedy_completion"]
+    # The batch size changes nothing but float rounding.
+    one = score_recall(lm, facts, RecallConfig(template=-1, batch_size=1)).records()
+    assert [r["target_rank"] for r in one] == [r["target_rank"] for r in new.records()]
+    assert [r["target_prob"] for r in one] == pytest.approx([r["target_prob"] for r in new.records()], rel=1e-5)
 
 
 def test_summary_and_save_load(tmp_path, tiny_hf_dir):
@@ -59,13 +74,13 @@ def test_summary_and_save_load(tmp_path, tiny_hf_dir):
     facts = load_facts("country_capital_city,country_language")
     result = score_recall(lm, facts.filter(limit=30))
     s = result.summary()
-    recs = result.records
+    recs = result.records()
     assert s["n_facts"] == 30
     assert s["top1_accuracy"] == sum(r["target_rank"] == 1 for r in recs) / 30
     assert s["relation.country_language.n_facts"] == 6
     result.save(tmp_path)
     again = RecallResult.load(tmp_path)
-    assert again.records == recs and again.summary() == s
+    assert again.records() == recs and again.summary() == s
 
 
 def test_cli_recall_and_inspect(tmp_path, tiny_hf_dir):

@@ -1,12 +1,12 @@
-"""Samplers over individuals: determinism per (seed, step), distributions, bad specs."""
+"""Samplers over individuals: determinism per (seed, step), distributions, bad specs; corpus frequencies."""
 
 import random
 
 import numpy as np
 import pytest
 
-from engramlab.data.samplers import (draw_frequencies, frequency_bucket, frequency_pmf,
-                                     make_sampler)
+from engramlab.data.frequencies import draw_frequencies, frequency_bucket, frequency_pmf
+from engramlab.data.samplers import make_sampler
 from engramlab.data.world import build_world
 from engramlab.errors import EngramError
 
@@ -115,3 +115,23 @@ def test_frequency_specs():
     for bad in ["zipf:a=1.5", "choice:", "choice:0,2", "poisson:3", "0"]:
         with pytest.raises(EngramError, match="grammar"):
             frequency_pmf(bad)
+
+
+def test_samplers_and_world_do_not_import_each_other():
+    """samplers sits below world (it reads a world's size from its header); the corpus
+    frequencies world draws live in data.frequencies, so neither module imports the other."""
+    import ast
+    import inspect
+
+    import engramlab.data.frequencies as frequencies
+    import engramlab.data.samplers as samplers
+    import engramlab.data.world as world
+
+    def imported(module):
+        tree = ast.parse(inspect.getsource(module))
+        return {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | \
+            {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+
+    assert "engramlab.data.world" not in imported(samplers) | imported(frequencies)
+    assert "engramlab.data.samplers" not in imported(world)
+    assert "engramlab.data.frequencies" in imported(world)

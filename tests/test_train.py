@@ -1,5 +1,6 @@
 """Training runs: schedules, metrics against plain loops, resume, attention patching, bad input."""
 
+import dataclasses
 import json
 import math
 from contextlib import ExitStack
@@ -13,6 +14,7 @@ from engramlab import EngramError
 from engramlab.cli import app
 from engramlab.data.world import ATTRIBUTES, build_world
 from engramlab.data.wordtok import build_word_tokenizer
+from engramlab.dynamics.knowledge import summarize_training
 from engramlab.dynamics.plateau import detect_plateau, fit_power_law
 from engramlab.models import wrap_model
 from engramlab.models.loading import list_checkpoints, load_model
@@ -20,6 +22,7 @@ from engramlab.runs import read_jsonl
 from engramlab.train.checkpoints import checkpoint_steps
 from engramlab.train.metrics import EvalSet, baseline_loss, empirical_marginal_loss, evaluate
 from engramlab.train.model_configs import build_model, count_parameters
+from engramlab.train.patching import AttentionPatch, patch_window
 from engramlab.train.trainer import TrainConfig, Trainer, learning_rate, train
 
 SMALL = dict(batch_size=8, eval_every=4, eval_people=6, eval_templates=1, lr=3e-3)
@@ -255,13 +258,13 @@ def test_attention_patching_uses_reference_patterns_with_stop_gradient(world, tm
     twin = Trainer(cfg, world, tmp_path / "twin")
     ids = torch.tensor([[1, 5, 9, 12, 7, 30, 2]])
     am = torch.ones_like(ids)
-    patterns = twin._patterns(ids, am)
+    patterns = twin.patch.patterns(ids, am)
     site = "blocks.1.attn.pattern"
-    with twin.hooks.replace(site, patterns[site]), twin.hooks.capture(site) as seen:
+    with twin.lm.hooks.replace(site, patterns[site]), twin.lm.hooks.capture(site) as seen:
         loss = twin.model(input_ids=ids, attention_mask=am).logits.sum()
     assert torch.equal(seen[site], patterns[site])
     loss.backward()
-    attn = twin.adapter.attn(1)
+    attn = twin.lm.adapter.attn(1)
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in (attn.q_proj.weight, attn.k_proj.weight))
     assert attn.v_proj.weight.grad.abs().sum() > 0
     # Same initial weights as the reference run (same seed and config).
@@ -308,7 +311,7 @@ def test_optimizer_state_is_reset_when_the_patch_window_opens(world, reference_r
     cfg = TrainConfig(steps=8, checkpoints="none", patch_attention_from=f"{reference_run}:30", patch_window="3:6",
                       **SMALL)
     twin = Trainer(cfg, world, tmp_path / "twin")
-    attn, mlp = twin.adapter.attn(0), twin.model.model.layers[0].mlp.down_proj.weight
+    attn, mlp = twin.lm.adapter.attn(0), twin.model.model.layers[0].mlp.down_proj.weight
     state = twin.optimizer.state
     for step in range(3):  # free attention: every parameter is updated
         twin.train_step(step)
@@ -349,6 +352,105 @@ def test_summary_reads_plateau_and_hallucination_onset_from_the_metrics(world, t
     assert (s["plateau_start_step"], s["plateau_end_step"]) == (30, 70)
     assert s["heldout_rise_step"] == 60  # first > 1.2 b from step 30
     assert s["heldout_loss_at_plateau_end"] == pytest.approx(2.0 * b)
+
+
+def test_attention_patch_is_active_exactly_on_its_window(reference_run):
+    steps = list(range(12))
+    for window in [(0, 4), (3, 6), (5, 12), (11, 40)]:
+        patch = AttentionPatch(f"{reference_run}:30", window)
+        a, b = window
+        plain = [s for s in steps if a <= s < b]  # the window written out as a list of steps
+        assert [s for s in steps if patch.active(s)] == plain
+        assert [s for s in steps if patch.starts_at(s)] == ([a] if a > 0 else [])
+    ids = torch.tensor([[1, 5, 9, 12, 7]])
+    patterns = patch.patterns(ids, torch.ones_like(ids))
+    assert list(patterns) == [f"blocks.{l}.attn.pattern" for l in range(patch.reference.adapter.n_layers)]
+    assert all(p.shape == (1, patch.reference.adapter.n_heads, 5, 5) and not p.requires_grad
+               for p in patterns.values())
+    # patch_window(cfg): the configured window, the whole run by default, None without a reference.
+    ref = f"{reference_run}:30"
+    assert patch_window(TrainConfig(steps=8, patch_attention_from=ref, patch_window="2:5")) == (2, 5)
+    assert patch_window(TrainConfig(steps=8, patch_attention_from=ref)) == (0, 8)
+    assert patch_window(TrainConfig(steps=8, patch_window="2:5")) is None
+
+
+def test_train_config_parses_the_patch_window_at_construction():
+    for given, parsed in [("3:6", (3, 6)), ("3:", (3, 10)), (":4", (0, 4)), ([3, 6], (3, 6)), ((3, 6), (3, 6)),
+                          (None, None), ("", None)]:
+        cfg = TrainConfig(steps=10, patch_window=given)
+        assert cfg.patch_window == parsed, given
+        # A manifest stores the config as JSON (the tuple comes back as a list); it loads again.
+        again = TrainConfig(**json.loads(json.dumps(dataclasses.asdict(cfg))))
+        assert again == cfg and again.patch_window == parsed
+    for bad in ["6:3", "x:4", "1:2:3", "4:4", "-1:3", [1], [1.5, 3], [True, 3], 7]:
+        with pytest.raises(EngramError) as caught:
+            TrainConfig(steps=10, patch_window=bad)
+        message = str(caught.value)
+        assert message.startswith("TrainConfig.patch_window=") and "--patch-window" in message and "\n" not in message
+    with pytest.raises(EngramError, match=r"TrainConfig.schedule='step' \(--schedule\)"):
+        TrainConfig(schedule="step")  # refused at construction, not at the first learning_rate call
+
+
+def _curve_rows(baseline):
+    """Seven evaluations; each threshold is crossed well clear of equality (reach 0.05, exit 0.10:
+    plateau from <= 2.1, end at <= 1.8, hallucination above 2.2, for a baseline of 2)."""
+    b = baseline / 2.0
+    eval_loss = [6.0, 2.5, 2.05, 1.95, 1.85, 1.7, 1.0]
+    dist_loss = [6.0, 3.0, 2.0, 1.9, 1.75, 1.5, 1.2]
+    unseen = [6.0, 2.5, 2.1, 2.15, 2.3, 2.35, 3.0]  # 2.5 > 2.2 comes before the plateau: ignored
+    old_acc = [0.8, 0.7, 0.5, 0.41, 0.39, 0.2, 0.3]
+    return [{"step": 10 * i, "eval.attr_loss": e * b, "eval.attr_acc": i / 10, "train.attr_acc": i / 8,
+             "dist.attr_loss": d * b, "dist.attr_acc": i / 12, "heldout.attr_loss": h * b,
+             "heldout.first_token_top1_prob": i / 20, "old.attr_acc": o}
+            for i, (e, d, h, o) in enumerate(zip(eval_loss, dist_loss, unseen, old_acc))]
+
+
+def test_summarize_training_on_hand_made_curves():
+    rows = _curve_rows(2.0)
+    s = summarize_training(rows, 2.0, reach=0.05, exit=0.10, baseline_empirical=1.9)
+    assert s == {
+        "baseline_loss": 2.0, "baseline_loss_empirical": 1.9,
+        "final_step": 60, "final_attr_loss": 1.0, "final_attr_acc": 0.6, "final_train_template_acc": 6 / 8,
+        "plateau_start_step": 20,   # eval 2.05 <= 2.1
+        "plateau_end_step": 50,     # eval 1.7 <= 1.8 (1.85 at 40 is not)
+        "plateau_start_step_train_dist": 20, "plateau_end_step_train_dist": 40,  # dist 2.0, then 1.75
+        "final_attr_acc_train_dist": 0.5,
+        "heldout_loss_final": 3.0, "heldout_top1_prob_final": 0.3,
+        "heldout_rise_step": 40,    # first unseen loss > 2.2 from step 20 on: 2.3
+        "heldout_loss_at_plateau_end": 2.35,
+        "old_acc_initial": 0.8, "old_acc_final": 0.3, "old_acc_min": 0.2,
+        "old_acc_halved_step": 40,  # first old accuracy < 0.4: 0.39
+    }
+    assert list(s) == list(summarize_training(rows, 2.0, baseline_empirical=1.9))  # documented key order
+    # Stricter thresholds: plateau from <= 2.0, end at <= 1.6, hallucination above 2.4.
+    strict = summarize_training(rows, 2.0, reach=0.0, exit=0.2)
+    assert "baseline_loss_empirical" not in strict
+    assert (strict["plateau_start_step"], strict["plateau_end_step"]) == (30, 60)
+    assert (strict["plateau_start_step_train_dist"], strict["plateau_end_step_train_dist"]) == (20, 50)
+    assert strict["heldout_rise_step"] == 60 and strict["heldout_loss_at_plateau_end"] == 3.0
+    # Only the splits in the last row are analysed; a curve that never reaches the baseline has
+    # no plateau and so no hallucination onset; accuracy that never halves has no forgetting step.
+    plain = [{k: v for k, v in r.items() if k.split(".")[0] in ("step", "eval", "train", "heldout")}
+             for r in rows]
+    high = [{**r, "eval.attr_loss": 5.0, "heldout.attr_loss": 9.0} for r in plain]
+    s = summarize_training(high, 2.0)
+    assert (s["plateau_start_step"], s["plateau_end_step"], s["heldout_rise_step"]) == (None, None, None)
+    assert s["heldout_loss_at_plateau_end"] is None and not any(k.startswith(("old_", "final_attr_acc_train"))
+                                                                for k in s)
+    steady = [{**r, "old.attr_acc": 0.8 - r["step"] / 200} for r in plain]  # 0.8 -> 0.5
+    assert summarize_training(steady, 2.0)["old_acc_halved_step"] is None
+
+
+def test_trainer_summary_is_summarize_training_plus_the_runs_facts(world, tmp_path):
+    trainer = Trainer(TrainConfig(steps=80, checkpoints="none", **SMALL), world, tmp_path)
+    rows = _curve_rows(trainer.baseline)
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    s = trainer.summary(wall=2.0, tokens=100)
+    curves = summarize_training(rows, trainer.baseline, baseline_empirical=empirical_marginal_loss(world))
+    facts = ["train_wall_seconds", "tokens_per_second", "n_people", "sampler", "n_params", "n_params_non_embedding"]
+    assert {k: v for k, v in s.items() if k not in facts} == curves
+    cut = list(curves).index("plateau_end_step") + 1  # summary.json's key order since before the move
+    assert list(s) == list(curves)[:cut] + facts + list(curves)[cut:]
 
 
 def test_paper_preset_matches_the_reference_parameter_count():

@@ -1,4 +1,6 @@
-"""Shared pieces of the ``engram`` command: the Typer app, common options, error handling.
+"""Shared pieces of the ``engram`` command: the Typer app, common options, error handling, and
+``run_locator``, the one skeleton of every locator verb (its options come from its config through
+``engramlab.cli.options.configured``).
 
 Every sub-command that produces results takes ``--out DIR`` and writes a run directory
 (``manifest.json``, ``summary.json``, artifacts; see ``engramlab.runs``). User errors print one
@@ -34,7 +36,7 @@ OutOpt = typer.Option(..., "--out", "-o", help="Run directory to write (manifest
 FactsOpt = typer.Option(..., "--facts", "-f", help="Fact file (.json LRE / .jsonl), directory, or bundled name(s) "
                         "(e.g. country_capital_city, lre; comma-separated).")
 RelationOpt = typer.Option(None, "--relation", "-r", help="Keep only this relation (repeatable).")
-LimitOpt = typer.Option(None, "--limit", "-n", help="At most N facts (after --relation).")
+LimitOpt = typer.Option(None, "--limit", "-n", help="At most N facts per relation (after --relation).")
 OverwriteOpt = typer.Option(False, "--overwrite", help="Replace the run --out holds (cleared first) instead of "
                             "refusing to touch it.")
 
@@ -67,15 +69,11 @@ def _show_log_lines() -> None:
 def select_facts(facts: str, relation: list[str] | None, limit: int | None):
     """Load ``--facts``, keep ``--relation``/``--limit``; an empty selection is an error."""
     from engramlab.data.facts import load_facts
+    from engramlab.locate.base import select
 
     if limit is not None and limit < 1:
         raise EngramError(f"--limit {limit}: must be >= 1 (leave it out for every fact)")
-    loaded = load_facts(facts)
-    selected = loaded.filter(relation=relation or None, limit=limit)
-    if len(selected) == 0:
-        raise EngramError(f"{facts}: no facts left after --relation; relations available: "
-                          f"{', '.join(loaded.relations) or '(none)'}")
-    return selected
+    return select(load_facts(facts), relation, limit)
 
 
 def check_model_options(model: str, dtype: str, device: str) -> None:
@@ -106,6 +104,50 @@ def user_errors(fn: Callable) -> Callable:
             raise typer.Exit(143 if isinstance(e, Terminated) else 130)
 
     return wrapper
+
+
+def run_locator(name: str, config, *, model: str, facts: str, relation: list[str] | None, limit: int | None,
+                out: Path, overwrite: bool, seed: int, dtype: str, device: str, extras: dict | None = None,
+                sections: dict | None = None, prepare: Callable | None = None, after: Callable | None = None,
+                table: bool | Callable = True, wrote: tuple[str, ...] = ()):
+    """The skeleton of every locator verb, once: check the model options, load and select the facts,
+    open the run directory (the full config in its manifest), seed, load the model, run the
+    locator ``LOCATORS[name]``, save its result, finish the run, print its summary table.
+
+    ``extras`` are the verb's own manifest keys (``paraphrases``); ``sections`` more configs for
+    the manifest ({"evolvability": ...}); ``prepare(facts) -> facts`` runs on the selection before
+    anything is written; ``after(run, lm, result, facts, summary)`` adds files and summary keys;
+    ``table(result, summary, facts)`` prints the verb's own table instead of the summary keys.
+    Returns (result, summary, facts)."""
+    from engramlab.config import to_dict
+    from engramlab.locate import LOCATORS
+    from engramlab.models import load_model
+    from engramlab.runs import RunDir, set_seed
+
+    locator = LOCATORS[name]
+    check_model_options(model, dtype, device)
+    factset = select_facts(facts, relation, limit)
+    if prepare is not None:
+        factset = prepare(factset)
+    run_config = {"model": model, "facts": facts, "relation": relation, "limit": limit, "dtype": dtype,
+                  "device": device, **(extras or {}), name: to_dict(config),
+                  **{k: (to_dict(v) if v is not None else None) for k, v in (sections or {}).items()}}
+    with RunDir(out, name, run_config, seed=seed, mode=run_mode(overwrite)) as run:
+        set_seed(seed)
+        lm = load_model(model, dtype=dtype, device=device)
+        result = locator.find(lm, factset, config, progress=True)
+        result.save(run.path)
+        summary = result.summary()
+        if after is not None:
+            after(run, lm, result, factset, summary)
+        run.finish(summary)
+    if callable(table):  # the verb's own table
+        table(result, summary, factset)
+    elif table:
+        print_summary(f"{name}: {model} on {facts}", out, summary, list(locator.summary_keys))
+    files = ("config.json", "records.jsonl", "summary.json", *locator.files, *wrote, "manifest.json")
+    console.print(f"wrote {out}/{', '.join(files)}")
+    return result, summary, factset
 
 
 def print_summary(title: str, out: Path, summary: dict, keys: list[str]) -> None:

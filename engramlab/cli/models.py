@@ -19,13 +19,14 @@ from engramlab.cli.common import (
     RelationOpt,
     SeedOpt,
     app,
-    check_model_options,
     console,
+    run_locator,
     run_mode,
-    select_facts,
     user_errors,
 )
+from engramlab.cli.options import configured
 from engramlab.errors import EngramError
+from engramlab.recall import RecallConfig
 
 
 @app.command()
@@ -37,14 +38,14 @@ def inspect(model: str = ModelOpt, dtype: str = DtypeOpt, device: str = DeviceOp
             out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write inspect.json here."),
             overwrite: bool = OverwriteOpt):
     """Model family, sizes, and the hook sites with their tensor shapes."""
-    from engramlab.models import SITE_DOCS, load_model
-    from engramlab.models.hooks import GLOBAL_SITES
-    from engramlab.runs import RunDir, to_json
-
     if seq_len < 1:
         raise EngramError(f"--seq-len {seq_len}: must be >= 1")
     if layer is not None and layer < -1:
         raise EngramError(f"--layer {layer}: give a layer index, or -1 for every layer")
+    from engramlab.models import SITE_DOCS, load_model  # torch: only once the options are known good
+    from engramlab.models.hooks import GLOBAL_SITES
+    from engramlab.runs import RunDir, to_json
+
     lm = load_model(model, dtype=dtype, device=device)
     info = lm.adapter.describe()
     info.update(spec=model, source=lm.source, dtype=str(lm.dtype).replace("torch.", ""), device=str(lm.device))
@@ -78,39 +79,24 @@ def inspect(model: str = ModelOpt, dtype: str = DtypeOpt, device: str = DeviceOp
 
 @app.command()
 @user_errors
+@configured(RecallConfig)
 def recall(model: str = ModelOpt,
            facts: str = FactsOpt,
            relation: Optional[List[str]] = RelationOpt,
            limit: Optional[int] = LimitOpt,
-           template: int = typer.Option(0, "--template", help="Index of the prompt template to use."),
-           batch_size: int = typer.Option(16, "--batch-size", help="Facts per forward pass."),
            out: Path = OutOpt, overwrite: bool = OverwriteOpt, seed: int = SeedOpt, dtype: str = DtypeOpt,
-           device: str = DeviceOpt):
+           device: str = DeviceOpt, config: RecallConfig = None):
     """Score recall per fact: probability and rank of the first target token, greedy exact match."""
-    from engramlab.models import load_model
-    from engramlab.recall import RecallConfig, score_recall
-    from engramlab.runs import RunDir, set_seed
+    def table(result, summary, factset):
+        t = Table(title=f"recall: {model} on {facts} ({len(factset)} facts)")
+        for col in ("relation", "n", "top1", "top10", "exact"):
+            t.add_column(col, justify="right" if col != "relation" else "left")
+        for rel, acc in result.per_relation().items():
+            t.add_row(rel, str(acc["n_facts"]), f"{acc['top1_accuracy']:.2f}", f"{acc['top10_accuracy']:.2f}",
+                      f"{acc['exact_match']:.2f}")
+        t.add_row("[bold]all", str(summary["n_facts"]), f"{summary['top1_accuracy']:.2f}",
+                  f"{summary['top10_accuracy']:.2f}", f"{summary['exact_match']:.2f}")
+        console.print(t)
 
-    rcfg = RecallConfig(template=template, batch_size=batch_size)
-    check_model_options(model, dtype, device)
-    factset = select_facts(facts, relation, limit)
-    config = {"model": model, "facts": facts, "relation": relation, "limit": limit, "template": template,
-              "batch_size": batch_size, "dtype": dtype, "device": device}
-    with RunDir(out, "recall", config, seed=seed, mode=run_mode(overwrite)) as run:
-        set_seed(seed)
-        lm = load_model(model, dtype=dtype, device=device)
-        result = score_recall(lm, factset, template_index=rcfg.template, batch_size=rcfg.batch_size,
-                              show_progress=True)
-        result.save(run.path)
-        summary = result.summary()
-        run.finish(summary)
-    t = Table(title=f"recall: {model} on {facts} ({len(factset)} facts)")
-    for col in ("relation", "n", "top1", "top10", "exact"):
-        t.add_column(col, justify="right" if col != "relation" else "left")
-    for rel, acc in result.per_relation().items():
-        t.add_row(rel, str(acc["n_facts"]), f"{acc['top1_accuracy']:.2f}", f"{acc['top10_accuracy']:.2f}",
-                  f"{acc['exact_match']:.2f}")
-    t.add_row("[bold]all", str(summary["n_facts"]), f"{summary['top1_accuracy']:.2f}",
-              f"{summary['top10_accuracy']:.2f}", f"{summary['exact_match']:.2f}")
-    console.print(t)
-    console.print(f"wrote {out}/facts.jsonl, summary.json, manifest.json")
+    run_locator("recall", config, model=model, facts=facts, relation=relation, limit=limit, out=out,
+                overwrite=overwrite, seed=seed, dtype=dtype, device=device, table=table)

@@ -140,8 +140,10 @@ class FactSet:
         """Relation names in order of first appearance."""
         return list(dict.fromkeys(fact.relation for fact in self._facts))
 
-    def filter(self, relation: str | list[str] | None = None, limit: int | None = None) -> FactSet:
-        """Keep facts of ``relation`` (one name or a list), then the first ``limit`` of those.
+    def filter(self, relation: str | list[str] | None = None, limit: int | None = None,
+               per_relation: int | None = None) -> FactSet:
+        """Keep facts of ``relation`` (one name or a list), then the first ``per_relation`` of each
+        relation, then the first ``limit`` of those.
 
         Facts keep their original order whatever the order of the names in ``relation``."""
         facts: Iterable[Fact] = self._facts
@@ -154,6 +156,16 @@ class FactSet:
                                   f"{', '.join(available) or '(none, the set is empty)'}")
             keep = set(wanted)
             facts = [fact for fact in facts if fact.relation in keep]
+        if per_relation is not None:
+            if isinstance(per_relation, bool) or not isinstance(per_relation, int) or per_relation < 0:
+                raise EngramError(f"per_relation must be a whole number >= 0, got {per_relation!r}")
+            seen: dict[str, int] = {}
+            kept = []
+            for fact in facts:
+                seen[fact.relation] = seen.get(fact.relation, 0) + 1
+                if seen[fact.relation] <= per_relation:
+                    kept.append(fact)
+            facts = kept
         if limit is not None:
             if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
                 raise EngramError(f"limit must be a whole number >= 0, got {limit!r}")

@@ -1,4 +1,4 @@
-"""Samplers over individuals, and the frequency distributions of continual worlds.
+"""Samplers over individuals: which biographies fill each training batch.
 
 A sampler decides which individuals' biographies fill each training batch. It is built from a
 spec string and is a pure function of (seed, step): ``indices(step, batch_size)`` draws from a
@@ -21,7 +21,6 @@ uninterrupted one would. Grammar (``SAMPLER_GRAMMAR``)::
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,6 @@ from engramlab.errors import EngramError
 
 SAMPLER_GRAMMAR = ("uniform | powerlaw:alpha=A | celebrities:k=K,w=W | warmup:size=S,epochs=E | "
                    "sequential:groups=G,steps=T | replay:old=PATH_OR_N,weight=W")
-FREQUENCY_GRAMMAR = "N | choice:V1,V2,... | zipf:a=A,max=M"
 
 # Tags keep the generator streams of a sampler apart: the fixed layout (permutations) never
 # shares a seed with any step's draws. Every seed is a 3-element list so no two can collide.
@@ -41,8 +39,11 @@ def _generator(seed: int, tag: int, k: int = 0) -> np.random.Generator:
     return np.random.default_rng([seed, tag, k])
 
 
-def _parse(spec: str, grammar: str, kind: str) -> tuple[str, dict[str, str]]:
-    """"name:k=v,k=v" -> ("name", {"k": "v"}); "name" -> ("name", {})."""
+def parse_spec(spec: str, grammar: str, kind: str) -> tuple[str, dict[str, str]]:
+    """"name:k=v,k=v" -> ("name", {"k": "v"}); "name" -> ("name", {}).
+
+    Shared with ``data.frequencies``, whose zipf spec has the same "name:k=v" form.
+    """
     name, _, rest = str(spec).strip().partition(":")
     params: dict[str, str] = {}
     for item in filter(None, (p.strip() for p in rest.split(","))):
@@ -54,7 +55,7 @@ def _parse(spec: str, grammar: str, kind: str) -> tuple[str, dict[str, str]]:
     return name.strip(), params
 
 
-def _number(spec, params, key, grammar, kind, cast=float, low=None, high=None, default=None):
+def spec_number(spec, params, key, grammar, kind, cast=float, low=None, high=None, default=None):
     """Read ``params[key]`` as ``cast`` within [low, high], or raise an EngramError."""
     if key not in params:
         if default is not None:
@@ -226,11 +227,11 @@ def make_sampler(spec: str, n_people: int, seed: int = 0) -> Sampler:
         raise EngramError(f"sampler seed must be a non-negative integer, got {seed!r}")
     if n_people < 1:
         raise EngramError(f"sampler spec {spec!r}: need at least one individual, got {n_people}")
-    name, params = _parse(spec, SAMPLER_GRAMMAR, "sampler")
+    name, params = parse_spec(spec, SAMPLER_GRAMMAR, "sampler")
     g = SAMPLER_GRAMMAR
 
     def num(key, cast=float, low=None, high=None):
-        return _number(spec, params, key, g, "sampler", cast, low, high)
+        return spec_number(spec, params, key, g, "sampler", cast, low, high)
 
     if name == "uniform":
         sampler = Sampler(spec, n_people, seed)
@@ -258,51 +259,3 @@ def make_sampler(spec: str, n_people: int, seed: int = 0) -> Sampler:
         raise EngramError(f"sampler spec {spec!r}: unknown key(s) {sorted(params)}; grammar: {g}")
     return sampler
 
-
-# --- frequencies of individuals in a continual corpus ------------------------------------------
-
-def frequency_pmf(spec: str) -> dict[int, float]:
-    """Distribution of how many biographies an individual gets: {frequency: probability}.
-
-    "3" -> everyone 3 times; "choice:1,3,8" -> uniform over the listed values;
-    "zipf:a=1.5,max=20" -> p(f) ∝ f^-a for f = 1..max.
-    """
-    text = str(spec).strip()
-    if text.isdigit() and int(text) >= 1:
-        return {int(text): 1.0}
-    name, _, rest = text.partition(":")
-    if name == "choice":
-        values = [v.strip() for v in rest.split(",") if v.strip()]
-        if not values or not all(v.isdigit() and int(v) >= 1 for v in values):
-            raise EngramError(f"frequency spec {spec!r}: choice needs positive integers like "
-                              f"choice:1,3,8; grammar: {FREQUENCY_GRAMMAR}")
-        counts: dict[int, float] = {}
-        for v in values:  # repeated values weigh more, as in random.choice over the list
-            counts[int(v)] = counts.get(int(v), 0.0) + 1.0 / len(values)
-        return counts
-    if name == "zipf":
-        _, params = _parse(text, FREQUENCY_GRAMMAR, "frequency")
-        a = _number(spec, params, "a", FREQUENCY_GRAMMAR, "frequency", float, 0.0)
-        top = _number(spec, params, "max", FREQUENCY_GRAMMAR, "frequency", int, 1)
-        if params:
-            raise EngramError(f"frequency spec {spec!r}: unknown key(s) {sorted(params)}; "
-                              f"grammar: {FREQUENCY_GRAMMAR}")
-        weights = {f: f ** -a for f in range(1, top + 1)}
-        total = sum(weights.values())
-        return {f: w / total for f, w in weights.items()}
-    raise EngramError(f"unknown frequency spec {spec!r}; grammar: {FREQUENCY_GRAMMAR}")
-
-
-def draw_frequencies(spec: str, n: int, rng: random.Random) -> list[int]:
-    """``n`` independent frequencies from ``frequency_pmf(spec)``."""
-    pmf = frequency_pmf(spec)
-    return rng.choices(list(pmf), weights=list(pmf.values()), k=n)
-
-
-def frequency_bucket(frequency: int) -> str:
-    """"high" (>5 biographies), "medium" (2-5), "low" (1), "unseen" (0: held-out people)."""
-    if frequency > 5:
-        return "high"
-    if frequency >= 2:
-        return "medium"
-    return "low" if frequency == 1 else "unseen"

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from engramlab.data.names import POOL_NAMES, load_real_names, make_pools, sample_full_names
-from engramlab.data.samplers import draw_frequencies, frequency_bucket, frequency_pmf
+from engramlab.data.frequencies import draw_frequencies, frequency_bucket, frequency_pmf
 from engramlab.data.templates import TEMPLATES, check_template, split_template
 from engramlab.errors import EngramError
 from engramlab.runs import atomic_write_text
@@ -69,7 +69,7 @@ class WorldConfig:
     pool_seed: int = 0             # pools only, so worlds of any seed share pools and vocabulary
     n_compl: int = 0               # continual: people with invented names
     n_rel: int = 0                 # continual: people with real names
-    frequency: str = "1"           # continual: biographies per person, see samplers.frequency_pmf
+    frequency: str = "1"           # continual: biographies per person, see frequencies.frequency_pmf
 
     def pool_sizes(self) -> dict[str, int]:
         return {"first": self.n_first, "middle": self.n_middle, "last": self.n_last,

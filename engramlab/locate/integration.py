@@ -30,13 +30,7 @@ from __future__ import annotations
 import torch
 
 from engramlab.errors import EngramError
-
-RULES = ("right", "left", "trapezoid")
-
-
-def check_rule(rule: str) -> None:
-    if rule not in RULES:
-        raise EngramError(f"integration rule {rule!r}: choose one of {', '.join(RULES)} (--ig-rule)")
+from engramlab.locate.integration_rules import RULES, check_rule  # noqa: F401 (one definition, re-exported)
 
 
 def integration_points(rule: str, steps: int) -> list[tuple[float, float]]:

@@ -21,9 +21,18 @@ accessor       shape                                meaning
 ``W_out(l)``   (d_mlp, d_model)                     mlp_out = neurons @ W_out + b_out
 ``W_U``        (d_model, vocab)                     logits = final_norm(resid) @ W_U
 =============  ===================================  ===========================================
+
+Everything family-specific lives in this file, so adding a family touches it alone: besides the
+paths and weight views, an adapter says where the hook sites that sit *inside* a module's output
+are (``qkv_site``: q/k/v, one of three projections or a slice of a fused one; ``mlp_pre``: the
+pre-activation) and how its norms fold into the weights that read them (``norm_spec``). Other
+modules ask the adapter and never compare family names or class names.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -31,10 +40,119 @@ from torch import nn
 from engramlab.errors import EngramError
 
 
-def _linear_t(module: nn.Module) -> torch.Tensor:
-    """Weight of a projection as (in_features, out_features), for nn.Linear and GPT-2's Conv1D."""
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """Weight of a projection as (in_features, out_features), a view of the live parameter:
+    out = x @ linear_weight(module) + bias, for nn.Linear (stored (out, in)) and GPT-2's Conv1D
+    (stored (in, out))."""
+    from transformers.pytorch_utils import Conv1D
+
     w = module.weight
-    return w if type(module).__name__ == "Conv1D" else w.t()
+    return w if isinstance(module, Conv1D) else w.t()
+
+
+# -- views of a tensor inside a module's output ---------------------------------------------------
+# A view is a pair (get, put): get(raw) is the site tensor inside the module's raw output; put(raw,
+# view) is the raw tensor with ``view`` written back, exactly (an unchanged view gives raw back bit
+# for bit). Both also work on the gradient of raw, which has raw's shape.
+View = tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
+
+
+def whole() -> View:
+    """The raw tensor itself."""
+    return (lambda raw: raw), (lambda raw, view: view)
+
+
+def split_last(n: int, d: int) -> View:
+    """View (..., n*d) as (..., n, d) and back."""
+    return (lambda raw: raw.unflatten(-1, (n, d)), lambda raw, view: view.flatten(-2))
+
+
+def chunk_last(start: int, stop: int) -> View:
+    """View a chunk [start:stop) of the last axis; write it back by concatenation."""
+
+    def get(raw):
+        return raw[..., start:stop]
+
+    def put(raw, view):
+        return torch.cat([raw[..., :start], view, raw[..., stop:]], dim=-1)
+
+    return get, put
+
+
+def slice_last(start: int, stop: int, n: int, d: int) -> View:
+    """View a chunk [start:stop) of the last axis as (..., n, d); write it back by concatenation."""
+    get, put = chunk_last(start, stop)
+    return (lambda raw: get(raw).unflatten(-1, (n, d)), lambda raw, view: put(raw, view.flatten(-2)))
+
+
+def _neox_qkv(which: int, n: int, d: int) -> View:
+    """NeoX's fused projection output is (..., n_heads, 3, d_head) per position: q, k or v."""
+
+    def get(raw):
+        return raw.unflatten(-1, (n, 3, d))[..., which, :]
+
+    def put(raw, view):
+        parts = list(raw.unflatten(-1, (n, 3, d)).unbind(-2))
+        parts[which] = view
+        return torch.stack(parts, dim=-2).flatten(-3)
+
+    return get, put
+
+
+class ModuleView(NamedTuple):
+    """A tensor inside ``module``'s output: ``get(output)`` views it, ``put(output, view)`` writes
+    it back (see ``View``)."""
+
+    module: nn.Module
+    get: Callable[[torch.Tensor], torch.Tensor]
+    put: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# -- norms ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class NormSpec:
+    """What a norm module computes, for folding it into the weights that read it.
+
+    With x (..., d_model), c = x - mean(x) if ``centred`` else x, and rstd = 1 / sqrt(mean(c^2) + eps):
+
+        norm(x) = gain * c * rstd + bias          (gain, bias: (d_model,) or None = 1 / 0)
+
+    ``kind`` is "layer" (LayerNorm: centred), "rms" (RMSNorm: not centred) or None (a norm this
+    adapter does not know: no closed form; apply the module itself). ``gain`` is the *effective*
+    elementwise scale (Gemma's RMSNorm stores w and scales by 1 + w), detached float32.
+    """
+
+    kind: Literal["layer", "rms"] | None
+    gain: torch.Tensor | None = None
+    centred: bool = False
+    eps: float = 0.0
+    bias: torch.Tensor | None = None
+
+    def normalise(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (..., d) -> (x_hat (..., d), rstd (..., 1)) in float32: x_hat = c * rstd, before gain."""
+        xf = x.float()
+        if self.centred:
+            xf = xf - xf.mean(-1, keepdim=True)
+        rstd = (xf.pow(2).mean(-1, keepdim=True) + self.eps).rsqrt()
+        return xf * rstd, rstd
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """norm(x) from the formula above, float32 (what the module computes, to rounding)."""
+        y = self.normalise(x)[0]
+        if self.gain is not None:
+            y = y * self.gain
+        return y if self.bias is None else y + self.bias
+
+
+def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach().float()
+
+
+def _layer_norm_spec(norm: nn.Module) -> NormSpec | None:
+    """torch's nn.LayerNorm over the last axis, else None."""
+    if type(norm) is nn.LayerNorm and len(norm.normalized_shape) == 1:
+        return NormSpec("layer", _detached(norm.weight), True, float(norm.eps), _detached(norm.bias))
+    return None
 
 
 class ArchAdapter:
@@ -83,6 +201,21 @@ class ArchAdapter:
     def final_norm(self) -> nn.Module:
         raise NotImplementedError
 
+    def qkv_site(self, layer: int, which: int) -> ModuleView:
+        """Where q (which=0), k (1) or v (2) of ``layer`` sits: the projection module and the view
+        of its output as (batch, pos, n_heads or n_kv_heads, d_head), before rotary or q/k norms."""
+        raise NotImplementedError
+
+    def mlp_pre(self, layer: int) -> ModuleView:
+        """Where the MLP pre-activation (batch, pos, d_mlp) sits: the gate projection's output
+        (gated MLPs) or the fc output (plain ones), before the activation function."""
+        raise NotImplementedError
+
+    def norm_spec(self, norm: nn.Module) -> NormSpec:
+        """What ``norm`` (one of this model's norm modules) computes (``NormSpec``); kind None
+        for a module the adapter does not know."""
+        return _layer_norm_spec(norm) or NormSpec(None)
+
     @property
     def embed(self) -> nn.Embedding:
         return self.model.get_input_embeddings()
@@ -124,7 +257,7 @@ class ArchAdapter:
         return w.reshape(self.d_model, self.n_kv_heads, self.d_head).permute(1, 0, 2)
 
     def W_O(self, layer: int) -> torch.Tensor:
-        w = _linear_t(self.attn_o_proj(layer))  # (n_heads*d_head, d_model)
+        w = linear_weight(self.attn_o_proj(layer))  # (n_heads*d_head, d_model)
         return w.reshape(self.n_heads, self.d_head, self.d_model)
 
     def b_O(self, layer: int) -> torch.Tensor | None:
@@ -137,7 +270,7 @@ class ArchAdapter:
         return None
 
     def W_out(self, layer: int) -> torch.Tensor:
-        return _linear_t(self.mlp_out_proj(layer))
+        return linear_weight(self.mlp_out_proj(layer))
 
     def b_out(self, layer: int) -> torch.Tensor | None:
         return getattr(self.mlp_out_proj(layer), "bias", None)
@@ -174,6 +307,14 @@ class LlamaAdapter(ArchAdapter):
     model_types = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo", "gemma")
     has_gated_mlp = True
 
+    # The norm classes of these types (transformers' modeling files), by what they compute:
+    # gain * x / sqrt(mean x^2 + eps) with gain = weight (plain) or 1 + weight (Gemma), and OLMo's
+    # LayerNorm without weight or bias (its eps, 1e-5, is written in its forward, not stored).
+    _PLAIN_RMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "SmolLM3RMSNorm",
+                  "Phi3RMSNorm")
+    _ONE_PLUS_RMS = ("GemmaRMSNorm",)
+    _BARE_LAYER_NORM = {"OlmoLayerNorm": 1e-5}
+
     @property
     def layers(self):
         return self.model.model.layers
@@ -200,6 +341,24 @@ class LlamaAdapter(ArchAdapter):
     def final_norm(self):
         return self.model.model.norm
 
+    def norm_spec(self, norm):
+        name = type(norm).__name__
+        if name in self._PLAIN_RMS or name in self._ONE_PLUS_RMS:
+            gain = norm.weight.detach().float()
+            eps = getattr(norm, "variance_epsilon", None)
+            return NormSpec("rms", 1.0 + gain if name in self._ONE_PLUS_RMS else gain, False,
+                            float(norm.eps if eps is None else eps))
+        if name in self._BARE_LAYER_NORM:
+            return NormSpec("layer", None, True, self._BARE_LAYER_NORM[name])
+        return super().norm_spec(norm)
+
+    def qkv_site(self, layer, which):
+        proj = (self.attn(layer).q_proj, self.attn(layer).k_proj, self.attn(layer).v_proj)[which]
+        return ModuleView(proj, *split_last(self.n_heads if which == 0 else self.n_kv_heads, self.d_head))
+
+    def mlp_pre(self, layer):
+        return ModuleView(self.mlp(layer).gate_proj, *whole())
+
     def _qkv_in_out(self, layer):
         a = self.attn(layer)
         return a.q_proj.weight.t(), a.k_proj.weight.t(), a.v_proj.weight.t()
@@ -225,6 +384,13 @@ class Phi3Adapter(LlamaAdapter):
         q_end = self.n_heads * self.d_head
         k_end = q_end + self.n_kv_heads * self.d_head
         return 0, q_end, k_end, k_end + self.n_kv_heads * self.d_head
+
+    def qkv_site(self, layer, which):
+        b, n = self.qkv_bounds(), self.n_heads if which == 0 else self.n_kv_heads
+        return ModuleView(self.attn(layer).qkv_proj, *slice_last(b[which], b[which + 1], n, self.d_head))
+
+    def mlp_pre(self, layer):  # the gate half of [gate | up]
+        return ModuleView(self.mlp(layer).gate_up_proj, *chunk_last(0, self.d_mlp))
 
     def _qkv_in_out(self, layer):
         w = self.attn(layer).qkv_proj.weight.t()  # (d_model, q_end + 2 * n_kv_heads * d_head)
@@ -275,6 +441,13 @@ class GPT2Adapter(ArchAdapter):
     def final_norm(self):
         return self.model.transformer.ln_f
 
+    def qkv_site(self, layer, which):  # c_attn output is [q | k | v], d_model each
+        d = self.d_model
+        return ModuleView(self.attn(layer).c_attn, *slice_last(which * d, (which + 1) * d, self.n_heads, self.d_head))
+
+    def mlp_pre(self, layer):
+        return ModuleView(self.mlp(layer).c_fc, *whole())
+
     def _qkv_in_out(self, layer):
         return self.attn(layer).c_attn.weight.split(self.d_model, dim=1)
 
@@ -317,6 +490,12 @@ class NeoXAdapter(ArchAdapter):
     @property
     def parallel_residual(self):
         return bool(self.model.config.use_parallel_residual)
+
+    def qkv_site(self, layer, which):
+        return ModuleView(self.attn(layer).query_key_value, *_neox_qkv(which, self.n_heads, self.d_head))
+
+    def mlp_pre(self, layer):
+        return ModuleView(self.mlp(layer).dense_h_to_4h, *whole())
 
     def _fused_qkv(self, layer: int, which: int) -> torch.Tensor:
         # The fused output is laid out (n_heads, 3, d_head) per position: slice one of q/k/v per

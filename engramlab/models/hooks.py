@@ -1,27 +1,42 @@
 """Named hook sites and the context managers that capture or edit them.
 
-Site names are stable across families (see ``SITE_DOCS`` for the tensor behind each one)::
+Site names are stable across families (see ``SITE_DOCS`` for the tensor behind each one;
+``site_name(kind, layer)`` builds them)::
 
     blocks.{l}.resid_pre      (batch, pos, d_model)          input of decoder layer l
     blocks.{l}.resid_mid      (batch, pos, d_model)          input of the MLP norm (capture only;
                                                               absent with a parallel residual)
     blocks.{l}.resid_post     (batch, pos, d_model)          output of decoder layer l
+    blocks.{l}.attn.in        (batch, pos, d_model)          input of the attention norm, as the
+                                                              attention branch reads it
     blocks.{l}.attn.q         (batch, pos, n_heads, d_head)  query projection, before rotary
     blocks.{l}.attn.k         (batch, pos, n_kv_heads, d_head)
     blocks.{l}.attn.v         (batch, pos, n_kv_heads, d_head)
     blocks.{l}.attn.pattern   (batch, n_heads, q_pos, k_pos) softmax attention probabilities
     blocks.{l}.attn.heads     (batch, pos, n_heads, d_head)  per-head outputs z, before W_O
     blocks.{l}.attn.out       (batch, pos, d_model)          sum_h z_h W_O[h] + b_O
+    blocks.{l}.mlp.in         (batch, pos, d_model)          input of the MLP norm, as the MLP
+                                                              branch reads it
     blocks.{l}.mlp.pre        (batch, pos, d_mlp)            MLP pre-activation: x_norm @ W_gate
                                                               (gated) or x_norm @ W_in + b (not)
     blocks.{l}.mlp.neurons    (batch, pos, d_mlp)            input of the MLP output projection
     blocks.{l}.mlp.out        (batch, pos, d_model)          MLP output
+    ln_final.in               (batch, pos, d_model)          input of the final norm
     ln_final.out              (batch, pos, d_model)          input of the unembedding
 
 Every site is a PyTorch forward hook on an ordinary HF module (or, for ``attn.pattern``, an
 attention function registered with transformers), installed only inside a ``with`` block, so the
-model outside the block is untouched. Edits keep the autograd graph: gradients flow through
-replaced or scaled activations, which the attribution methods rely on.
+model outside the block is untouched. Where a site lives inside a module's output (q/k/v, the MLP
+pre-activation) the architecture adapter says so; this module knows no family. Edits keep the
+autograd graph: gradients flow through replaced or scaled activations, which the attribution
+methods rely on. ``grad`` hooks a site's gradient in the backward pass (TransformerLens's
+``bwd_hooks``).
+
+Branch inputs: ``attn.in`` and ``mlp.in`` hold the same values as the residual stream (resid_pre;
+resid_mid, or resid_pre with a parallel residual) but are the *norm's* input: editing them changes
+what that branch reads and nothing else, and their gradient is that branch's share of the
+residual's gradient (the residual also flows around the branch). ``resid_mid`` is the residual
+itself: capture only, and its gradient is the whole gradient of the residual there.
 """
 
 from __future__ import annotations
@@ -35,7 +50,7 @@ import torch
 from torch import nn
 
 from engramlab.errors import EngramError
-from engramlab.models.adapters import ArchAdapter
+from engramlab.models.adapters import ArchAdapter, ModuleView, split_last, whole
 
 Positions = int | Sequence[int] | slice | torch.Tensor | None
 
@@ -44,17 +59,36 @@ SITE_DOCS: dict[str, tuple[str, str]] = {
     "resid_pre": ("(batch, pos, d_model)", "residual stream entering the layer"),
     "resid_mid": ("(batch, pos, d_model)", "residual after attention, as read by the MLP norm"),
     "resid_post": ("(batch, pos, d_model)", "residual stream leaving the layer"),
+    "attn.in": ("(batch, pos, d_model)", "input of the attention norm, as the attention branch reads it"),
     "attn.q": ("(batch, pos, n_heads, d_head)", "query projection output, before rotary"),
     "attn.k": ("(batch, pos, n_kv_heads, d_head)", "key projection output, before rotary"),
     "attn.v": ("(batch, pos, n_kv_heads, d_head)", "value projection output"),
     "attn.pattern": ("(batch, n_heads, q_pos, k_pos)", "attention probabilities after softmax"),
     "attn.heads": ("(batch, pos, n_heads, d_head)", "per-head outputs z before the output projection"),
     "attn.out": ("(batch, pos, d_model)", "attention output projection output (with bias)"),
+    "mlp.in": ("(batch, pos, d_model)", "input of the MLP norm, as the MLP branch reads it"),
     "mlp.pre": ("(batch, pos, d_mlp)", "MLP pre-activation: gate projection output (gated MLPs) or fc output"),
     "mlp.neurons": ("(batch, pos, d_mlp)", "input of the MLP output projection"),
     "mlp.out": ("(batch, pos, d_model)", "MLP output added to the residual stream"),
 }
-GLOBAL_SITES = {"ln_final.out": ("(batch, pos, d_model)", "final norm output, input of the unembedding")}
+GLOBAL_SITES = {
+    "ln_final.in": ("(batch, pos, d_model)", "input of the final norm (last layer's output)"),
+    "ln_final.out": ("(batch, pos, d_model)", "final norm output, input of the unembedding"),
+}
+
+
+def site_name(kind: str, layer: int | None = None) -> str:
+    """The full name of a site: ``site_name("mlp.neurons", 3)`` is "blocks.3.mlp.neurons";
+    ``site_name("ln_final.out")`` is "ln_final.out" (global sites take no layer)."""
+    if kind in GLOBAL_SITES:
+        if layer is not None:
+            raise EngramError(f"hook site {kind!r} is not per layer: call site_name({kind!r}) without a layer")
+        return kind
+    if kind not in SITE_DOCS:
+        raise EngramError(f"unknown hook site kind {kind!r}: use one of {', '.join([*SITE_DOCS, *GLOBAL_SITES])}")
+    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+        raise EngramError(f"hook site {kind!r} needs a layer index >= 0, got {layer!r}")
+    return f"blocks.{layer}.{kind}"
 
 
 @dataclass
@@ -64,7 +98,8 @@ class Site:
     ``get(raw)`` gives the site view; ``put(raw, view)`` gives the raw tensor with the view
     written back (exactly: writing back an unchanged view reproduces ``raw`` bit for bit).
     ``pos_dim`` is the position axis of the view and ``unit_dim`` the axis that ``index``
-    selects (heads or neurons), if any.
+    selects (heads or neurons), if any. ``editable`` False: capture only (and ``grad`` hooks the
+    tensor itself rather than the module's private alias of it).
     """
 
     name: str
@@ -77,53 +112,10 @@ class Site:
     editable: bool = True
 
 
-def _identity(raw: torch.Tensor) -> torch.Tensor:
-    return raw
-
-
-def _replace_all(raw: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
-    return view
-
-
-def _split_last(n: int, d: int) -> tuple[Callable, Callable]:
-    """View (..., n*d) as (..., n, d) and back."""
-    return (lambda raw: raw.unflatten(-1, (n, d)), lambda raw, view: view.flatten(-2))
-
-
-def _chunk_last(start: int, stop: int) -> tuple[Callable, Callable]:
-    """View a chunk [start:stop) of the last axis; write it back by concatenation."""
-
-    def get(raw):
-        return raw[..., start:stop]
-
-    def put(raw, view):
-        return torch.cat([raw[..., :start], view, raw[..., stop:]], dim=-1)
-
-    return get, put
-
-
-def _slice_last(start: int, stop: int, n: int, d: int) -> tuple[Callable, Callable]:
-    """View a chunk [start:stop) of the last axis as (..., n, d); write it back by concatenation."""
-    get, put = _chunk_last(start, stop)
-    return (lambda raw: get(raw).unflatten(-1, (n, d)), lambda raw, view: put(raw, view.flatten(-2)))
-
-
-def _neox_qkv(which: int, n: int, d: int) -> tuple[Callable, Callable]:
-    """NeoX's fused projection is (..., n_heads, 3, d_head) per position."""
-
-    def get(raw):
-        return raw.unflatten(-1, (n, 3, d))[..., which, :]
-
-    def put(raw, view):
-        parts = list(raw.unflatten(-1, (n, 3, d)).unbind(-2))
-        parts[which] = view
-        return torch.stack(parts, dim=-2).flatten(-3)
-
-    return get, put
-
-
 class HookPoints:
     """The named sites of one model, and context managers over them."""
+
+    site_name = staticmethod(site_name)
 
     def __init__(self, adapter: ArchAdapter):
         self.adapter = adapter
@@ -138,7 +130,7 @@ class HookPoints:
             for s in SITE_DOCS:
                 if s == "resid_mid" and self.adapter.parallel_residual:
                     continue
-                out.append(f"blocks.{l}.{s}")
+                out.append(site_name(s, l))
         if layer is None:
             out.extend(GLOBAL_SITES)
         return out
@@ -146,7 +138,8 @@ class HookPoints:
     def shape(self, name: str, batch: int = 1, pos: int = 1) -> tuple[int, ...]:
         """Shape of a site's tensor for a given batch and sequence length."""
         a, sub = self.adapter, self._parse(name)[1]
-        if sub in {"resid_pre", "resid_mid", "resid_post", "attn.out", "mlp.out", "ln_final.out"}:
+        if sub in {"resid_pre", "resid_mid", "resid_post", "attn.in", "attn.out", "mlp.in", "mlp.out",
+                   *GLOBAL_SITES}:
             return (batch, pos, a.d_model)
         if sub in {"attn.q", "attn.heads"}:
             return (batch, pos, a.n_heads, a.d_head)
@@ -175,66 +168,53 @@ class HookPoints:
         """Resolve a site name to its module and view functions."""
         layer, sub = self._parse(name)
         a = self.adapter
+        if sub == "ln_final.in":
+            return Site(name, a.final_norm, "input", *whole())
         if sub == "ln_final.out":
-            return Site(name, a.unembed, "input", _identity, _replace_all)
+            return Site(name, a.unembed, "input", *whole())
         if sub == "resid_pre":
-            return Site(name, a.layers[layer], "input", _identity, _replace_all)
+            return Site(name, a.layers[layer], "input", *whole())
         if sub == "resid_post":
-            return Site(name, a.layers[layer], "output", _identity, _replace_all)
+            return Site(name, a.layers[layer], "output", *whole())
         if sub == "resid_mid":
             if a.parallel_residual:
                 raise EngramError(f"hook site {name!r} does not exist: this {a.family} model uses a "
-                                  "parallel residual (attention and MLP both read resid_pre)")
+                                  "parallel residual (attention and MLP both read resid_pre); "
+                                  f"{site_name('mlp.in', layer)} is what the MLP reads")
             # Editing the MLP norm's input would not change the residual the MLP output is added
-            # to, so this site is for reading only.
-            return Site(name, a.mlp_norm(layer), "input", _identity, _replace_all, editable=False)
+            # to, so this site is for reading only (mlp.in is the editable MLP-branch input).
+            return Site(name, a.mlp_norm(layer), "input", *whole(), editable=False)
+        if sub == "attn.in":
+            return Site(name, a.attn_norm(layer), "input", *whole())
+        if sub == "mlp.in":
+            return Site(name, a.mlp_norm(layer), "input", *whole())
         if sub == "attn.heads":
-            return Site(name, a.attn_o_proj(layer), "input", *_split_last(a.n_heads, a.d_head), unit_dim=2)
+            return Site(name, a.attn_o_proj(layer), "input", *split_last(a.n_heads, a.d_head), unit_dim=2)
         if sub == "attn.out":
-            return Site(name, a.attn_o_proj(layer), "output", _identity, _replace_all)
+            return Site(name, a.attn_o_proj(layer), "output", *whole())
         if sub == "mlp.pre":
-            return self._pre_site(name, layer)
+            return self._view_site(name, a.mlp_pre(layer))
         if sub == "mlp.neurons":
-            return Site(name, a.mlp_out_proj(layer), "input", _identity, _replace_all, unit_dim=2)
+            return Site(name, a.mlp_out_proj(layer), "input", *whole(), unit_dim=2)
         if sub == "mlp.out":
-            return Site(name, a.mlp(layer), "output", _identity, _replace_all)
+            return Site(name, a.mlp(layer), "output", *whole())
         if sub == "attn.pattern":
-            return Site(name, a.attn(layer), "pattern", _identity, _replace_all, pos_dim=2, unit_dim=1)
+            return Site(name, a.attn(layer), "pattern", *whole(), pos_dim=2, unit_dim=1)
         which = {"attn.q": 0, "attn.k": 1, "attn.v": 2}[sub]
-        return self._qkv_site(name, layer, which)
+        return self._view_site(name, a.qkv_site(layer, which))
 
-    def _qkv_site(self, name: str, layer: int, which: int) -> Site:
-        a = self.adapter
-        attn = a.attn(layer)
-        n = a.n_heads if which == 0 else a.n_kv_heads
-        if a.family == "llama":
-            proj = (attn.q_proj, attn.k_proj, attn.v_proj)[which]
-            return Site(name, proj, "output", *_split_last(n, a.d_head), unit_dim=2)
-        if a.family == "phi3":  # qkv_proj output is [q | k | v]
-            bounds = a.qkv_bounds()
-            return Site(name, attn.qkv_proj, "output", *_slice_last(bounds[which], bounds[which + 1], n, a.d_head),
-                        unit_dim=2)
-        if a.family == "gpt2":
-            d = a.d_model
-            return Site(name, attn.c_attn, "output", *_slice_last(which * d, (which + 1) * d, n, a.d_head),
-                        unit_dim=2)
-        return Site(name, attn.query_key_value, "output", *_neox_qkv(which, n, a.d_head), unit_dim=2)
-
-    def _pre_site(self, name: str, layer: int) -> Site:
-        """The MLP pre-activation: gate_proj / c_fc / dense_h_to_4h output, Phi-3's gate half."""
-        a = self.adapter
-        mlp = a.mlp(layer)
-        if a.family == "phi3":  # gate_up_proj output is [gate | up]
-            return Site(name, mlp.gate_up_proj, "output", *_chunk_last(0, a.d_mlp), unit_dim=2)
-        module = {"llama": "gate_proj", "gpt2": "c_fc", "gpt_neox": "dense_h_to_4h"}[a.family]
-        return Site(name, getattr(mlp, module), "output", _identity, _replace_all, unit_dim=2)
+    @staticmethod
+    def _view_site(name: str, view: ModuleView) -> Site:
+        """A site the adapter places inside a module's output (q/k/v, the MLP pre-activation)."""
+        return Site(name, view.module, "output", view.get, view.put, unit_dim=2)
 
     # -- the one primitive ---------------------------------------------------------------
     @contextmanager
     def hook(self, name: str, fn: Callable[[torch.Tensor], torch.Tensor | None]) -> Iterator[None]:
         """Run ``fn(site_tensor)`` at every forward pass through the site.
 
-        ``fn`` returns a new site tensor to substitute, or None to leave it as it is.
+        ``fn`` returns a new site tensor to substitute, or None to leave it as it is. Hooks on one
+        module run in the order their blocks were entered, each seeing the previous one's result.
         """
         site = self.site(name)
         if site.kind == "pattern":
@@ -250,28 +230,47 @@ class HookPoints:
                 raise EngramError(f"hook site {name!r} can be captured but not edited")
             return site.put(raw, new)
 
-        if site.kind == "input":
-            def pre_hook(module, args, kwargs):
-                if args:
-                    new = apply(args[0])
-                    return None if new is None else ((new, *args[1:]), kwargs)
-                new = apply(kwargs["hidden_states"])
-                return None if new is None else (args, {**kwargs, "hidden_states": new})
-
-            handle = site.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
-        else:
-            def post_hook(module, args, output):
-                raw = output if isinstance(output, torch.Tensor) else output[0]
-                new = apply(raw)
-                if new is None:
-                    return None
-                return new if isinstance(output, torch.Tensor) else (new, *output[1:])
-
-            handle = site.module.register_forward_hook(post_hook)
-        try:
+        with _module_hook(site, apply):
             yield
-        finally:
-            handle.remove()
+
+    @contextmanager
+    def grad(self, name: str, fn: Callable[[torch.Tensor], torch.Tensor | None]) -> Iterator[None]:
+        """Run ``fn(g)`` when a backward pass reaches the site: g = dL/d(site tensor), the site's
+        shape (TransformerLens's ``bwd_hooks``). ``fn`` may return a tensor to use as that
+        gradient from there on (towards earlier layers), or None.
+
+        Forwards run inside the block install the hook; it fires during their backward pass,
+        even after the block has closed. Output sites hook the module's output (a view's gradient
+        is the same view of the output's gradient). Input and pattern sites hand the module an
+        alias of its input (the same values) and hook the alias, so g is what flows through that
+        module alone: for ``attn.in``/``mlp.in``/``ln_final.in`` the branch's share, not the
+        residual's total. ``resid_mid`` (capture only) hooks the residual tensor itself.
+
+        >>> with hooks.grad("blocks.2.attn.heads", lambda g: grads.append(g)):   # (b, pos, n_heads, d_head)
+        ...     loss(model(ids)).backward()
+        """
+        site = self.site(name)
+
+        def on_grad(g_raw: torch.Tensor) -> torch.Tensor | None:
+            new = fn(site.get(g_raw))
+            return None if new is None else site.put(g_raw, new)
+
+        def on_forward(raw: torch.Tensor) -> torch.Tensor | None:
+            if not raw.requires_grad:
+                return None  # no backward will reach it (no_grad, or nothing upstream needs grad)
+            if site.kind == "output" or not site.editable:
+                raw.register_hook(on_grad)
+                return None
+            alias = raw.view_as(raw)
+            alias.register_hook(on_grad)
+            return alias
+
+        if site.kind == "pattern":
+            with self._pattern_hook(site.module, on_forward):
+                yield
+            return
+        with _module_hook(site, on_forward):
+            yield
 
     @contextmanager
     def _pattern_hook(self, module: nn.Module, fn) -> Iterator[None]:
@@ -358,6 +357,35 @@ class HookPoints:
     def add(self, name: str, delta: torch.Tensor | float, positions: Positions = None, index=None):
         """Add ``delta`` (broadcast against the site tensor) at the selection (steering)."""
         return self.edit(name, lambda t: t + delta, positions, index)
+
+
+@contextmanager
+def _module_hook(site: Site, apply: Callable[[torch.Tensor], torch.Tensor | None]) -> Iterator[None]:
+    """Run ``apply(raw)`` on the raw tensor of an input or output site (the module's first
+    positional argument / ``hidden_states`` keyword, or its output / first output); a returned
+    tensor replaces it."""
+    if site.kind == "input":
+        def pre_hook(module, args, kwargs):
+            if args:
+                new = apply(args[0])
+                return None if new is None else ((new, *args[1:]), kwargs)
+            new = apply(kwargs["hidden_states"])
+            return None if new is None else (args, {**kwargs, "hidden_states": new})
+
+        handle = site.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    else:
+        def post_hook(module, args, output):
+            raw = output if isinstance(output, torch.Tensor) else output[0]
+            new = apply(raw)
+            if new is None:
+                return None
+            return new if isinstance(output, torch.Tensor) else (new, *output[1:])
+
+        handle = site.module.register_forward_hook(post_hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _selection_mask(t: torch.Tensor, positions: Positions, pos_dim: int, index, unit_dim: int | None):

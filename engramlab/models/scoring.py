@@ -1,28 +1,67 @@
-"""What a model predicts after a prompt: target probabilities, answer ranks, neuron edits.
+"""What a model predicts after a prompt: target log-probabilities, answer ranks, neuron edits.
 
 The one measurement layer under every locator. For a prompt of P tokens and a target of T tokens
-``t_1..t_T``, the teacher-forced input is prompt + t_1..t_{T-1}; position P - 1 + j predicts t_{j+1}:
+``t_1..t_T``, the teacher-forced input is prompt + t_1..t_{T-1} (P + T - 1 tokens); position
+P - 1 + j predicts t_{j+1}:
 
-    P(target | prompt) = prod_j P(t_j | prompt, t_<j)          ("prob")
-    log P(target | prompt) = sum_j log P(t_j | prompt, t_<j)   ("logprob")
-    rank(t_1) = 1 + #{v : logit_v > logit_{t_1}}  at position P - 1
+    log P(target | prompt) = sum_j log P(t_j | prompt, t_<j)        (``target_logprobs``)
+    P(target | prompt)     = exp of that                            (``target_probabilities``)
+    rank(a)                = 1 + #{v : logit_v > logit_a}            (``answer_ranks``; ties share
+                                                                     the best rank)
 
-``intervene`` scales MLP neurons (site ``blocks.{l}.mlp.neurons``) at the last prompt token, row by
-row, while these functions run.
+1. ``encode`` / ``encode_prompts``: prompts as token ids, no special tokens (the LRE convention:
+   prompts are scored exactly as written; a BOS would shift every position).
+2. ``target_logits``: per row the logits (T_i, vocab) at the positions that predict the target,
+   from one right-padded forward per batch; only those positions go through the unembedding.
+   ``target_logprobs`` sums their log-probabilities, ``first_token_ranks`` ranks the first token.
+3. ``NeuronScale(neurons, factor, where)``: an explicit edit of MLP neurons (site
+   ``blocks.{l}.mlp.neurons``), x factor at each row's last prompt token (``"prompt_end"``) or at
+   every position (``"all"``). Every scorer takes ``edits=``: one edit for every row, or one entry
+   per row, so one forward pass can score many neuron sets (the DKN search does).
+4. ``prefix=``: a ``engramlab.models.prefix.PrefixCache`` of a prefix every prompt starts with;
+   then only the rest of each row runs (see that module).
+
+Every function runs under the caller's grad mode (the evolvability fine-tuning differentiates
+``target_logprobs``) except the float-returning wrappers, which run without gradients.
 """
 
 from __future__ import annotations
 
-import contextvars
 import math
 from contextlib import ExitStack, contextmanager
-from typing import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator, Sequence, Union
 
 import torch
 
+from engramlab.errors import EngramError
+from engramlab.models.hooks import site_name
 from engramlab.models.loading import pad_rows
 
+if TYPE_CHECKING:
+    from engramlab.models.prefix import PrefixCache
+
 Neuron = tuple[int, int]  # (layer, index) of an MLP neuron
+WHERE = ("prompt_end", "all")
+Prompt = Union[str, Sequence[int]]
+
+
+# -- prompts as token ids ---------------------------------------------------------------------------
+def text_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of ``text`` as written: no special tokens."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def encode(lm, prompt: Prompt) -> list[int]:
+    """One prompt as token ids: a string is tokenized (``text_ids``), ids are taken as they are."""
+    if isinstance(prompt, str):
+        return text_ids(lm.tokenizer, prompt)
+    return [int(i) for i in prompt]
+
+
+def encode_prompts(lm, prompts: Sequence[Prompt]) -> list[list[int]]:
+    """``encode`` for each prompt. (``lm.encode`` gives the same rows right-padded as tensors.)"""
+    return [encode(lm, p) for p in prompts]
 
 
 def _pad_id(lm) -> int:
@@ -30,99 +69,178 @@ def _pad_id(lm) -> int:
     return lm.pad_id if lm.tokenizer is not None else 0
 
 
-def encode(lm, prompt: str | Sequence[int]) -> list[int]:
-    if isinstance(prompt, str):
-        return list(lm.tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    return [int(i) for i in prompt]
+# -- neuron edits -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class NeuronScale:
+    """Multiply MLP neurons by ``factor`` (0 suppresses, 2 enhances) while a row is scored.
+
+    ``neurons`` (layer, index) pairs, a set (a neuron named twice is scaled once); ``where``:
+    "prompt_end" the row's last prompt token only (teacher-forced target positions come after
+    it), "all" every position of the row. Several edits on one row compose (factors multiply)."""
+
+    neurons: tuple[Neuron, ...]
+    factor: float
+    where: str = "prompt_end"
+
+    def __post_init__(self):
+        if self.where not in WHERE:
+            raise EngramError(f"NeuronScale.where={self.where!r}: choose one of {', '.join(WHERE)}")
+        neurons = tuple(sorted({(int(l), int(i)) for l, i in self.neurons}))
+        object.__setattr__(self, "neurons", neurons)
+        object.__setattr__(self, "factor", float(self.factor))
+
+    def by_layer(self) -> dict[int, list[int]]:
+        out: dict[int, list[int]] = {}
+        for layer, index in self.neurons:
+            out.setdefault(layer, []).append(index)
+        return out
 
 
+RowEdits = Union[NeuronScale, Sequence[Union[NeuronScale, Sequence[NeuronScale], None]]]
 
-_PROMPT_END: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("prompt_end", default=None)
+
+def row_edits(edits: RowEdits, n: int) -> list[tuple[NeuronScale, ...]]:
+    """``edits`` as one tuple of edits per row: a single ``NeuronScale`` applies to all ``n`` rows;
+    a sequence has one entry per row (an edit, a list of edits, or None); empty means none."""
+    if isinstance(edits, NeuronScale):
+        return [(edits,)] * n
+    edits = list(edits)
+    if not edits:
+        return [()] * n
+    if len(edits) != n:
+        raise EngramError(f"edits: {len(edits)} entries for {n} prompts; give one entry per prompt (a NeuronScale, "
+                          "a list of them, or None) or a single NeuronScale for every prompt")
+    return [() if e is None else (e,) if isinstance(e, NeuronScale) else tuple(e) for e in edits]
 
 
 @contextmanager
-def intervene(lm, neurons: Sequence[tuple[int, int]], factor: float, positions=-1) -> Iterator[None]:
-    """Multiply the given (layer, index) ``mlp.neurons`` by ``factor`` (0 suppresses, 2 enhances).
+def apply_edits(lm, edits: Sequence[Sequence[NeuronScale]], ends: torch.Tensor) -> Iterator[None]:
+    """Hooks that apply ``edits[r]`` to row r of every forward pass inside the block.
 
-    ``positions=-1`` is the last prompt token: inside ``target_probability(ies)``, whose input also
-    holds the teacher-forced target tokens, that is where the prompt ends, row by row; elsewhere it
-    is the last position. ``None`` edits every position; an int or a list is passed on as is."""
-    by_layer: dict[int, list[int]] = {}
-    for layer, index in neurons:
-        by_layer.setdefault(int(layer), []).append(int(index))
-
-    def edit(index: list[int]):
-        def fn(t):  # (batch, pos, d_mlp)
-            where = positions
-            if isinstance(positions, int) and positions == -1:
-                ends = _PROMPT_END.get()
-                where = ends if ends is not None and ends.shape[0] == t.shape[0] else -1
-            mask = torch.zeros(t.shape[1:], dtype=torch.bool, device=t.device)
-            mask[:, index] = True
-            if where is None:
-                mask = mask.expand_as(t)
-            elif isinstance(where, torch.Tensor):  # one position per row
-                rows = torch.zeros_like(t, dtype=torch.bool)
-                rows[torch.arange(t.shape[0], device=t.device), where.to(t.device)] = mask[0]
-                mask = rows
-            else:
-                keep = torch.zeros(t.shape[1], 1, dtype=torch.bool, device=t.device)
-                keep[where] = True
-                mask = (mask & keep).expand_as(t)
-            return torch.where(mask, t * factor, t)
-        return fn
-
+    ``ends`` (rows,) is each row's last prompt position in the input (for "prompt_end"). Per layer
+    and ``where`` one factor table s (rows, d_mlp), 1 where nothing is edited, and the site becomes
+    t * s[:, None, :] at the selected positions: one forward pass serves rows with different edits."""
+    rows, d_mlp, n_layers = len(edits), lm.adapter.d_mlp, lm.adapter.n_layers
+    scales: dict[tuple[int, str], torch.Tensor] = {}
+    for r, mine in enumerate(edits):
+        for edit in mine:
+            for layer, index in edit.by_layer().items():
+                if not 0 <= layer < n_layers or not all(0 <= i < d_mlp for i in index):
+                    raise EngramError(f"NeuronScale neuron out of range in layer {layer}: the model has {n_layers} "
+                                      f"layers of {d_mlp} neurons")
+                s = scales.get((layer, edit.where))
+                if s is None:
+                    s = scales[(layer, edit.where)] = torch.ones(rows, d_mlp, dtype=lm.dtype, device=lm.device)
+                s[r, index] *= edit.factor
     with ExitStack() as stack:
-        for layer, index in by_layer.items():
-            stack.enter_context(lm.hooks.hook(f"blocks.{layer}.mlp.neurons", edit(index)))
+        for (layer, where), s in sorted(scales.items()):
+            stack.enter_context(lm.hooks.edit(site_name("mlp.neurons", layer), lambda t, s=s: t * s[:, None, :],
+                                              positions=None if where == "all" else ends))
         yield
 
 
-def _logits_at(lm, prompts: list[list[int]], inputs: list[list[int]], wanted: list[list[int]]) -> list[torch.Tensor]:
-    """One right-padded forward of ``inputs``; per row, the logits (len(wanted[i]), vocab) at the
-    positions ``wanted[i]``. Only the positions some row wants go through the unembedding, and
-    ``intervene(positions=-1)`` sees where each row's prompt ends."""
-    ids, mask = pad_rows(inputs, _pad_id(lm), lm.device)
-    keep = sorted({p for ps in wanted for p in ps})
-    token = _PROMPT_END.set(torch.tensor([len(r) - 1 for r in prompts], device=lm.device))
-    try:
-        logits = lm.model(input_ids=ids, attention_mask=mask,
-                          logits_to_keep=torch.tensor(keep, device=lm.device)).logits  # (batch, len(keep), vocab)
-    finally:
-        _PROMPT_END.reset(token)
-    column = {p: c for c, p in enumerate(keep)}
-    return [logits[i, [column[p] for p in ps]] for i, ps in enumerate(wanted)]
+@contextmanager
+def intervene(lm, neurons: Sequence[Neuron], factor: float, *, positions) -> Iterator[None]:
+    """Multiply the (layer, index) neurons by ``factor`` at ``positions`` of every forward pass
+    inside the block (``HookPoints`` positions: an int, a list, a slice, a (batch,) tensor, or None
+    for all). To edit at each row's prompt end while scoring, pass ``edits=NeuronScale(...)``."""
+    with ExitStack() as stack:
+        for layer, index in NeuronScale(neurons, factor).by_layer().items():
+            stack.enter_context(lm.hooks.scale(site_name("mlp.neurons", layer), factor, positions, index))
+        yield
+
+
+# -- teacher-forced logits and what is read from them ----------------------------------------------
+def target_logits(lm, prompts: Sequence[Prompt], targets: Sequence[Sequence[int]], *, edits: RowEdits = (),
+                  prefix: "PrefixCache | None" = None, batch_size: int = 32) -> Iterator[torch.Tensor]:
+    """Per row, the logits (T_i, vocab) at the positions predicting target i's tokens, in order.
+
+    One right-padded forward per ``batch_size`` rows of prompt_i + target_i[:-1]. With ``prefix``
+    every prompt must start with ``prefix.ids``; only the rest runs, on the shared keys/values (so
+    "all" edits cannot be used: the prefix ran unedited). A generator: each batch runs when its
+    first row is asked for."""
+    n = len(prompts)
+    if len(targets) != n:
+        raise EngramError(f"{n} prompts but {len(targets)} targets; give one target per prompt")
+    per_row = row_edits(edits, n)
+    past = 0 if prefix is None else prefix.length
+    if prefix is not None and any(e.where == "all" for mine in per_row for e in mine):
+        raise EngramError("NeuronScale(where='all') edits the prompt prefix, which a PrefixCache ran unedited; "
+                          "score without prefix= (or edit at the prompt end)")
+    for start in range(0, n, batch_size):
+        rows = encode_prompts(lm, prompts[start:start + batch_size])
+        tgts = [[int(t) for t in ts] for ts in targets[start:start + batch_size]]
+        for k, (r, t) in enumerate(zip(rows, tgts), start):
+            if not t:
+                raise EngramError(f"target {k} is empty; every target needs at least one token")
+            if len(r) <= past or (prefix is not None and tuple(r[:past]) != prefix.ids):
+                raise EngramError(f"prompt {k} does not continue the PrefixCache's {past} tokens; build the cache "
+                                  "from a prefix every prompt starts with and is longer than")
+        inputs = [r[past:] + t[:-1] for r, t in zip(rows, tgts)]
+        ends = [len(r) - past - 1 for r in rows]  # where each row's prompt ends: it predicts t_1
+        ids, mask = pad_rows(inputs, _pad_id(lm), lm.device)  # (b, S), S the longest row
+        if prefix is not None:
+            mask = torch.cat([mask.new_ones(len(rows), past), mask], dim=1)  # (b, past + S)
+        width = ids.shape[1]
+        # Every row wants the same last T positions (rows of one prompt, one row): unembed a slice;
+        # otherwise gather the wanted positions. (The two round differently in the last bits for
+        # batches > 1, so each caller keeps the numbers it always had.)
+        if all(e + len(t) == width for e, t in zip(ends, tgts)) and len({len(t) for t in tgts}) == 1:
+            keep, columns = len(tgts[0]), None
+        else:
+            wanted = sorted({p for e, t in zip(ends, tgts) for p in range(e, e + len(t))})
+            keep, column = torch.tensor(wanted, device=lm.device), {p: c for c, p in enumerate(wanted)}
+            columns = [[column[p] for p in range(e, e + len(t))] for e, t in zip(ends, tgts)]
+        with apply_edits(lm, per_row[start:start + batch_size], torch.tensor(ends, device=lm.device)):
+            logits = lm.model(input_ids=ids, attention_mask=mask, cache=prefix, use_cache=prefix is not None,
+                              logits_to_keep=keep).logits  # (b, T or len(wanted), vocab)
+        for i in range(len(rows)):
+            yield logits[i] if columns is None else logits[i, columns[i]]
+
+
+def _logprob(logits: torch.Tensor, target: Sequence[int]) -> torch.Tensor:
+    """sum_j log softmax(logits[j])[t_j] for logits (T, vocab): a scalar, float32."""
+    t = torch.tensor(list(target), device=logits.device)
+    return logits.float().log_softmax(-1).gather(-1, t[:, None]).sum()
+
+
+def target_logprobs(lm, prompts: Sequence[Prompt], targets: Sequence[Sequence[int]], *, edits: RowEdits = (),
+                    prefix: "PrefixCache | None" = None, batch_size: int = 32) -> torch.Tensor:
+    """log P(target_i | prompt_i) = sum_j log P(t_j | prompt_i, t_<j), (n,) float32 on the model's
+    device (see ``target_logits`` for ``edits``, ``prefix`` and batching)."""
+    out = [_logprob(logits, t) for logits, t in
+           zip(target_logits(lm, prompts, targets, edits=edits, prefix=prefix, batch_size=batch_size), targets)]
+    return torch.stack(out) if out else torch.zeros(0, device=lm.device)
 
 
 @torch.no_grad()
-def target_probabilities(lm, prompts: Sequence[str | Sequence[int]], targets: Sequence[Sequence[int]],
-                         objective: str = "prob", batch_size: int = 32) -> list[float]:
-    """Teacher-forced probability of each target (the product over its tokens; "logprob": the
-    sum of log-probabilities), one padded forward per batch of prompts."""
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        rows = [encode(lm, p) for p in prompts[start: start + batch_size]]
-        tgts = [list(t) for t in targets[start: start + batch_size]]
-        # Position len(prompt) - 1 + j predicts target token j.
-        wanted = [list(range(len(r) - 1, len(r) - 1 + len(t))) for r, t in zip(rows, tgts)]
-        for logits, t in zip(_logits_at(lm, rows, [r + t[:-1] for r, t in zip(rows, tgts)], wanted), tgts):
-            total = float(logits.float().log_softmax(-1).gather(-1, torch.tensor(t, device=lm.device)[:, None]).sum())
-            out.append(total if objective == "logprob" else math.exp(total))
-    return out
+def target_probabilities(lm, prompts: Sequence[Prompt], targets: Sequence[Sequence[int]], objective: str = "prob",
+                         batch_size: int = 32, *, edits: RowEdits = ()) -> list[float]:
+    """Teacher-forced P(target_i | prompt_i) per row as floats ("logprob": its log)."""
+    logp = target_logprobs(lm, prompts, targets, edits=edits, batch_size=batch_size).tolist()
+    return logp if objective == "logprob" else [math.exp(v) for v in logp]
 
 
-def target_probability(lm, prompt: str | Sequence[int], target_ids: Sequence[int], objective: str = "prob") -> float:
-    """Teacher-forced probability of the target tokens after ``prompt`` (product over tokens)."""
-    return target_probabilities(lm, [prompt], [target_ids], objective)[0]
+def target_probability(lm, prompt: Prompt, target_ids: Sequence[int], objective: str = "prob", *,
+                       edits: RowEdits = ()) -> float:
+    """Teacher-forced P(target | prompt) of one prompt; ``edits``, a NeuronScale or a list of them,
+    all apply to it."""
+    mine = (edits,) if isinstance(edits, NeuronScale) else tuple(edits)
+    return target_probabilities(lm, [prompt], [target_ids], objective, edits=[mine])[0]
+
+
+def answer_ranks(logits: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
+    """Rank (1 = top) of ``answers`` (n,) in ``logits`` (n, vocab): 1 + #{v : logit_v > logit_answer},
+    so tied logits share the best rank. Returns (n,) long."""
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    target = logits[rows, answers.to(logits.device)]  # (n,)
+    return (logits > target[:, None]).sum(-1) + 1
 
 
 @torch.no_grad()
-def first_token_ranks(lm, prompts: Sequence[str], targets: Sequence[Sequence[int]], batch_size: int = 32) -> list[int]:
+def first_token_ranks(lm, prompts: Sequence[Prompt], targets: Sequence[Sequence[int]], batch_size: int = 32) -> list[int]:
     """Rank (1 = most likely) of each target's first token right after its prompt."""
     ranks = []
-    for start in range(0, len(prompts), batch_size):
-        rows = [encode(lm, p) for p in prompts[start: start + batch_size]]
-        last = _logits_at(lm, rows, rows, [[len(r) - 1] for r in rows])
-        for logits, t in zip(last, targets[start: start + batch_size]):
-            ranks.append(int((logits[0] > logits[0, t[0]]).sum()) + 1)
+    for logits, t in zip(target_logits(lm, prompts, [t[:1] for t in targets], batch_size=batch_size), targets):
+        ranks.append(int(answer_ranks(logits, torch.tensor([t[0]]))[0]))  # logits (1, vocab)
     return ranks

@@ -37,8 +37,7 @@ import torch.nn.functional as F
 from engramlab.data.world import ATTRIBUTES, World
 from engramlab.data.wordtok import encode_with_spans
 from engramlab.errors import EngramError
-
-EVAL_CONTEXTS = ("sentence", "biography")
+from engramlab.train.config import EVAL_CONTEXTS  # noqa: F401 (re-exported)
 
 
 def baseline_loss(world: World) -> float:

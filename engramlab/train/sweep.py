@@ -121,6 +121,8 @@ def _differences(run_dir: Path, requested: dict) -> list[str]:
     if manifest.get("status") != "complete" or not (run_dir / "summary.json").is_file():
         return ["(not finished)"]
     saved = manifest.get("config") or {}
+    # Compared as the manifest stores them: a tuple (patch_window) comes back from JSON as a list.
+    requested = json.loads(json.dumps(requested))
     return [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in requested.items() if saved.get(k) != v]
 
 

@@ -10,6 +10,10 @@ Run directory layout::
 Every batch is a pure function of (seed, step) - the sampler draws from a generator seeded by
 both, and biography templates come from ``random.Random`` seeded the same way - so a run resumed
 from its last checkpoint (``resume=True``) ends bit-identical to an uninterrupted one.
+
+Attention-patched twins (``--patch-attention-from``) are in ``train.patching``; the analysis of
+the learning curves written to summary.json (plateau, hallucination onset, forgetting) is
+``dynamics.knowledge.summarize_training``.
 """
 
 from __future__ import annotations
@@ -19,97 +23,29 @@ import math
 import random
 import re
 import time
-from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from contextlib import nullcontext
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engramlab.config import option, validate
 from engramlab.data.samplers import make_sampler
 from engramlab.data.world import World
 from engramlab.data.wordtok import build_word_tokenizer, encode_biographies
-from engramlab.dynamics.plateau import detect_plateau
+from engramlab.dynamics.knowledge import plateau_of, summarize_training
 from engramlab.errors import EngramError
-from engramlab.models.hooks import HookPoints
-from engramlab.models.adapters import get_adapter
-from engramlab.models.loading import CHECKPOINT_DIR, list_checkpoints, load_model, load_tokenizer, resolve_device
+from engramlab.models.loading import (CHECKPOINT_DIR, LoadedModel, list_checkpoints, load_model, load_tokenizer,
+                                      resolve_device, wrap_model)
 from engramlab.progress import progress_bar
 from engramlab.report.curves import plot_training_curves
 from engramlab.runs import append_jsonl, atomic_directory, atomic_write_jsonl, read_jsonl
 from engramlab.train.checkpoints import checkpoint_steps
-from engramlab.train.metrics import EVAL_CONTEXTS, EvalSet, baseline_loss, empirical_marginal_loss, evaluate
+from engramlab.train.config import SCHEDULES, TEMPLATE_CHOICES, TrainConfig  # noqa: F401 (re-exported)
+from engramlab.train.metrics import EvalSet, baseline_loss, empirical_marginal_loss, evaluate
 from engramlab.train.model_configs import build_model, count_parameters
-
-SCHEDULES = ("cosine", "constant", "linear")
-TEMPLATE_CHOICES = ("random", "first")
-
-
-@dataclass
-class TrainConfig:
-    """Every knob of a training run (all plain data: saved in manifest.json)."""
-
-    steps: int = option(2000, "Optimiser steps.", range=(0, None))
-    batch_size: int = option(32, "Biographies per step.", range=(1, None))
-    lr: float = option(1e-3, "Peak learning rate.", range=(0, None), open_low=True)
-    min_lr_ratio: float = option(0.1, "cosine/linear decay to lr x min_lr_ratio.", range=(0, 1))
-    schedule: str = option("cosine", "Learning-rate schedule.", choices=SCHEDULES)
-    warmup_steps: int = option(0, "Linear warm-up steps.", range=(0, None))
-    weight_decay: float = option(0.1, "AdamW weight decay.", range=(0, None))
-    beta1: float = option(0.9, "AdamW beta1.", range=(0, 1), open_high=True)
-    beta2: float = option(0.95, "AdamW beta2.", range=(0, 1), open_high=True)
-    grad_clip: float = option(1.0, "Clip the gradient norm to this (0: no clipping).", range=(0, None))
-    sampler: str = "uniform"
-    seed: int = 0
-    eval_every: int = option(50, "Evaluate every this many steps.", range=(1, None))
-    eval_people: int = option(100, "People per evaluation split (a fixed random subset).", range=(1, None))
-    eval_templates: int = option(2, "Templates per (person, attribute) in evaluation.", range=(1, None))
-    eval_context: str = option("sentence", "sentence | biography (whole evaluation biographies).",
-                               choices=EVAL_CONTEXTS)
-    eval_template_choice: str = option("random", "random (seeded per person) | first (lowest indices).",
-                                       choices=TEMPLATE_CHOICES)
-    attention_stats: bool = True
-    checkpoints: str = "dense:24"    # see train.checkpoints
-    plateau_reach: float = option(0.05, "Plateau starts at the first eval within this fraction above the baseline.",
-                                  range=(0, None))
-    plateau_exit: float = option(0.10, "Plateau ends at the first eval this fraction below the baseline.",
-                                 range=(0, 1), open_high=True)
-    stop_at_plateau_end: bool = False  # end the run at the plateau's end (scaling sweeps)
-    device: str = "cpu"
-    model_config: str = "tiny"
-    init: str | None = None          # continue from a pretrained model or a run checkpoint
-    tokenizer: str | None = None     # HF tokenizer (model SPEC) for from-scratch runs; default: word-level
-    old_world: str | None = None     # retention metrics / replay population when fine-tuning
-    patch_attention_from: str | None = None  # RUN:STEP whose attention patterns the twin uses
-    patch_window: str | None = None  # "A:B": patch steps [A, B); default: the whole run
-    world: str = ""
-    extra: dict = field(default_factory=dict)
-
-    def __post_init__(self):
-        validate(self)
-        # The mini-languages are parsed now, so a typo fails before anything is written.
-        checkpoint_steps(self.checkpoints, max(self.steps, 1))
-        if not self.sampler.startswith("replay"):
-            make_sampler(self.sampler, 10, seed=0)
-        patch_window(self)
-
-
-def patch_window(cfg: "TrainConfig") -> tuple[int, int] | None:
-    """The patched steps [A, B) of ``--patch-window A:B`` (None: no patching)."""
-    if not cfg.patch_attention_from:
-        return None
-    if not cfg.patch_window:
-        return (0, cfg.steps)
-    try:
-        a, b = (int(x) if x else None for x in cfg.patch_window.split(":"))
-    except ValueError:
-        raise EngramError(f"--patch-window {cfg.patch_window!r}: use A:B (steps), e.g. 0:500") from None
-    a, b = a or 0, cfg.steps if b is None else b
-    if not 0 <= a < b:
-        raise EngramError(f"--patch-window {cfg.patch_window!r}: need 0 <= A < B (steps), e.g. 0:500")
-    return a, b
+from engramlab.train.patching import AttentionPatch, patch_window
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
@@ -164,9 +100,7 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         self.device = resolve_device(cfg.device)
         self.old_world = World.load(cfg.old_world) if cfg.old_world else None
-        self._build_model()
-        self.adapter = get_adapter(self.model)
-        self.hooks = HookPoints(self.adapter)
+        self.lm: LoadedModel = self._build_model()  # the model being trained, its tokenizer and hook sites
         is_replay = cfg.sampler.startswith("replay")
         self.population = Population(world, self.old_world if is_replay else None)
         if is_replay and self.old_world is None:
@@ -182,34 +116,43 @@ class Trainer:
         self.ckpt_steps = set(checkpoint_steps(cfg.checkpoints, cfg.steps))
         self.start_step = 0
         self.optimizer = self._make_optimizer()
-        self.reference = self._load_reference() if cfg.patch_attention_from else None
-        self.patch_range = patch_window(cfg)
+        window = patch_window(cfg)
+        self.patch = None if window is None else AttentionPatch(cfg.patch_attention_from, window,
+                                                                device=str(self.device), trained=self.lm)
         if resume:
             self._resume()
         self.evalsets = self._build_evalsets()
 
     # -- set-up ---------------------------------------------------------------------------
-    def _build_model(self) -> None:
+    @property
+    def model(self):
+        return self.lm.model
+
+    @property
+    def tokenizer(self):
+        return self.lm.tokenizer
+
+    def _build_model(self) -> LoadedModel:
         cfg = self.cfg
         if cfg.init:
             lm = load_model(cfg.init, device=str(self.device) if cfg.device != "auto" else "auto", trainable=True)
-            self.model, self.tokenizer = lm.model.train(), lm.tokenizer
+            lm.model.train()
             if self.old_world is None:
                 self.old_world = _world_of_run(cfg.init)
         else:
-            self.tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else build_word_tokenizer(self.world)
-            self.max_len = self._max_len()
-            self.model = build_model(cfg.model_config, len(self.tokenizer), self.max_len, cfg.seed,
-                                     self.tokenizer).to(self.device)
-        self.model.requires_grad_(True)
-        if self.tokenizer.pad_token_id is None:  # GPT-2-style tokenizers: pad with eos
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+            tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else build_word_tokenizer(self.world)
+            model = build_model(cfg.model_config, len(tokenizer), self._max_len(tokenizer), cfg.seed, tokenizer)
+            lm = wrap_model(model.to(self.device), tokenizer)
+        lm.model.requires_grad_(True)
+        if lm.tokenizer.pad_token_id is None:  # GPT-2-style tokenizers: pad with eos
+            lm.tokenizer.pad_token = lm.tokenizer.eos_token
+        return lm
 
-    def _max_len(self) -> int:
+    def _max_len(self, tokenizer) -> int:
         # The longest biography: every template at its longest value plus <bos>/<eos>, rounded up.
         rng = random.Random(0)
         bios = [self.world.biography(i % len(self.world.people), rng) for i in range(256)]
-        longest = int(encode_biographies(self.tokenizer, bios)["attention_mask"].sum(1).max())
+        longest = int(encode_biographies(tokenizer, bios)["attention_mask"].sum(1).max())
         return 2 ** math.ceil(math.log2(longest * 1.5))
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
@@ -218,15 +161,6 @@ class Trainer:
         groups = [{"params": decay, "weight_decay": self.cfg.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2))
-
-    def _load_reference(self):
-        ref = load_model(self.cfg.patch_attention_from, device=str(self.device))
-        if ref.model.config.to_dict().get("num_hidden_layers", ref.adapter.n_layers) != self.adapter.n_layers \
-                or ref.adapter.n_heads != self.adapter.n_heads:
-            raise EngramError(f"--patch-attention-from {self.cfg.patch_attention_from}: its layers/heads "
-                              f"({ref.adapter.n_layers}x{ref.adapter.n_heads}) differ from the model being trained "
-                              f"({self.adapter.n_layers}x{self.adapter.n_heads}); use a checkpoint of the same config")
-        return ref
 
     def _build_evalsets(self) -> list[EvalSet]:
         c, tok = self.cfg, self.tokenizer
@@ -285,23 +219,17 @@ class Trainer:
             atomic_write_jsonl(metrics, [r for r in read_jsonl(metrics) if r["step"] <= step])
 
     # -- the loop -----------------------------------------------------------------------------
-    def _patterns(self, ids, am) -> dict:
-        """Reference attention patterns for this batch, as {site: (B, H, T, T)}, no gradient."""
-        sites = [f"blocks.{l}.attn.pattern" for l in range(self.adapter.n_layers)]
-        with torch.no_grad(), self.reference.hooks.capture(sites) as cache:
-            self.reference.model(input_ids=ids, attention_mask=am)
-        return dict(cache)
-
-    def _patching(self, step: int) -> bool:
-        return self.patch_range is not None and self.patch_range[0] <= step < self.patch_range[1]
+    def _patched(self, step: int) -> bool:
+        """Whether update ``step`` (0-based) trains with the reference's attention patterns."""
+        return self.patch is not None and self.patch.active(step)
 
     def evaluate(self, step: int) -> dict:
         # Step s is the model after update s - 1 (0-based): evaluate it the way that update ran,
         # so a patched twin is measured with the patterns it was trained with (step 0: update 0).
-        source = self._patterns if self._patching(max(step - 1, 0)) else None
+        source = self.patch.patterns if self._patched(max(step - 1, 0)) else None
         row = {"step": step}
         for es in self.evalsets:
-            row.update(evaluate(self.model, es, hooks=self.hooks, pattern_source=source,
+            row.update(evaluate(self.model, es, hooks=self.lm.hooks, pattern_source=source,
                                 attention_stats=self.cfg.attention_stats and es.name == "eval"))
         row["baseline_loss"] = self.baseline
         row["lr"] = learning_rate(self.cfg, max(step - 1, 0))
@@ -330,14 +258,11 @@ class Trainer:
         cfg = self.cfg
         batch = self.make_batch(step) if batch is None else batch
         ids, am = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
-        if self.patch_range is not None and step == self.patch_range[0] and step > 0:
+        if self.patch is not None and self.patch.starts_at(step):
             self.optimizer.state.clear()  # patching starts: forget moments shaped by free attention
         for g in self.optimizer.param_groups:
             g["lr"] = learning_rate(cfg, step)
-        with ExitStack() as stack:
-            if self._patching(step):
-                for site, pat in self._patterns(ids, am).items():
-                    stack.enter_context(self.hooks.replace(site, pat))
+        with self.patch.replacing(self.lm.hooks, ids, am) if self._patched(step) else nullcontext():
             logits = self.model(input_ids=ids, attention_mask=am).logits
         targets = ids[:, 1:].masked_fill(am[:, 1:] == 0, -100)
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
@@ -386,27 +311,18 @@ class Trainer:
                              title=f"{self.out.name}: {len(self.world.people)} people, sampler {cfg.sampler}")
         return summary
 
-    def _plateau(self, which: str = "eval") -> tuple[int | None, int | None]:
-        rows = read_jsonl(self.out / "metrics.jsonl")
-        return detect_plateau([r["step"] for r in rows], [r[f"{which}.attr_loss"] for r in rows], self.baseline,
-                              self.cfg.plateau_reach, self.cfg.plateau_exit)
+    def _plateau(self) -> tuple[int | None, int | None]:
+        return plateau_of(read_jsonl(self.out / "metrics.jsonl"), self.baseline, "eval", self.cfg.plateau_reach,
+                          self.cfg.plateau_exit)
 
     def summary(self, wall: float, tokens: int) -> dict:
-        rows = read_jsonl(self.out / "metrics.jsonl")
-        start, end = self._plateau()
-        last = rows[-1]
+        """summary.json: the learning-curve analysis (``dynamics.knowledge``) and the run's facts."""
+        # baseline_loss_empirical: what knowing only the N trained people's empirical marginals
+        # scores (below the analytic baseline by ~(pool - 1) / 2N per pool); no criterion uses it.
+        curves = summarize_training(read_jsonl(self.out / "metrics.jsonl"), self.baseline, self.cfg.plateau_reach,
+                                    self.cfg.plateau_exit, baseline_empirical=empirical_marginal_loss(self.world))
         n_params, n_non_embedding = count_parameters(self.model)
-        out = {
-            "baseline_loss": self.baseline,
-            # What knowing only the N trained people's empirical marginals scores (below the
-            # analytic baseline by ~(pool - 1) / 2N per pool); not used by the plateau criterion.
-            "baseline_loss_empirical": empirical_marginal_loss(self.world),
-            "final_step": last["step"],
-            "final_attr_loss": last["eval.attr_loss"],
-            "final_attr_acc": last["eval.attr_acc"],
-            "final_train_template_acc": last["train.attr_acc"],
-            "plateau_start_step": start,
-            "plateau_end_step": end,
+        facts = {
             "train_wall_seconds": round(wall, 3),
             "tokens_per_second": round(tokens / wall, 1) if wall > 0 else None,
             "n_people": len(self.world.people),
@@ -414,27 +330,11 @@ class Trainer:
             "n_params": n_params,
             "n_params_non_embedding": n_non_embedding,
         }
-        if "dist.attr_loss" in last:  # knowledge on the training distribution (non-uniform samplers)
-            out["plateau_start_step_train_dist"], out["plateau_end_step_train_dist"] = self._plateau("dist")
-            out["final_attr_acc_train_dist"] = last["dist.attr_acc"]
-        if "heldout.attr_loss" in last:
-            out["heldout_loss_final"] = last["heldout.attr_loss"]
-            out["heldout_top1_prob_final"] = last["heldout.first_token_top1_prob"]
-            # Hallucination onset: first evaluation after the plateau started at which the loss
-            # on never-seen people is plateau_exit above the baseline (confidently wrong).
-            rise = [r["step"] for r in rows if start is not None and r["step"] >= start
-                    and r["heldout.attr_loss"] > self.baseline * (1 + self.cfg.plateau_exit)]
-            out["heldout_rise_step"] = rise[0] if rise else None
-            at_end = [r for r in rows if r["step"] == end]
-            out["heldout_loss_at_plateau_end"] = at_end[0]["heldout.attr_loss"] if at_end else None
-        if "old.attr_acc" in last:
-            out["old_acc_initial"] = rows[0]["old.attr_acc"]
-            out["old_acc_final"] = last["old.attr_acc"]
-            out["old_acc_min"] = min(r["old.attr_acc"] for r in rows)
-            # Forgetting speed: first evaluation where the old population's accuracy is halved.
-            halved = [r["step"] for r in rows if r["old.attr_acc"] < rows[0]["old.attr_acc"] / 2]
-            out["old_acc_halved_step"] = halved[0] if halved else None
-        return out
+        # summary.json keeps its key order: the final and plateau numbers, the run's facts, then
+        # the per-split analyses (training distribution, held-out people, old population).
+        keys = list(curves)
+        cut = keys.index("plateau_end_step") + 1
+        return {**{k: curves[k] for k in keys[:cut]}, **facts, **{k: curves[k] for k in keys[cut:]}}
 
 
 def _world_of_run(spec: str) -> World | None:

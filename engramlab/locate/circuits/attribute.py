@@ -37,11 +37,13 @@ the same residual x through a norm N. For the query of head h, q_h = N(x) @ W_Q[
 
     g_{q,h} = J_N(x)^T (W_Q[h] dM/dq_h)
 
-dM/dq_h comes from a tensor hook on the ``attn.q`` site (likewise ``attn.k``/``attn.v``, one per
-key/value head with grouped-query attention); ``readers.AttentionReaders`` applies W_Q[h] and the
-norm's Jacobian. The MLP and the logits each read through their own norm, so a hook on an alias of
-that norm's input gives their gradient directly. The alias of the attention norm's input is the
-trigger for a layer: its gradient is complete only after every q/k/v gradient of the layer.
+dM/dq_h comes from a gradient hook (``lm.hooks.grad``) on the ``attn.q`` site (likewise
+``attn.k``/``attn.v``, one per key/value head with grouped-query attention);
+``readers.AttentionReaders`` applies W_Q[h] and the norm's Jacobian. The MLP and the logits each
+read through their own norm, so the gradient of that norm's input as the branch reads it (the
+``mlp.in`` and ``ln_final.in`` sites, the branch's share only) is their g_v directly. The gradient
+of ``attn.in`` is the trigger for a layer: it is complete only after every q/k/v gradient of the
+layer.
 
 Cost. The integration points run one after another, not as one m-times-larger batch (that would
 need m times the activation memory). During the passes only small per-reader sums are kept: the
@@ -62,29 +64,12 @@ import torch
 
 from engramlab.errors import EngramError
 from engramlab.locate import integration
+from engramlab.locate.circuits.config import ABLATIONS, METHODS, METRICS, check_method  # noqa: F401 (re-exported)
 from engramlab.locate.circuits.data import PairBatch
 from engramlab.locate.circuits.graph import CircuitGraph
 from engramlab.locate.circuits.hooks import ablated_values, answer_logits, input_embeddings
 from engramlab.locate.circuits.sums import GradientSums, kept_positions
-
-METHODS = ("eap", "eap-ig", "clean-corrupted")
-METRICS = ("logit_diff", "logprob")
-ABLATIONS = ("corrupted", "zero", "mean")
-
-
-def check_method(method: str, steps: int, metric: str, rule: str = "right", ablation: str = "corrupted") -> None:
-    if method not in METHODS:
-        raise EngramError(f"method {method!r}: choose one of {', '.join(METHODS)} (--method)")
-    if metric not in METRICS:
-        raise EngramError(f"metric {metric!r}: choose one of {', '.join(METRICS)} (--metric)")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise EngramError(f"steps must be a whole number >= 1, got {steps!r} (--steps)")
-    if rule not in integration.RULES:
-        raise EngramError(f"integration rule {rule!r}: choose one of {', '.join(integration.RULES)} (--ig-rule)")
-    if rule != "right" and method != "eap-ig":
-        raise EngramError(f"--ig-rule {rule} applies to --method eap-ig only; drop it or use --method eap-ig")
-    if ablation not in ABLATIONS:
-        raise EngramError(f"ablation {ablation!r}: choose one of {', '.join(ABLATIONS)} (--ablation)")
+from engramlab.models.hooks import site_name
 
 
 def metric_values(logits: torch.Tensor, batch: PairBatch, metric: str) -> torch.Tensor:
@@ -136,7 +121,7 @@ def attribute_batch(lm, graph: CircuitGraph, batch: PairBatch, method: str = "ea
         point = embeds[alpha] if alpha in embeds else embeds[0.0] + alpha * (embeds[1.0] - embeds[0.0])
         point = point.detach().requires_grad_(True)
         with ExitStack() as stack:
-            stack.enter_context(lm.hooks.hook("blocks.0.resid_pre", lambda x: point))
+            stack.enter_context(lm.hooks.hook(site_name("resid_pre", 0), lambda x: point))
             sums.hooks(stack, weight)
             logits = answer_logits(lm, batch.clean_ids, batch.mask, batch.last)
             torch.autograd.grad(metric_values(logits, batch, metric).sum(), point)

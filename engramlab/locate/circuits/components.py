@@ -24,6 +24,7 @@ import torch
 
 from engramlab.locate.circuits.data import PairBatch
 from engramlab.locate.circuits.graph import CircuitGraph
+from engramlab.models.scoring import answer_ranks
 
 
 def _captures(lm, batch: PairBatch, pattern_layers: list[int] = ()) -> dict:
@@ -84,8 +85,7 @@ def logit_lens(lm, batch: PairBatch, batch_size: int = 8) -> list[dict]:
             for l in range(a.n_layers):
                 x = cache[f"blocks.{l}.resid_post"][rows, chunk.last]
                 logits = a.unembed.forward(a.final_norm.forward(x)).float()  # (b, vocab)
-                target = logits[rows, chunk.clean_answer]
-                ranks[l].append(((logits > target[:, None]).sum(-1) + 1).cpu())
+                ranks[l].append(answer_ranks(logits, chunk.clean_answer).cpu())
                 probs[l].append(logits.softmax(-1)[rows, chunk.clean_answer].cpu())
     out = []
     for l in range(a.n_layers):

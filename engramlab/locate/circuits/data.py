@@ -21,6 +21,7 @@ import torch
 from engramlab.data.facts import CorruptedPair, FactSet, corrupted_pairs, render, target_token_ids
 from engramlab.errors import EngramError
 from engramlab.models.loading import pad_rows
+from engramlab.models.scoring import first_token_ranks, text_ids
 
 
 @dataclass
@@ -80,24 +81,20 @@ def batch_from_ids(clean: list[list[int]], corrupt: list[list[int]], clean_answe
                      torch.tensor(corrupt_answer, device=device), torch.tensor(spans, device=device).view(-1, 2))
 
 
-def _encode(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
 def subject_span(tokenizer, template: str, subject: str) -> tuple[int, int]:
     """[start, stop) of the subject's tokens in the rendered prompt (by prefix token counts)."""
     head = template.split("{}", 1)[0]
     # The space before the subject belongs to the subject's first token in BPE vocabularies, so
     # count the prefix without it.
-    start = len(_encode(tokenizer, head.rstrip())) if head.strip() else 0
-    return start, len(_encode(tokenizer, render(head + "{}", subject)))
+    start = len(text_ids(tokenizer, head.rstrip())) if head.strip() else 0
+    return start, len(text_ids(tokenizer, render(head + "{}", subject)))
 
 
 def encode_pairs(lm, pairs: list[CorruptedPair], template_index: int = 0) -> PairBatch:
     """Tokenize pairs (answers are the first tokens of each object after its prompt)."""
     tok = lm.tokenizer
-    clean = [_encode(tok, p.clean_prompt) for p in pairs]
-    corrupt = [_encode(tok, p.corrupt_prompt) for p in pairs]
+    clean = [text_ids(tok, p.clean_prompt) for p in pairs]
+    corrupt = [text_ids(tok, p.corrupt_prompt) for p in pairs]
     good = [target_token_ids(tok, p.clean_prompt, p.fact.object)[0] for p in pairs]
     bad = [target_token_ids(tok, p.corrupt_prompt, p.corrupt_object)[0] for p in pairs]
     spans = [subject_span(tok, p.fact.template(template_index), p.fact.subject) for p in pairs]
@@ -119,8 +116,6 @@ class PairSplit:
 def split_pairs(lm, facts: FactSet, split: float = 0.5, template_index: int = 0, seed: int = 0,
                 require_correct: bool = True) -> PairSplit:
     """Filter, split and pair ``facts`` (see module docstring)."""
-    from engramlab.locate.neurons import first_token_ranks
-
     if not 0 < split < 1:
         raise EngramError(f"split must be strictly between 0 and 1 (share of discovery facts), got {split}")
     tok = lm.tokenizer

@@ -38,8 +38,10 @@ from engramlab.errors import EngramError
 from engramlab.locate.circuits.attribute import ABLATIONS, metric_values
 from engramlab.locate.circuits.data import PairBatch
 from engramlab.locate.circuits.graph import CircuitGraph
-from engramlab.locate.circuits.hooks import (ablated_values, answer_logits, norm_pre_hook, qkv_weights,
-                                             writer_activations, writer_hooks)
+from engramlab.locate.circuits.hooks import (ablated_values, answer_logits, qkv_weights, writer_activations,
+                                             writer_hooks)
+from engramlab.models.hooks import site_name
+from engramlab.models.scoring import answer_ranks
 
 CACHE_BYTES = 2**30
 
@@ -74,13 +76,14 @@ def patched_logits(lm, graph: CircuitGraph, batch: PairBatch, ablated_edges: tor
         stack.enter_context(writer_hooks(lm, graph, store))
         for l in range(graph.n_layers):
             per_head: dict[str, torch.Tensor] = {}
-            stack.enter_context(norm_pre_hook(a.attn_norm(l), _attention_inputs(l, graph, missing, shift, per_head)))
+            stack.enter_context(lm.hooks.hook(site_name("attn.in", l),
+                                              _attention_inputs(l, graph, missing, shift, per_head)))
             for i, kind in enumerate(("q", "k", "v")):
                 stack.enter_context(lm.hooks.hook(f"blocks.{l}.attn.{kind}",
                                                   _project(lm, l, i, graph, per_head)))
-            stack.enter_context(norm_pre_hook(a.mlp_norm(l), residual_reader(graph.mlp_reader(l),
-                                                                             graph.mlp_reads_up_to(l))))
-        stack.enter_context(norm_pre_hook(a.final_norm, residual_reader(graph.logits_reader, graph.n_writers)))
+            stack.enter_context(lm.hooks.hook(site_name("mlp.in", l), residual_reader(graph.mlp_reader(l),
+                                                                                     graph.mlp_reads_up_to(l))))
+        stack.enter_context(lm.hooks.hook("ln_final.in", residual_reader(graph.logits_reader, graph.n_writers)))
         return answer_logits(lm, batch.clean_ids, batch.mask, batch.last)
 
 
@@ -117,9 +120,7 @@ def _project(lm, layer: int, which: int, graph: CircuitGraph, per_head: dict):
 
 def _ranks(logits: torch.Tensor, batch: PairBatch) -> torch.Tensor:
     """Rank (1 = top) of the clean answer in last-token logits (b, vocab)."""
-    rows = torch.arange(len(batch), device=logits.device)
-    logits = logits.float()
-    return (logits > logits[rows, batch.clean_answer][:, None]).sum(-1) + 1
+    return answer_ranks(logits, batch.clean_answer)
 
 
 class CircuitEvaluator:

@@ -19,66 +19,25 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from engramlab.config import check, option, validate
+from engramlab.config import to_dict
 from engramlab.data.facts import FactSet
 from engramlab.errors import EngramError
-from engramlab.locate import integration
-from engramlab.locate.circuits.attribute import ABLATIONS, METHODS, METRICS, attribute_edges, check_method
+from engramlab.locate.circuits.attribute import attribute_edges
 from engramlab.locate.circuits.components import head_roles, logit_lens
+from engramlab.locate.circuits.config import ABLATIONS, METHODS, METRICS, RULES, CircuitConfig, check_method  # noqa: F401
 from engramlab.locate.circuits.data import encode_pairs, split_pairs
 from engramlab.locate.circuits.evaluate import CircuitEvaluator, faithfulness_curve
 from engramlab.locate.circuits.graph import CircuitGraph, edge_count
-from engramlab.locate.circuits.prune import RULES, circuit_nodes, prune
+from engramlab.locate.circuits.prune import circuit_nodes, prune
+from engramlab.locate.base import model_facts
 from engramlab.models.context import check_facts_fit
+from engramlab.models.loading import LoadedModel
 from engramlab.progress import progress_bar
-
-
-@dataclass
-class CircuitConfig:
-    """Settings of ``find_circuit``; defaults follow EAP-IG (Hanna et al. 2024)."""
-
-    relation: str | list[str] | None = None  # keep only these relations (None: all)
-    limit: int | None = None          # at most this many facts (after ``relation``)
-    method: str = option("eap-ig", "Edge attribution: eap | eap-ig | clean-corrupted.", choices=METHODS)
-    steps: int = option(5, "m, EAP-IG integration steps.", range=(1, None))
-    ig_rule: str = option("right", "EAP-IG points k/m: right k = 1..m (Hanna et al., DKC) | left k = 0..m-1 "
-                          "(upstream EAP-IG v2) | trapezoid k = 0..m (m + 1 passes).", choices=integration.RULES)
-    metric: str = option("logit_diff", "logit_diff (clean vs corrupted answer) | logprob (clean answer).",
-                         choices=METRICS)
-    rule: str = option("topn", "Pruning: topn | threshold | greedy.", choices=RULES)
-    top_n: int | None = option(None, "Edges to keep; None: chosen on the discovery pairs (see module doc).",
-                               range=(1, None), integer=True)
-    threshold: float | None = option(None, "|score| cut for rule=threshold.", range=(0, None))
-    # What the automatic N aims for on discovery pairs (a margin: held-out pairs usually come out a
-    # little lower), with at most max_fraction of the edges.
-    target_faithfulness: float = option(0.9, "Faithfulness the automatic N aims for on discovery pairs.",
-                                        range=(0, None), open_low=True)
-    max_fraction: float = option(0.1, "Automatic N: at most this share of the edges.", range=(0, 1), open_low=True)
-    ablation: str = option("corrupted", "What a missing edge carries: corrupted | zero | mean.", choices=ABLATIONS)
-    score_ablation: str | None = option(None, "The differences edges are scored with (None: ablation).",
-                                        choices=ABLATIONS, optional=True)
-    split: float = option(0.5, "Share of each relation's subjects used for discovery.", range=(0, 1),
-                          open_low=True, open_high=True)
-    template: int = option(0, "Prompt template index.")
-    seed: int = 0
-    require_correct: bool = True      # skip facts whose answer is not the model's top-1 token
-    batch_size: int = option(8, "Pairs per attribution batch.", range=(1, None))
-    curve: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)  # edge shares
-    mover_ratio: float = option(10.0, "Head roles: |subject| / |relation| direct effect above this: mover.",
-                                range=(0, None), open_low=True)
-    relation_ratio: float = option(0.1, "...below this: relation head.", range=(0, None), open_low=True)
-
-    def __post_init__(self):
-        validate(self)
-        check_method(self.method, self.steps, self.metric, self.ig_rule, self.ablation)
-        check(self, "rule", self.rule != "threshold" or self.threshold is not None,
-              "rule 'threshold' needs --threshold (keep edges with |score| >= it)")
-        self.curve = tuple(float(c) for c in self.curve)
 
 
 @dataclass
@@ -96,6 +55,20 @@ class CircuitResult:
     pairs: dict = field(default_factory=dict)             # discovery / evaluation subjects
     skipped: list[dict] = field(default_factory=list)     # facts left out, with reasons
     stats: dict = field(default_factory=dict)             # counts and seconds
+    model: dict = field(default_factory=dict)             # spec and sizes of the model
+
+    def records(self) -> list[dict]:
+        """One row per fact: ``role`` discovery | evaluation (with its corrupted subject and
+        answer) or skipped (with the reason)."""
+        rows = []
+        for role in ("discovery", "evaluation"):
+            for p in self.pairs.get(role, []):
+                rows.append({"relation": p["relation"], "subject": p["subject"], "object": p["object"], "role": role,
+                             "corrupt_subject": p["corrupt_subject"], "corrupt_object": p["corrupt_object"]})
+        for s in self.skipped:
+            rows.append({"relation": s.get("relation"), "subject": s.get("subject"), "object": s.get("object"),
+                         "role": "skipped", "reason": s.get("reason")})
+        return rows
 
     def summary(self) -> dict:
         roles = [h["role"] for h in self.heads]
@@ -125,11 +98,12 @@ class CircuitResult:
                          "score": float(self.scores[w, r])})
         return sorted(rows, key=lambda e: -abs(e["score"]))
 
-    def save(self, directory: str | Path, eapig: bool = False) -> None:
-        """Write the files listed in ``store``; ``eapig`` adds circuit_eapig.json (every edge)."""
+    def save(self, directory: str | Path) -> None:
+        """Write the shared files and those listed in ``store`` (``store.write_eapig`` adds the
+        EAP-IG JSON of every edge)."""
         from engramlab.locate.circuits import store
 
-        store.save_result(self, Path(directory), eapig)
+        store.save_result(self, Path(directory))
 
     @classmethod
     def load(cls, directory: str | Path) -> "CircuitResult":
@@ -162,12 +136,14 @@ def _auto_n(evaluator: CircuitEvaluator, scores: torch.Tensor, graph: CircuitGra
     return high
 
 
-def find_circuit(lm, facts: FactSet, config: CircuitConfig | None = None,
-                 show_progress: bool = False) -> CircuitResult:
-    """Find the circuit behind ``facts`` in ``lm`` and evaluate it on held-out facts."""
+def find_circuit(lm: LoadedModel, facts: FactSet, config: CircuitConfig | None = None, *, progress: bool = False,
+                 show_progress: bool | None = None) -> CircuitResult:
+    """Find the circuit behind ``facts`` in ``lm`` and evaluate it on held-out facts.
+
+    ``show_progress`` is the old name of ``progress``."""
     config = config or CircuitConfig()
+    progress = progress if show_progress is None else show_progress
     start = time.time()
-    facts = facts.filter(relation=config.relation, limit=config.limit)
     if len(facts) == 0:
         raise EngramError(f"{facts.source}: no facts to work on (check --relation / --limit)")
     check_facts_fit(lm, facts)
@@ -177,7 +153,7 @@ def find_circuit(lm, facts: FactSet, config: CircuitConfig | None = None,
     graph = CircuitGraph.from_model(lm)
 
     t0 = time.time()
-    bar = (lambda chunks: progress_bar(chunks, f"attribute ({config.method})")) if show_progress else None
+    bar = (lambda chunks: progress_bar(chunks, f"attribute ({config.method})")) if progress else None
     scores = attribute_edges(lm, graph, discovery, config.method, config.steps, config.metric,
                              config.batch_size, progress=bar, rule=config.ig_rule,
                              ablation=config.score_ablation or config.ablation)
@@ -208,6 +184,5 @@ def find_circuit(lm, facts: FactSet, config: CircuitConfig | None = None,
     pairs = {side: [{"subject": p.fact.subject, "object": p.fact.object, "corrupt_subject": p.corrupt_subject,
                      "corrupt_object": p.corrupt_object, "relation": p.fact.relation} for p in ps]
              for side, ps in (("discovery", split.discovery), ("evaluation", split.evaluation))}
-    meta = {**asdict(config), "model": getattr(lm, "spec", None), "dtype": str(lm.dtype).replace("torch.", ""),
-            "d_model": lm.adapter.d_model}
-    return CircuitResult(graph, scores, kept, meta, metrics, curve, roles, lens, pairs, split.skipped, stats)
+    return CircuitResult(graph, scores, kept, to_dict(config), metrics, curve, roles, lens, pairs, split.skipped, stats,
+                         model_facts(lm))

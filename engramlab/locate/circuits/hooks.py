@@ -1,11 +1,12 @@
-"""Hooks the circuit code shares: writer outputs, reader inputs, partial forward passes.
+"""What the circuit code shares on top of the hook sites: writer outputs, partial forward passes.
 
 * ``writer_hooks`` reports every writer's contribution to the residual stream as a forward pass
   makes it: the input embedding (``blocks.0.resid_pre``), each head's ``z_h @ W_O[h]`` (from
   ``attn.heads``; the output bias ``b_O`` is the same in every run, so it is left out: it cancels in
   every clean-minus-corrupted difference and in every patch) and each MLP output (``mlp.out``).
-* ``norm_pre_hook`` runs a function on the input of a norm module. The attention norm and the MLP
-  norm are read by their own branch only, so their inputs are exactly "the input of reader v".
+  Readers' inputs are the hook sites ``blocks.{l}.attn.in``, ``blocks.{l}.mlp.in`` and
+  ``ln_final.in``: the norms are read by their own branch only, so their inputs are exactly "the
+  input of reader v".
 * ``input_embeddings`` and ``answer_logits`` run only the part of the model a caller needs.
 * ``ablated_values`` is what an ablated edge carries under ``zero`` or ``mean`` ablation; scoring
   and evaluation both take it from here, so they ablate alike.
@@ -17,37 +18,9 @@ from contextlib import ExitStack, contextmanager
 from typing import Callable, Iterator
 
 import torch
-from torch import nn
 
 from engramlab.locate.circuits.graph import CircuitGraph
-
-
-@contextmanager
-def norm_pre_hook(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor | None]) -> Iterator[None]:
-    """Call ``fn(x)`` on the hidden-states input of ``module``; a returned tensor replaces it."""
-
-    def pre(mod, args, kwargs):
-        if args:
-            new = fn(args[0])
-            return None if new is None else ((new, *args[1:]), kwargs)
-        new = fn(kwargs["hidden_states"])
-        return None if new is None else (args, {**kwargs, "hidden_states": new})
-
-    handle = module.register_forward_pre_hook(pre, with_kwargs=True)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-@contextmanager
-def output_hook(module: nn.Module, fn: Callable[[torch.Tensor], None]) -> Iterator[None]:
-    """Call ``fn(output)`` after every forward of ``module`` (read only)."""
-    handle = module.register_forward_hook(lambda mod, args, out: fn(out if isinstance(out, torch.Tensor) else out[0]))
-    try:
-        yield
-    finally:
-        handle.remove()
+from engramlab.models.hooks import site_name
 
 
 @contextmanager
@@ -67,10 +40,10 @@ def writer_hooks(lm, graph: CircuitGraph, sink: Callable[[int, torch.Tensor], No
         return fn
 
     with ExitStack() as stack:
-        stack.enter_context(lm.hooks.hook("blocks.0.resid_pre", lambda x: sink(0, x.unsqueeze(2))))
+        stack.enter_context(lm.hooks.hook(site_name("resid_pre", 0), lambda x: sink(0, x.unsqueeze(2))))
         for l in range(graph.n_layers):
-            stack.enter_context(lm.hooks.hook(f"blocks.{l}.attn.heads", heads(l)))
-            stack.enter_context(lm.hooks.hook(f"blocks.{l}.mlp.out", mlp(l)))
+            stack.enter_context(lm.hooks.hook(site_name("attn.heads", l), heads(l)))
+            stack.enter_context(lm.hooks.hook(site_name("mlp.out", l), mlp(l)))
         yield
 
 
@@ -127,7 +100,7 @@ def input_embeddings(lm, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         found["x"] = x.detach()
         raise _Stop
 
-    with torch.no_grad(), lm.hooks.hook("blocks.0.resid_pre", grab):
+    with torch.no_grad(), lm.hooks.hook(site_name("resid_pre", 0), grab):
         try:
             lm.model.base_model(input_ids=ids, attention_mask=mask)
         except _Stop:

@@ -17,9 +17,8 @@ from __future__ import annotations
 import torch
 
 from engramlab.errors import EngramError
+from engramlab.locate.circuits.config import RULES
 from engramlab.locate.circuits.graph import CircuitGraph
-
-RULES = ("topn", "threshold", "greedy")
 
 
 def _masked_abs(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

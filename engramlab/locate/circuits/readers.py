@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from engramlab.locate.circuits.hooks import qkv_weights
-from engramlab.models.adapters import _linear_t
+from engramlab.models.adapters import linear_weight
 
 
 def norm_vjp(norm: nn.Module, x: torch.Tensor, cotangents: torch.Tensor) -> torch.Tensor:
@@ -23,19 +23,6 @@ def norm_vjp(norm: nn.Module, x: torch.Tensor, cotangents: torch.Tensor) -> torc
     return torch.func.vmap(lambda c: pull(c)[0], in_dims=-2, out_dims=-2)(cotangents.to(x.dtype)).detach()
 
 
-# RMSNorms computed as weight * x / sqrt(mean(x^2) + eps) (Gemma's 1 + weight is not one of them).
-_PLAIN_RMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm")
-
-
-def norm_kind(norm: nn.Module) -> str | None:
-    """"layer" (LayerNorm over the last axis), "rms" (plain RMSNorm) or None (anything else)."""
-    if type(norm) is nn.LayerNorm and len(norm.normalized_shape) == 1:
-        return "layer"
-    if type(norm).__name__ in _PLAIN_RMS:
-        return "rms"
-    return None
-
-
 class AttentionReaders:
     """One layer's q/k/v readers: their gradients with respect to the residual stream.
 
@@ -44,63 +31,62 @@ class AttentionReaders:
 
         g_x,r = W~_r g'_r - x_hat * dots_r / d,   g'_r = rstd * dL/dq_r,   dots_r = (x_hat W~_r) . g'_r
 
-    (the LayerNorm/RMSNorm Jacobian with the norm weight and centring folded into the projection
-    weights). Because the first term is linear in g' with fixed weights, integration steps can sum
-    g' in the small head space and expand it to d_model once per batch (``expand``); the second
-    needs each step's x_hat and dots. Readers are ordered q heads, k heads, v heads. Norms other
-    than LayerNorm and the plain RMSNorm (or ``closed_form=False``) use ``pull``: the full
-    per-reader gradient through ``norm_vjp``, every step."""
+    (the LayerNorm/RMSNorm Jacobian with the norm gain and centring folded into the projection
+    weights; the adapter's ``norm_spec`` says which norm it is and what its effective gain w is).
+    Because the first term is linear in g' with fixed weights, integration steps can sum g' in
+    the small head space and expand it to d_model once per batch (``expand``); the second needs
+    each step's x_hat and dots. Readers are ordered q heads, k heads, v heads. Norms the adapter
+    has no closed form for (or ``closed_form=False``) use ``pull``: the full per-reader gradient
+    through ``norm_vjp``, every step."""
 
     def __init__(self, lm, layer: int, closed_form: bool = True):
         self.lm, self.layer = lm, layer
         self.norm = lm.adapter.attn_norm(layer)
-        self.kind = norm_kind(self.norm) if closed_form else None
+        self.spec = lm.adapter.norm_spec(self.norm)
+        self.kind = self.spec.kind if closed_form else None
 
     def weights(self) -> torch.Tensor:
         """W~ (R, d_model, d_head) float32; built when needed, not kept (it is as large as the
         layer's q/k/v weights, for every layer)."""
         w = torch.cat(qkv_weights(self.lm, self.layer), 0).float()
         if self.kind is not None:
-            if getattr(self.norm, "weight", None) is not None:
-                w = w * self.norm.weight.detach().float()[None, :, None]
-            if self.kind == "layer":
+            if self.spec.gain is not None:
+                w = w * self.spec.gain[None, :, None]
+            if self.spec.centred:
                 w = w - w.mean(1, keepdim=True)
         return w
 
     def normalise(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (n, d) -> x_hat (n, d) and rstd (n, 1), float32."""
-        xf = x.detach().float()
-        if self.kind == "layer":
-            xf = xf - xf.mean(-1, keepdim=True)
-        eps = getattr(self.norm, "eps", None) or getattr(self.norm, "variance_epsilon", 1e-6)
-        rstd = (xf.pow(2).mean(-1, keepdim=True) + eps).rsqrt()
-        return xf * rstd, rstd
+        return self.spec.normalise(x.detach())
 
     def head_terms(self, x: torch.Tensor, grads: torch.Tensor, sites: list, values: dict | None = None):
         """x (n, d); grads (n, R, d_head) -> x_hat (n, d), g' (n, R, d_head), dots (n, R).
 
-        x_hat W~_r is (w * x_hat) W_r, since x_hat is already centred. ``values`` maps a projection
-        module's id to its output at these rows, (n, out), where the forward pass kept it: that
-        output minus its constant part (bias, plus the norm's bias through W) is x_hat W~.
-        Otherwise it is recomputed with the module's own weights, without bias (holding separate
-        projection outputs until the backward pass would cost more memory than the sums)."""
+        x_hat W~_r is (w * x_hat) W_r, since x_hat is already centred. ``values`` maps a q/k/v
+        site's name to its tensor at these rows, (n, heads, d_head), where the forward pass kept
+        it: that minus its constant part (the projection bias, plus the norm's bias through W) is
+        x_hat W~. Otherwise it is recomputed with the module's own weights, without bias (holding
+        separate projection outputs until the backward pass would cost more memory than the sums)."""
         x_hat, rstd = self.normalise(x)
         g = grads.float() * rstd[:, :, None]
-        weight, bias = getattr(self.norm, "weight", None), getattr(self.norm, "bias", None)
-        outputs = {}
+        gain, bias = self.spec.gain, self.spec.bias
+        outputs, projected = {}, []
         for site in sites:  # GPT-2 and NeoX have one fused module for q, k and v
-            key = id(site.module)
-            if key in outputs:
-                continue
-            w_in = _linear_t(site.module).detach().float()  # (d_model, out)
-            if values and key in values:
-                constant = 0.0 if getattr(site.module, "bias", None) is None else site.module.bias.detach().float()
+            module = site.module
+            if values and site.name in values:
+                constant = torch.zeros(linear_weight(module).shape[1], device=x.device)  # (out,)
+                if getattr(module, "bias", None) is not None:
+                    constant = constant + module.bias.detach().float()
                 if bias is not None:
-                    constant = constant + bias.detach().float() @ w_in
-                outputs[key] = values[key].float() - constant
-            else:
-                outputs[key] = (x_hat if weight is None else x_hat * weight.detach().float()) @ w_in
-        projected = torch.cat([site.get(outputs[id(site.module)]) for site in sites], 1)  # (n, R, d_head)
+                    constant = constant + bias @ linear_weight(module).detach().float()
+                projected.append(values[site.name].float() - site.get(constant))
+                continue
+            if id(module) not in outputs:
+                w_in = linear_weight(module).detach().float()  # (d_model, out)
+                outputs[id(module)] = (x_hat if gain is None else x_hat * gain) @ w_in
+            projected.append(site.get(outputs[id(module)]))
+        projected = torch.cat(projected, 1)  # (n, R, d_head)
         return x_hat, g, (projected * g).sum(-1)
 
     def expand(self, g: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,8 @@ file                     content
                          ``{"cfg": ..., "nodes": {name: {"in_graph"}}, "edges": {name: {"score", "in_graph"}}}``
                          with EAP-IG's sign: scores of -metric (EAP-IG attributes a loss,
                          -logit_diff), i.e. -1 times ``scores``
-``evaluation.json``      config, held-out metrics, faithfulness-vs-N curve, counts and seconds
+``config.json`` ...      the shared files (``engramlab.locate.base``): config, model, stats; one row per fact
+``evaluation.json``      held-out metrics and the faithfulness-vs-N curve
 ``components.json``      head roles and logit lens
 ``pairs.json``           discovery and evaluation pairs; ``skipped.jsonl``: facts left out and why
 =======================  ===========================================================================
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 
 from engramlab.errors import EngramError
+from engramlab.locate.base import read_result, split_model_keys, write_result
 from engramlab.locate.circuits.graph import CircuitGraph
 from engramlab.locate.circuits.prune import circuit_nodes
 from engramlab.runs import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, load_json, read_jsonl
@@ -54,7 +56,13 @@ def circuit_json(result) -> dict:
             "nodes": [names[i] for i in nodes.nonzero().flatten().tolist()], "edges": result.edges()}
 
 
-def write_eapig(path: Path, graph: CircuitGraph, scores: torch.Tensor, kept: torch.Tensor, d_model: int | None = None):
+def write_eapig(path: Path, result) -> None:
+    """``result``'s edges in the EAP-IG layout (``eapig_json``), written atomically to ``path``."""
+    doc = eapig_json(result.graph, result.scores, result.kept, result.model.get("d_model"))
+    atomic_write_bytes(Path(path), json.dumps(doc).encode("utf-8"))
+
+
+def eapig_json(graph: CircuitGraph, scores: torch.Tensor, kept: torch.Tensor, d_model: int | None = None) -> dict:
     """Every edge in the EAP-IG graph JSON layout (``Graph.to_json``/``from_json`` of
     hannamw/EAP-IG), for tools that read EAP-IG circuits.
 
@@ -72,26 +80,30 @@ def write_eapig(path: Path, graph: CircuitGraph, scores: torch.Tensor, kept: tor
                    "parallel_attn_mlp": graph.parallel_residual, "d_model": d_model},
            "nodes": {name: {"in_graph": bool(nodes[i])} for i, name in enumerate(graph.node_names())},
            "edges": edges}
-    atomic_write_bytes(path, json.dumps(doc).encode("utf-8"))
+    return doc
 
 
-def save_result(result, d: Path, eapig: bool = False) -> None:
+def save_result(result, d: Path) -> None:
+    write_result(d, "circuit", result)
     save_scores(d / "scores.safetensors", result.graph, result.scores, result.kept)
     atomic_write_json(d / "circuit.json", circuit_json(result))
-    atomic_write_json(d / "evaluation.json", {"config": result.config, "metrics": result.metrics,
-                                              "curve": result.curve, "stats": result.stats})
+    atomic_write_json(d / "evaluation.json", {"metrics": result.metrics, "curve": result.curve})
     atomic_write_json(d / "components.json", {"heads": result.heads, "logit_lens": result.lens})
     atomic_write_json(d / "pairs.json", result.pairs)
     atomic_write_jsonl(d / "skipped.jsonl", result.skipped)
-    if eapig:
-        write_eapig(d / "circuit_eapig.json", result.graph, result.scores, result.kept, result.config.get("d_model"))
 
 
 def load_result(cls, d: Path):
+    got = read_result(d, "circuit", records_required=False) if (d / "config.json").is_file() else None
     graph, scores, kept = load_scores(d / "scores.safetensors")
     ev = load_json(d / "evaluation.json", "circuit evaluation")
     comp = load_json(d / "components.json", "circuit components") if (d / "components.json").exists() else {}
     pairs = load_json(d / "pairs.json", "circuit pairs") if (d / "pairs.json").exists() else {}
     skipped = read_jsonl(d / "skipped.jsonl") if (d / "skipped.jsonl").exists() else []
-    return cls(graph, scores, kept, ev["config"], ev["metrics"], ev.get("curve", []), comp.get("heads", []),
-               comp.get("logit_lens", []), pairs, skipped, ev.get("stats", {}))
+    if got is not None:
+        config, model, stats = got.config, got.model, got.stats
+    else:  # before the contract the config (merged with model facts) and stats were in evaluation.json
+        config, model = split_model_keys(ev.get("config", {}))
+        stats = ev.get("stats", {})
+    return cls(graph, scores, kept, config, ev["metrics"], ev.get("curve", []), comp.get("heads", []),
+               comp.get("logit_lens", []), pairs, skipped, stats, model)

@@ -26,12 +26,13 @@ bounds the largest tensor (delta for all positions would be b*pos*n_writers*d_mo
 from __future__ import annotations
 
 from contextlib import ExitStack
+from typing import Callable
 
 import torch
 
 from engramlab.locate.circuits.graph import CircuitGraph
-from engramlab.locate.circuits.hooks import norm_pre_hook, output_hook
 from engramlab.locate.circuits.readers import AttentionReaders
+from engramlab.models.hooks import site_name
 
 # At most this many bytes of activation differences at once (sets the chunk of positions): all of
 # delta can be as large as a forward+backward's activations (SmolLM2: 301 writers x 576 floats
@@ -68,22 +69,29 @@ class GradientSums:
 
     # -- during a pass ----------------------------------------------------------------------------
     def hooks(self, stack: ExitStack, weight: float) -> None:
-        """Hooks that add this pass's gradients, times ``weight``, when its backward runs."""
-        lm, graph, a = self.lm, self.graph, self.lm.adapter
+        """Hooks that add this pass's gradients, times ``weight``, when its backward runs.
+
+        The norm inputs' gradients (``attn.in``, ``mlp.in``, ``ln_final.in``) are each branch's
+        share only, what reader v's input receives (the residual stream also flows around the
+        norm); the attention one fires after every q/k/v gradient of its layer."""
+        lm, graph = self.lm, self.graph
         for l in range(graph.n_layers):
             seen: dict = {}
-            sites = [lm.hooks.site(f"blocks.{l}.attn.{kind}") for kind in ("q", "k", "v")]
-            # Hook the projection modules' raw outputs (one fused module for GPT-2 and NeoX): a
-            # tensor hook on a raw output is on the path as it is, and the q/k/v views of its
-            # gradient come from the site's own view function. A fused output also stays alive
-            # anyway (attention saves its value view), so it is kept: then x_hat W~ need not be
-            # recomputed in the backward pass.
-            modules = {id(site.module): site.module for site in sites}
-            for module in modules.values():
-                stack.enter_context(output_hook(module, _grab(seen, id(module), keep_value=len(modules) == 1)))
-            stack.enter_context(norm_pre_hook(a.attn_norm(l), _alias(self._on_attention(l, seen, sites, weight), seen)))
-            stack.enter_context(norm_pre_hook(a.mlp_norm(l), _alias(self._on_residual(graph.mlp_reader(l), weight))))
-        stack.enter_context(norm_pre_hook(a.final_norm, _alias(self._on_residual(graph.logits_reader, weight))))
+            names = [site_name(f"attn.{kind}", l) for kind in ("q", "k", "v")]
+            sites = [lm.hooks.site(n) for n in names]
+            # A fused q/k/v output (GPT-2, NeoX, Phi-3) stays alive anyway (attention saves its
+            # value view), so its views are kept: then x_hat W~ need not be recomputed in the
+            # backward pass. Separate projections' outputs are not kept.
+            fused = len({id(site.module) for site in sites}) == 1
+            for name in names:
+                stack.enter_context(lm.hooks.grad(name, _store(seen, ("grad", name))))
+                if fused:
+                    stack.enter_context(lm.hooks.hook(name, _store(seen, ("value", name))))
+            attn_in = site_name("attn.in", l)
+            stack.enter_context(lm.hooks.hook(attn_in, _store(seen, "x")))
+            stack.enter_context(lm.hooks.grad(attn_in, self._on_attention(l, seen, sites, weight)))
+            stack.enter_context(lm.hooks.grad(site_name("mlp.in", l), self._on_residual(graph.mlp_reader(l), weight)))
+        stack.enter_context(lm.hooks.grad("ln_final.in", self._on_residual(graph.logits_reader, weight)))
 
     def _on_residual(self, reader: int, weight: float):
         def on_grad(g: torch.Tensor) -> None:  # (b, pos, d_model)
@@ -99,8 +107,8 @@ class GradientSums:
             values = {key[1]: self._rows(v) for key, v in seen.items() if key[0] == "value"}
             grads = []
             for site, n in zip(sites, (graph.n_heads, graph.n_kv_heads, graph.n_kv_heads)):
-                grad = seen.get(("grad", id(site.module)))  # None: it cannot affect the metric
-                grads.append(self._rows(site.get(grad)) if grad is not None else
+                grad = seen.get(("grad", site.name))  # None: it cannot affect the metric
+                grads.append(self._rows(grad) if grad is not None else
                              torch.zeros(len(x), n, self.lm.adapter.d_head, device=x.device))
             seen.clear()
             grads = torch.cat(grads, 1)  # (n_keep, R, d_head)
@@ -131,8 +139,8 @@ class GradientSums:
 
         with ExitStack() as stack:
             for l in range(self.graph.n_layers):
-                for site in ("attn.heads", "mlp.out"):
-                    name = f"blocks.{l}.{site}"
+                for kind in ("attn.heads", "mlp.out"):
+                    name = site_name(kind, l)
                     stack.enter_context(self.lm.hooks.hook(name, record(name)))
             if corrupted:
                 self.lm.model.base_model(input_ids=torch.cat([batch.clean_ids, batch.corrupt_ids]),
@@ -152,10 +160,10 @@ class GradientSums:
         delta = torch.empty(graph.n_writers, embed.shape[0], a.d_model, device=embed.device)
         delta[0] = embed
         for l in range(graph.n_layers):
-            z = diff[f"blocks.{l}.attn.heads"][rows].float()
+            z = diff[site_name("attn.heads", l)][rows].float()
             first = graph.head_writer(l)
             delta[first: first + graph.n_heads] = torch.einsum("khe,hed->hkd", z, a.W_O(l).detach().float())
-            delta[graph.mlp_writer(l)] = diff[f"blocks.{l}.mlp.out"][rows]
+            delta[graph.mlp_writer(l)] = diff[site_name("mlp.out", l)][rows]
         if ablated is not None:
             delta[1:] += ablated[1:, None, :]
         return delta
@@ -195,29 +203,10 @@ class GradientSums:
         return scores
 
 
-def _alias(on_grad, seen: dict | None = None):
-    """Pre-hook: replace a norm's input by an alias whose gradient is the norm's share only
-    (the residual stream itself also flows around the norm)."""
+def _store(seen: dict, key) -> Callable[[torch.Tensor], None]:
+    """A hook that puts its tensor, detached, in ``seen[key]`` (a forward value or a gradient)."""
 
-    def fn(x: torch.Tensor) -> torch.Tensor:
-        if seen is not None:
-            seen["x"] = x.detach()
-        alias = x.view_as(x)
-        if alias.requires_grad:
-            alias.register_hook(on_grad)
-        return alias
-
-    return fn
-
-
-def _grab(seen: dict, key: int, keep_value: bool):
-    """Forward hook on a q/k/v projection module: record the gradient of its output (and, with
-    ``keep_value``, the output itself)."""
-
-    def fn(raw: torch.Tensor) -> None:
-        if keep_value:
-            seen[("value", key)] = raw.detach()
-        if raw.requires_grad:
-            raw.register_hook(lambda g: seen.__setitem__(("grad", key), g))
+    def fn(t: torch.Tensor) -> None:
+        seen[key] = t.detach()
 
     return fn

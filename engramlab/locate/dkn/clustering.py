@@ -56,43 +56,9 @@ from scipy.cluster.vq import kmeans2
 from scipy.sparse.csgraph import connected_components, shortest_path
 from scipy.spatial.distance import squareform
 
-from engramlab.config import option, validate
 from engramlab.errors import EngramError
-
-METHODS = ("persistence", "pairs", "hierarchical", "dbscan", "kmeans")
-CLUSTERINGS = ("quantile", "reference")  # parameterisations of "persistence"
-OUTLIER_POLICIES = ("singleton", "drop")
-LINKAGES = ("single", "complete", "average", "weighted")
-
-
-@dataclass
-class ClusterConfig:
-    """Parameters of every clustering method (each reads only its own)."""
-
-    quantile: float = option(0.9, "persistence/hierarchical: keep clusters more persistent than this quantile.",
-                             range=(0, 1))
-    clustering: str = option("quantile", "persistence: quantile (engramlab) | reference (published NTC).",
-                             choices=CLUSTERINGS)
-    distance_quantile: float = option(0.2, "reference: keep edges shorter than this quantile of the distances.",
-                                      range=(0, 1))
-    edge_fraction: float = option(0.5, "reference: sweep only this shortest fraction of the kept edges.",
-                                  range=(0, 1))
-    birth_quantile: float = option(0.5, "reference: persistence must exceed this quantile of the births.",
-                                   range=(0, 1))
-    linkage: str = option("average", "hierarchical clustering linkage.", choices=LINKAGES)
-    dbscan_eps: float | None = option(None, "DBSCAN radius (None: the persistence threshold of the same graph).",
-                                      range=(0, None), open_low=True)
-    dbscan_min_samples: int = option(3, "DBSCAN core size.", range=(1, None))
-    kmeans_k: int | None = option(None, "k-means k (None: as many clusters as persistence finds).",
-                                  range=(1, None), integer=True)
-    outliers: str = option("singleton", "neurons in no cluster: singleton | drop.", choices=OUTLIER_POLICIES)
-    seed: int = 0
-
-    def __post_init__(self):
-        self.validate()
-
-    def validate(self) -> None:
-        validate(self)
+from engramlab.locate.dkn.config import (CLUSTERINGS, LINKAGES, METHODS, OUTLIER_POLICIES,  # noqa: F401 (re-exported)
+                                         ClusterConfig)
 
 
 # -- 0-dim persistent homology ----------------------------------------------------------------

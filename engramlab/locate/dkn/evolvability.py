@@ -25,42 +25,26 @@
 from __future__ import annotations
 
 import random
+import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
 
 from engramlab.data.facts import Fact, target_token_ids
-from engramlab.config import option, validate
-from engramlab.locate.dkn import DKNConfig, DKNResult
+from engramlab.config import to_dict
+from engramlab.locate.base import model_facts, read_result, write_result
+from engramlab.locate.dkn.config import ARMS, EvolveConfig  # noqa: F401 (re-exported)
+from engramlab.locate.dkn.find import DKNConfig, DKNResult
 from engramlab.locate.dkn.robustness import PERTURBATIONS, perturb, robustness  # noqa: F401 (re-exported)
-from engramlab.models.scoring import Neuron
+from engramlab.models.scoring import Neuron, encode_prompts, target_logits, target_logprobs
 from engramlab.models.adapters import ArchAdapter
-from engramlab.models.loading import LoadedModel, pad_rows
+from engramlab.models.loading import LoadedModel
+from engramlab.runs import atomic_write_json, load_json
 
 # -- evolvability ------------------------------------------------------------------------------------
-ARMS = ("dkn", "kn", "random", "kn_all", "random_any", "full")
-
-
-@dataclass
-class EvolveConfig:
-    n_new: int = option(8, "New facts to learn.", range=(1, None), flag="--evolve-new")
-    steps: int = option(30, "Full-batch optimiser steps per arm.", range=(0, None), flag="--evolve-steps")
-    lr: float = option(1e-3, "Adam learning rate, the same for every arm.", range=(0, None), open_low=True,
-                       flag="--evolve-lr")
-    arms: tuple[str, ...] = option(("dkn", "kn", "random", "kn_all", "full"), "Which parameters each arm trains.",
-                                   choices=ARMS, many=True, flag="--evolve-arms")
-    seed: int = 0
-
-    def __post_init__(self):
-        self.arms = tuple(self.arms)
-        self.validate()
-
-    def validate(self) -> None:
-        validate(self)
-
-
 _SYLLABLES = ("bal", "dor", "ka", "ven", "tir", "mo", "zel", "qua", "ran", "thes", "lu", "vor", "nim", "pa")
 
 
@@ -114,35 +98,27 @@ def neuron_param_masks(adapter: ArchAdapter, neurons: Sequence[Neuron]) -> dict[
     return masks
 
 
-def _batch(lm: LoadedModel, facts: Sequence[Fact], template: int):
-    """Teacher-forced rows prompt + target: ids, mask, and per row (prompt length, target ids)."""
-    rows, spans = [], []
-    for f in facts:
-        prompt = f.prompt(template)
-        p = lm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        t = target_token_ids(lm.tokenizer, prompt, f.object)
-        rows.append(p + t)
-        spans.append((len(p), t))
-    ids, mask = pad_rows(rows, lm.pad_id, lm.device)
-    return ids, mask, spans
+def _batch(lm: LoadedModel, facts: Sequence[Fact], template: int) -> tuple[list[list[int]], list[list[int]]]:
+    """The facts as teacher-forced rows: (prompt ids per fact, target ids per fact)."""
+    prompts = [f.prompt(template) for f in facts]
+    return encode_prompts(lm, prompts), [target_token_ids(lm.tokenizer, p, f.object) for p, f in zip(prompts, facts)]
 
 
 def _loss(lm: LoadedModel, batch) -> torch.Tensor:
-    """Mean cross-entropy of the target tokens given the prompt (and the earlier target tokens)."""
-    ids, mask, spans = batch
-    logits = lm.model(input_ids=ids, attention_mask=mask).logits.float()
-    losses = [torch.nn.functional.cross_entropy(logits[r, n - 1:n - 1 + len(t)], torch.tensor(t, device=ids.device))
-              for r, (n, t) in enumerate(spans)]
-    return torch.stack(losses).mean()
+    """Mean over the facts of the mean cross-entropy of their target tokens given the prompt (and
+    the earlier target tokens): mean_i -log P(target_i | prompt_i) / T_i, differentiable."""
+    prompts, targets = batch
+    logp = target_logprobs(lm, prompts, targets, batch_size=max(1, len(prompts)))  # (n,), one forward pass
+    return (-logp / torch.tensor([len(t) for t in targets], device=logp.device)).mean()
 
 
 @torch.no_grad()
 def _recall(lm: LoadedModel, batch) -> dict:
     """Top-1 accuracy and mean probability of the first target token."""
-    ids, mask, spans = batch
-    logits = lm.model(input_ids=ids, attention_mask=mask).logits.float()
-    first = torch.stack([logits[r, n - 1] for r, (n, _) in enumerate(spans)])
-    target = torch.tensor([t[0] for _, t in spans], device=ids.device)
+    prompts, targets = batch
+    first = torch.cat(list(target_logits(lm, prompts, [t[:1] for t in targets], batch_size=max(1, len(prompts)))))
+    first = first.float()  # (n, vocab): the logits right after each prompt
+    target = torch.tensor([t[0] for t in targets], device=first.device)
     return {"top1": float((first.argmax(-1) == target).float().mean()),
             "mean_prob": float(first.softmax(-1).gather(1, target[:, None]).mean())}
 
@@ -230,7 +206,7 @@ def evolvability(lm: LoadedModel, result: DKNResult, facts: Sequence[Fact], conf
     config.validate()
     method = method or result.config.get("method", "persistence")
     template = int(result.config.get("template", 0))
-    evaluated = [r for r in result.records if not r["skipped"]]
+    evaluated = [r for r in result.records() if not r["skipped"]]
     keys = {(r["relation"], r["subject"], r["object"]) for r in evaluated}
     old = [f for f in facts if (f.relation, f.subject, f.object) in keys]
     if not old:
@@ -251,7 +227,8 @@ def evolvability(lm: LoadedModel, result: DKNResult, facts: Sequence[Fact], conf
     new_batch, old_batch = _batch(lm, learn, template), _batch(lm, old, template)
     before_new, before_old = _recall(lm, new_batch), _recall(lm, old_batch)
     out = {"method": method, "n_old": len(old), "n_new": len(learn),
-           "new_facts": [{"prompt": f.prompt(template), "object": f.object} for f in learn],
+           "new_facts": [{"prompt": f.prompt(template), "relation": f.relation, "subject": f.subject,
+                           "object": f.object} for f in learn],
            "before": {"new_top1": before_new["top1"], "old_top1": before_old["top1"]}, "arms": {}, "skipped_arms": {}}
     for arm in config.arms:
         neurons = neuron_sets.get(arm)
@@ -271,3 +248,56 @@ def evolvability(lm: LoadedModel, result: DKNResult, facts: Sequence[Fact], conf
             numbers["n_unmatched"] = n_unmatched
         out["arms"][arm] = numbers
     return out
+
+
+@dataclass
+class EvolvabilityResult:
+    """The evolvability step's outcome: per arm, what it trained and how new and old facts fare.
+
+    ``arms`` {arm: numbers} (see ``evolvability``); ``records()`` one row per new fact learnt, with
+    the relation and object it was given. Saved in its own directory (``engram dkn --evolvability``
+    writes ``OUT/evolvability/``) with the shared layout plus ``evolvability.json`` (everything)."""
+
+    outcome: dict  # what ``evolvability`` returns
+    config: dict = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)
+    model: dict = field(default_factory=dict)
+
+    @property
+    def arms(self) -> dict[str, dict]:
+        return self.outcome.get("arms", {})
+
+    def records(self) -> list[dict]:
+        return [{"relation": f.get("relation"), "subject": f.get("subject"), "object": f["object"],
+                 "prompt": f["prompt"]} for f in self.outcome.get("new_facts", [])]
+
+    def summary(self) -> dict:
+        """``{arm}.{number}`` for every arm (neuron lists and layer counts left out), plus the counts."""
+        out = {"n_old": self.outcome.get("n_old", 0), "n_new": self.outcome.get("n_new", 0),
+               "method": self.outcome.get("method")}
+        for key, value in self.outcome.get("before", {}).items():
+            out[f"before.{key}"] = value
+        for arm, numbers in self.arms.items():
+            out.update({f"{arm}.{k}": v for k, v in numbers.items() if k not in ("neurons", "layers")})
+        return out
+
+    def save(self, directory: str | Path) -> None:
+        d = write_result(directory, "evolvability", self)
+        atomic_write_json(d / "evolvability.json", self.outcome)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "EvolvabilityResult":
+        d = Path(directory)
+        if not (d / "config.json").is_file() and (d / "evolvability.json").is_file():  # before the contract
+            return cls(load_json(d / "evolvability.json", "evolvability"))
+        got = read_result(d, "evolvability", records_required=False)
+        return cls(load_json(d / "evolvability.json", "evolvability"), got.config, got.stats, got.model)
+
+
+def evaluate_evolvability(lm: LoadedModel, dkn: DKNResult, facts: Sequence[Fact], config: EvolveConfig | None = None,
+                          *, progress: bool = False) -> EvolvabilityResult:
+    """The evolvability step after ``find_degenerate_neurons``: ``evolvability`` as a Result."""
+    config = config or EvolveConfig()
+    start = time.time()
+    outcome = evolvability(lm, dkn, facts, config)
+    return EvolvabilityResult(outcome, to_dict(config), {"seconds": round(time.time() - start, 3)}, model_facts(lm))

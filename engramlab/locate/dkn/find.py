@@ -33,91 +33,40 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from engramlab.config import check, option, validate
+from engramlab.config import to_dict
 from engramlab.data.facts import FactSet, target_token_ids
-from engramlab.errors import EngramError
-from engramlab.locate.base import mean_of
-from engramlab.locate.dkn.clustering import METHODS, ClusterConfig, cluster_neurons
+from engramlab.locate.base import mean_of, model_facts, read_result, write_result
+from engramlab.locate.dkn.clustering import cluster_neurons
+from engramlab.locate.dkn.config import METHODS, NORM_SCALES, POSITIONS, ClusterConfig, DKNConfig  # noqa: F401
 from engramlab.locate.dkn.graph import neuron_distances, reader_inv_rms
 from engramlab.locate.dkn.robustness import robustness
 from engramlab.locate.dkn.search import search_dkn
-from engramlab.locate.dkn.suppression import scaled_target_probs
-from engramlab.locate.neurons.ig import BASELINES, integrated_gradients
+from engramlab.locate.dkn.suppression import prompt_prefix, scaled_target_probs
+from engramlab.locate.neurons.ig import integrated_gradients
 from engramlab.locate.neurons.select import coarse_neurons
 from engramlab.models.scoring import encode, first_token_ranks
 from engramlab.models.context import check_facts_fit
 from engramlab.models.loading import LoadedModel
 from engramlab.progress import progress_bar
-from engramlab.runs import atomic_write_json, atomic_write_jsonl, load_json, read_jsonl
-
-POSITIONS = ("last", "all")
-NORM_SCALES = ("none", "rms")
-
-
-@dataclass
-class DKNConfig:
-    """Every parameter of ``find_dkns``; defaults are the ``engram dkn`` defaults."""
-
-    # candidates (coarse knowledge neurons)
-    threshold: float = option(0.2, "Candidates: attribution > threshold x max.", range=(0, 1))
-    max_candidates: int = option(24, "Strongest candidates only: the graph and the subset search stay small.",
-                                 range=(2, None))
-    steps: int = option(20, "Integrated-gradients steps m.", range=(1, None))
-    baseline: str = option("zero", "IG baseline.", choices=BASELINES)
-    batch_layers: int | None = option(None, "Layers per IG batch (None: as many as fit).", range=(1, None),
-                                      integer=True)
-    template: int = option(0, "Prompt template index.")
-    known_rank: int = option(1, "Skip facts whose first target token ranks worse than this.", range=(1, None))
-    # neuron graph
-    max_span: int = option(3, "Direct edges between layers at most this far apart.", range=(1, None))
-    fold_norm: bool = True
-    norm_scale: str = option("none", "rms: scale edges into layer j by its 1/rms on the fact's prompt.",
-                             choices=NORM_SCALES)
-    # clustering
-    methods: tuple[str, ...] = option(METHODS, "Clustering methods to run.", choices=METHODS, many=True)
-    method: str = option("persistence", "The method whose numbers are also the top-level summary keys.",
-                         choices=METHODS)
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    # verification
-    t_low: float = option(0.05, "A DKN: every proper subset suppressed leaves the drop below t_low...",
-                          range=(0, 1))
-    t_high: float = option(0.3, "...and suppressing all of it drops the probability by at least t_high.",
-                           range=(0, 1))
-    max_subsets: int = option(512, "Above this many subsets to test, the search samples (and says so).",
-                              range=(3, None))
-    subset_samples: int = option(64, "Random subsets checked when sampling.", range=(1, None))
-    positions: str = option("last", "Where suppression acts: last prompt position | all.", choices=POSITIONS)
-    batch_size: int = option(64, "Neuron sets scored per forward pass.", range=(1, None))
-    # robustness analysis
-    robustness: bool = True
-    attenuate: float = option(0.0, "Robustness: scale of attenuated neurons.", range=(0, None))
-    enhance: float = option(2.0, "Robustness: scale of enhanced neurons.", range=(0, None))
-    seed: int = 0
-
-    def __post_init__(self):
-        self.methods = tuple(self.methods)
-        self.validate()
-
-    def validate(self) -> None:
-        validate(self)
-        self.cluster.validate()
-        check(self, "method", self.method in self.methods, f"must be one of --methods ({', '.join(self.methods)})")
-        check(self, "t_low", self.t_low < self.t_high, f"must be < t_high ({self.t_high})")
-
 
 class FactProbe:
-    """Relative drops of P(target) for one prompt, cached by neuron set (shared across methods)."""
+    """Relative drops of P(target) for one prompt, cached by neuron set (shared across methods).
+
+    The prompt prefix runs once per fact (``prompt_prefix``): every search over every method's
+    clusters scores its neuron sets on the same shared keys/values."""
 
     def __init__(self, lm: LoadedModel, prompt: str, target_ids: Sequence[int], config: DKNConfig):
         self.lm, self.prompt, self.target_ids, self.config = lm, prompt, list(target_ids), config
+        self.ids = encode(lm, prompt)
+        self.prefix = prompt_prefix(lm, self.ids, config.positions)
         self._prob: dict[frozenset, float] = {}
         self.base = self.probs([frozenset()])[0]
 
     def probs(self, sets: Sequence[frozenset]) -> list[float]:
         missing = list(dict.fromkeys(s for s in sets if s not in self._prob))
         if missing:
-            p = scaled_target_probs(self.lm, self.prompt, self.target_ids, [sorted(s) for s in missing], 0.0,
-                                    self.config.positions, self.config.batch_size)
+            p = scaled_target_probs(self.lm, self.ids, self.target_ids, [sorted(s) for s in missing], 0.0,
+                                    self.config.positions, self.config.batch_size, prefix=self.prefix)
             self._prob.update(zip(missing, p.tolist()))
         return [self._prob[s] for s in sets]
 
@@ -186,19 +135,22 @@ def analyse_fact(lm: LoadedModel, fact, config: DKNConfig, attribute: Attributio
     return rec
 
 
-def find_degenerate_neurons(lm: LoadedModel, facts: FactSet, config: DKNConfig | None = None, attribute: Attribution | None = None,
-              show_progress: bool = False) -> "DKNResult":
+def find_degenerate_neurons(lm: LoadedModel, facts: FactSet, config: DKNConfig | None = None, *,
+                            attribute: Attribution | None = None, progress: bool = False,
+                            show_progress: bool | None = None) -> "DKNResult":
     """Degenerate knowledge neurons of every fact (see the module docstring).
 
     ``attribute(lm, prompt, target_ids) -> (n_layers, d_mlp)`` defaults to integrated gradients
     (``ig_attribution``); tests and other attribution methods can pass their own.
+    ``show_progress`` is the old name of ``progress``.
     """
     config = config or DKNConfig()
     config.validate()
+    progress = progress if show_progress is None else show_progress
     check_facts_fit(lm, facts)
     attribute = attribute or ig_attribution(config)
-    records = [analyse_fact(lm, fact, config, attribute) for fact in progress_bar(facts, "dkn", show_progress)]
-    return DKNResult(records, asdict(config))
+    records = [analyse_fact(lm, fact, config, attribute) for fact in progress_bar(facts, "dkn", progress)]
+    return DKNResult(records, to_dict(config), model=model_facts(lm))
 
 
 find_dkns = find_degenerate_neurons  # the shorter name the CLI verb uses
@@ -234,41 +186,40 @@ def method_summary(entries: list[dict]) -> dict:
 
 @dataclass
 class DKNResult:
-    """Per-fact DKN records (``dkn.jsonl``), the config, and the optional evolvability analysis."""
+    """Per-fact DKN records (``records.jsonl``, also as ``dkn.jsonl``) and the config.
 
-    records: list[dict]
+    The evolvability analysis is its own step with its own result
+    (``engramlab.locate.dkn.evolvability.evaluate_evolvability``)."""
+
+    rows: list[dict]
     config: dict = field(default_factory=dict)
-    evolvability: dict | None = None
+    stats: dict = field(default_factory=dict)
+    model: dict = field(default_factory=dict)
+
+    def records(self) -> list[dict]:
+        return self.rows
 
     @property
     def methods(self) -> list[str]:
-        return list(self.config.get("methods") or dict.fromkeys(m for r in self.records for m in r["methods"]))
+        return list(self.config.get("methods") or dict.fromkeys(m for r in self.rows for m in r["methods"]))
 
     def summary(self) -> dict:
         """Flat numbers per method (``persistence.dkn_found_rate``...) plus the default method's unprefixed."""
-        evaluated = [r for r in self.records if not r["skipped"]]
-        out = {"n_facts": len(self.records), "n_evaluated": len(evaluated),
-               "n_skipped": len(self.records) - len(evaluated),
+        evaluated = [r for r in self.rows if not r["skipped"]]
+        out = {"n_facts": len(self.rows), "n_evaluated": len(evaluated),
+               "n_skipped": len(self.rows) - len(evaluated),
                "mean_candidates": mean_of(len(r["candidates"]) for r in evaluated)}
         for method in self.methods:
             for k, v in method_summary([r["methods"][method] for r in evaluated]).items():
                 out[f"{method}.{k}"] = v
         default = self.config.get("method", "persistence")
         out.update({k: out[f"{default}.{k}"] for k in method_summary([]) if f"{default}.{k}" in out})
-        for arm, numbers in (self.evolvability or {}).get("arms", {}).items():
-            out.update({f"evolvability.{arm}.{k}": v for k, v in numbers.items() if k not in ("neurons", "layers")})
         return out
 
     def save(self, directory: str | Path) -> None:
-        d = Path(directory)
-        atomic_write_jsonl(d / "dkn.jsonl", self.records)
-        atomic_write_json(d / "dkn_config.json", self.config)
-        if self.evolvability is not None:
-            atomic_write_json(d / "evolvability.json", self.evolvability)
+        write_result(directory, "dkn", self, records_alias="dkn.jsonl")
 
     @classmethod
     def load(cls, directory: str | Path) -> "DKNResult":
-        d = Path(directory)
-        config = load_json(d / "dkn_config.json", "dkn config") if (d / "dkn_config.json").exists() else {}
-        evo = load_json(d / "evolvability.json", "evolvability") if (d / "evolvability.json").exists() else None
-        return cls(read_jsonl(d / "dkn.jsonl"), config, evo)
+        got = read_result(directory, "dkn", old_config=("dkn_config.json",), old_records=("dkn.jsonl",))
+        return cls(got.records, got.config, got.stats, got.model)

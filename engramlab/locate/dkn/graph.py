@@ -14,8 +14,8 @@ form when there is one input, does not prefer either projection, and does not le
 reads; nothing flows backwards.
 
 Norm folding (default on): the MLP norm multiplies the normalised residual elementwise by its
-weight before W_in reads it, so ``r_B = weight * w_in_B`` (Gemma's RMSNorm: ``1 + weight``); a
-LayerNorm also subtracts the mean, so ``r_B`` is centred.
+gain before W_in reads it, so ``r_B = gain * w_in_B`` (the adapter's ``norm_spec``: the weight, or
+Gemma's ``1 + weight``); a LayerNorm also subtracts the mean, so ``r_B`` is centred.
 
 The norm's 1/rms factor depends on the input, not the weights. By default it is left out: it
 scales every edge into one layer alike at a position, but the clustering thresholds are global
@@ -44,21 +44,11 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
 from engramlab.models.adapters import ArchAdapter
+from engramlab.models.hooks import site_name
 from engramlab.models.loading import LoadedModel
 from engramlab.models.scoring import Neuron  # noqa: F401  ((layer, index), re-exported)
-
-
-def norm_read(norm: nn.Module) -> tuple[torch.Tensor | None, bool]:
-    """(elementwise gain (d_model,) or None, whether the norm subtracts the mean) of an MLP norm."""
-    name = type(norm).__name__
-    gain = getattr(norm, "weight", None)
-    if gain is not None and "Gemma" in name:
-        gain = 1.0 + gain  # Gemma's RMSNorm scales by (1 + weight)
-    centres = isinstance(norm, nn.LayerNorm) or ("LayerNorm" in name and "RMS" not in name)
-    return gain, centres
 
 
 def read_vectors(adapter: ArchAdapter, layer: int, index: Sequence[int], fold_norm: bool = True) -> list[torch.Tensor]:
@@ -70,12 +60,13 @@ def read_vectors(adapter: ArchAdapter, layer: int, index: Sequence[int], fold_no
     matrix is symmetric); the norm's data-dependent 1/rms factor is not static and is left out.
     """
     mats = [adapter.W_in(layer)] + ([adapter.W_gate(layer)] if adapter.has_gated_mlp else [])
-    gain, centres = norm_read(adapter.mlp_norm(layer)) if fold_norm else (None, False)
+    spec = adapter.norm_spec(adapter.mlp_norm(layer)) if fold_norm else None
+    gain, centres = (spec.gain, spec.centred) if spec is not None else (None, False)
     out = []
     for w in mats:
         r = w.detach().float()[:, list(index)].t()  # (k, d_model)
         if gain is not None:
-            r = r * gain.detach().float()
+            r = r * gain
         if centres:
             r = r - r.mean(dim=1, keepdim=True)
         out.append(r)
@@ -87,23 +78,22 @@ def reader_inv_rms(lm: LoadedModel, prompt: str) -> torch.Tensor:
     """(n_layers,) 1/rms of what each layer's MLP norm reads at the last token of ``prompt``.
 
     rms_l = sqrt(mean_k (x_k - [mean x])^2 + eps) with x (d_model,) the norm's input
-    (``resid_mid``; ``resid_pre`` with a parallel residual), the mean subtracted for a LayerNorm
-    only and eps the norm's own, so x / rms_l is exactly what the norm scales by its weight.
+    (``mlp.in``: resid_mid, or resid_pre with a parallel residual), the mean subtracted for a
+    LayerNorm only and eps the norm's own (``norm_spec``), so x / rms_l is exactly what the norm
+    scales by its gain.
     """
     a = lm.adapter
-    site = "resid_pre" if a.parallel_residual else "resid_mid"
-    names = [f"blocks.{l}.{site}" for l in range(a.n_layers)]
+    names = [site_name("mlp.in", l) for l in range(a.n_layers)]
     ids = lm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
     with lm.hooks.capture(names) as cache:
         lm.model(input_ids=torch.tensor([ids], device=lm.device))
     out = []
     for l, name in enumerate(names):
-        norm = a.mlp_norm(l)
+        spec = a.norm_spec(a.mlp_norm(l))
         x = cache[name][0, -1].double()
-        if norm_read(norm)[1]:
+        if spec.centred:
             x = x - x.mean()
-        eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 0.0)) or 0.0)
-        out.append(1.0 / torch.sqrt(x.pow(2).mean() + eps))
+        out.append(1.0 / torch.sqrt(x.pow(2).mean() + spec.eps))
     return torch.stack(out).float().cpu()
 
 

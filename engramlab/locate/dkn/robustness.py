@@ -10,10 +10,12 @@ from __future__ import annotations
 import random
 from typing import Sequence
 
+import torch
+
 from engramlab.data.facts import Fact, render, target_token_ids
-from engramlab.models.scoring import Neuron
-from engramlab.locate.dkn.suppression import scaled_target_probs
 from engramlab.models.loading import LoadedModel
+from engramlab.models.prefix import PrefixCache
+from engramlab.models.scoring import Neuron, NeuronScale, encode, target_logprobs
 
 PERTURBATIONS = ("insert", "delete", "replace")
 # Words that change the wording of a query but not what it asks.
@@ -41,20 +43,25 @@ def perturb(template: str, kind: str, rng: random.Random) -> str | None:
     return " ".join(words)
 
 
+@torch.no_grad()
 def robustness(lm: LoadedModel, fact: Fact, dkn: Sequence[Neuron], config) -> dict:
     """{variant: {"base", "attenuated", "enhanced"}} P(target) for the clean query and each perturbation.
 
-    ``config`` is the ``DKNConfig`` (its seed, template, attenuate, enhance and positions)."""
+    ``config`` is the ``DKNConfig`` (its seed, template, attenuate, enhance and positions). Per
+    variant one batch of three rows: the DKN untouched, x ``attenuate``, x ``enhance``; at the last
+    prompt token (on one shared prefix) or, with ``positions="all"``, everywhere."""
     rng = random.Random(f"{config.seed}:{fact.relation}:{fact.subject}")  # str seeds are stable
     template = fact.template(config.template)
     variants = {"clean": template, **{k: perturb(template, k, rng) for k in PERTURBATIONS}}
+    where = "all" if config.positions == "all" else "prompt_end"
+    edits = [None, NeuronScale(dkn, config.attenuate, where), NeuronScale(dkn, config.enhance, where)]
     out = {}
     for kind, variant in variants.items():
         if variant is None:
             continue
         prompt = render(variant, fact.subject)
-        target = target_token_ids(lm.tokenizer, prompt, fact.object)
-        p = scaled_target_probs(lm, prompt, target, [[], list(dkn), list(dkn)],
-                                [1.0, config.attenuate, config.enhance], config.positions)
-        out[kind] = {"base": float(p[0]), "attenuated": float(p[1]), "enhanced": float(p[2])}
+        ids, target = encode(lm, prompt), target_token_ids(lm.tokenizer, prompt, fact.object)
+        prefix = PrefixCache.run(lm, ids[:-1]) if where == "prompt_end" and len(ids) > 1 else None
+        p = target_logprobs(lm, [ids] * 3, [target] * 3, edits=edits, prefix=prefix).exp().tolist()  # (3,)
+        out[kind] = {"base": p[0], "attenuated": p[1], "enhanced": p[2]}
     return out

@@ -1,65 +1,56 @@
 """P(target) with sets of MLP neurons scaled: the measurement behind every DKN check.
 
-Kept apart from the DKN search (``degenerate``) and its analyses (``dkn_analyses``,
-``dkn_robustness``), which all use it.
+Kept apart from the DKN search (``find``, ``search``) and its analyses (``robustness``,
+``evolvability``). The numbers come from ``engramlab.models.scoring``: one row per neuron set,
+each row with its own ``NeuronScale``, so every subset a search tests costs one row of a batch.
 """
 
 from __future__ import annotations
 
-import copy
-from contextlib import ExitStack
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from engramlab.models.scoring import Neuron
+from engramlab.errors import EngramError
 from engramlab.models.loading import LoadedModel
+from engramlab.models.prefix import PrefixCache
+from engramlab.models.scoring import Neuron, NeuronScale, encode, target_logprobs
+
+POSITIONS = ("last", "all")
+
+
+def prompt_prefix(lm: LoadedModel, prompt_ids: Sequence[int], positions: str = "last") -> PrefixCache | None:
+    """The shared-prefix cache that ``scaled_target_probs`` can reuse for this prompt: positions
+    0..P-2 run once. None where it cannot help: ``positions="all"`` edits the prefix too, and a
+    one-token prompt has no prefix."""
+    if positions == "last" and len(prompt_ids) > 1:
+        return PrefixCache.run(lm, list(prompt_ids)[:-1])
+    return None
 
 
 @torch.no_grad()
-def scaled_target_probs(lm: LoadedModel, prompt: str, target_ids: Sequence[int], neuron_sets: Sequence[Sequence[Neuron]],
-                        factors: float | Sequence[float] = 0.0, positions: str = "last",
-                        batch_size: int = 64) -> np.ndarray:
-    """P(target | prompt) with each neuron set's activations multiplied by its factor, (len(sets),).
+def scaled_target_probs(lm: LoadedModel, prompt: str | Sequence[int], target_ids: Sequence[int],
+                        neuron_sets: Sequence[Sequence[Neuron]], factors: float | Sequence[float] = 0.0,
+                        positions: str = "last", batch_size: int = 64, *,
+                        prefix: PrefixCache | None = None) -> np.ndarray:
+    """P(target | prompt) with each neuron set's activations multiplied by its factor, (len(sets),) float64.
 
-    P(target) is teacher-forced: prod_j P(t_j | prompt, t_<j) over the target tokens t, the same
-    objective as ``engramlab.locate.neurons.target_probability`` (tested against it).
-    ``positions="last"`` scales the neurons at the last prompt token only, ``"all"`` at every
-    position. Row r of a batch scales set r, so
-    every subset a search tests costs one row. With ``"last"`` nothing before the last prompt
-    token can change (the model is causal), so the prompt prefix runs once and every row only
-    computes the segment (last prompt token + target tokens but the last) on its keys/values.
+    P(target) is teacher-forced: prod_j P(t_j | prompt, t_<j) over the target tokens t
+    (``engramlab.models.scoring.target_logprobs``). ``positions="last"`` scales the neurons at the
+    last prompt token only, ``"all"`` at every position. With ``"last"`` nothing before the last
+    prompt token can change (the model is causal), so the prompt prefix runs once
+    (``prompt_prefix``; pass ``prefix=`` to reuse one across calls) and every row only computes the
+    segment (last prompt token + target tokens but the last) on its keys/values.
     """
-    prompt_ids = lm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    target_ids = list(target_ids)
+    if positions not in POSITIONS:
+        raise EngramError(f"positions={positions!r}: choose one of {', '.join(POSITIONS)}")
+    ids, target = encode(lm, prompt), list(target_ids)
     factors = [float(factors)] * len(neuron_sets) if isinstance(factors, (int, float)) else list(factors)
-    prefix = None
-    if positions == "last" and len(prompt_ids) > 1:
-        prefix = lm.model(input_ids=torch.tensor([prompt_ids[:-1]], device=lm.device), use_cache=True).cache
-        segment, where = prompt_ids[-1:] + target_ids[:-1], [0]
-    else:
-        segment = prompt_ids + target_ids[:-1]
-        where = None if positions == "all" else [len(prompt_ids) - 1]
-    target = torch.tensor(target_ids, device=lm.device)
-    d_mlp, out = lm.adapter.d_mlp, []
-    for start in range(0, len(neuron_sets), batch_size):
-        rows = neuron_sets[start:start + batch_size]
-        scales: dict[int, torch.Tensor] = {}
-        for r, (neurons, f) in enumerate(zip(rows, factors[start:start + batch_size])):
-            for l, i in neurons:
-                scales.setdefault(l, torch.ones(len(rows), d_mlp, dtype=lm.dtype, device=lm.device))[r, i] = f
-        cache = None
-        if prefix is not None:  # a fresh copy per batch: the forward pass appends to the cache
-            cache = copy.deepcopy(prefix)
-            cache.batch_repeat_interleave(len(rows))
-        with ExitStack() as stack:
-            for l, s in scales.items():
-                stack.enter_context(lm.hooks.edit(f"blocks.{l}.mlp.neurons", lambda t, s=s: t * s[:, None, :],
-                                                  positions=where))
-            logits = lm.model(input_ids=torch.tensor([segment] * len(rows), device=lm.device), cache=cache,
-                              use_cache=cache is not None, logits_to_keep=len(target_ids)).logits
-        # The last len(target) positions predict the target tokens, one each.
-        logp = logits[:, -len(target_ids):].float().log_softmax(-1)
-        out.append(logp.gather(-1, target.expand(len(rows), -1)[..., None]).sum(dim=(1, 2)).exp().cpu())
-    return torch.cat(out).double().numpy() if out else np.zeros(0)
+    if prefix is None:
+        prefix = prompt_prefix(lm, ids, positions)
+    where = "all" if positions == "all" else "prompt_end"
+    edits = [NeuronScale(s, f, where) for s, f in zip(neuron_sets, factors)]
+    n = len(edits)
+    logp = target_logprobs(lm, [ids] * n, [target] * n, edits=edits, prefix=prefix, batch_size=batch_size)  # (n,)
+    return logp.exp().cpu().double().numpy() if n else np.zeros(0)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 
 from engramlab.locate.base import mean_of, short
-from engramlab.models.scoring import intervene, target_probabilities, target_probability
+from engramlab.models.scoring import Neuron, NeuronScale, target_probabilities, target_probability
 
 SUPPRESS, ENHANCE = 0.0, 2.0
 
@@ -44,13 +44,12 @@ def measure_effects(lm, records: list[dict], targets: list[list[int]], n_compare
         group = [k, *same, *other]
         effects = {"base_prob": short(base[k])}
         for name, factor in (("suppress", SUPPRESS), ("enhance", ENHANCE)):
-            with intervene(lm, neurons, factor):
-                probs = target_probabilities(lm, [prompts[j] for j in group], [targets[j] for j in group])
+            probs = target_probabilities(lm, [prompts[j] for j in group], [targets[j] for j in group],
+                                         edits=NeuronScale(neurons, factor))
             change = [(p - base[j]) / base[j] if base[j] > 0 else None for p, j in zip(probs, group)]
             randoms = []
             for control in controls:
-                with intervene(lm, control, factor):
-                    p = target_probability(lm, prompts[k], targets[k])
+                p = target_probability(lm, prompts[k], targets[k], edits=NeuronScale(control, factor))
                 randoms.append((p - base[k]) / base[k] if base[k] > 0 else None)
             effects[name] = {"own": change[0], "same_relation": mean_of(change[1: 1 + len(same)]),
                              "other_relation": mean_of(change[1 + len(same):]), "random": mean_of(randoms)}
@@ -59,7 +58,7 @@ def measure_effects(lm, records: list[dict], targets: list[list[int]], n_compare
 
 
 
-def _random_like(neurons: list[tuple[int, int]], d_mlp: int, rng: random.Random) -> list[tuple[int, int]]:
+def _random_like(neurons: list[Neuron], d_mlp: int, rng: random.Random) -> list[Neuron]:
     """As many random neurons as ``neurons``, each in the same layer as one of them, none of them."""
     taken = set(neurons)
     out = []

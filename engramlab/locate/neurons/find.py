@@ -31,74 +31,25 @@ paraphrases' coarse sets (None with one paraphrase).
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from engramlab.config import check, option, validate
+from engramlab.config import to_dict
 from engramlab.data.facts import FactSet, target_token_ids
-from engramlab.locate import integration
-from engramlab.locate.base import mean_of, short
+from engramlab.locate.base import mean_of, model_facts, read_result, short, write_result
 from engramlab.locate.neurons.effects import measure_effects
-from engramlab.locate.neurons.ig import BASELINES, OBJECTIVES, SITES, integrated_gradients
+from engramlab.locate.neurons.config import (BASELINES, OBJECTIVES, REFINE, SITES,  # noqa: F401 (re-exported)
+                                             NeuronConfig)
+from engramlab.locate.neurons.ig import integrated_gradients
 from engramlab.locate.neurons.select import _tally, coarse_neurons, consistency, refine_neurons, refine_relation_dai, relation_neurons
 from engramlab.models.context import check_facts_fit
 from engramlab.models.scoring import encode, first_token_ranks
 from engramlab.progress import progress_bar
-from engramlab.runs import atomic_write_json, atomic_write_jsonl, load_json, read_jsonl
-
-REFINE = ("fact", "dai")
-# Per refinement rule: (p_start, min_prompts) when not given.
-_PRESETS = {"fact": (0.5, 1), "dai": (0.7, 3)}
-
-
-@dataclass
-class NeuronConfig:
-    """Settings of ``find_knowledge_neurons``.
-
-    The defaults are engramlab's (per-fact refinement, right-sum rule); ``refine="dai"`` with
-    ``ig_rule="left"`` is the closest to Dai et al. 2022's code (see docs/neurons.md for what still
-    differs). ``p_start`` and ``min_prompts`` left at None take the refinement rule's preset."""
-
-    steps: int = option(20, "m, integration steps.", range=(1, None))
-    baseline: str = option("zero", "zero | mean (positions 1..P-2) | mean_all (positions 0..P-2).",
-                           choices=BASELINES)
-    objective: str = option("prob", "prob (joint probability) | logprob | prob_sum of the target tokens.",
-                            choices=OBJECTIVES)
-    site: str = option("neurons", "neurons (input of the MLP output projection) | pre (pre-activation).",
-                       choices=SITES)
-    ig_rule: str = option("right", "Integration rule: right | left (Dai's code) | trapezoid.",
-                          choices=integration.RULES)
-    threshold: float = option(0.2, "Coarse: score > threshold x max score of the prompt.", range=(0, 1),
-                              open_high=True)
-    refine: str = option("fact", "fact (p adapted per fact, cut to max_neurons) | dai (per relation).",
-                         choices=REFINE)
-    p_start: float | None = option(None, "Refined: kept by >= p of the paraphrases (None: 0.5 fact, 0.7 dai).",
-                                   range=(0, 1), open_low=True)
-    min_prompts: int | None = option(None, "...and by >= this many paraphrases (None: 1 fact, 3 dai).",
-                                     range=(1, None), integer=True)
-    min_neurons: int = option(2, "fact: per fact; dai: the relation's mean per fact, kept in this range.",
-                              range=(1, None))
-    max_neurons: int = option(5, "...and at most this many.", range=(1, None))
-    relation_share: float = option(0.1, "Relation neurons: in >= this share of the relation's facts.",
-                                   range=(0, 1), open_low=True)
-    max_rank: int = option(100, "Skip facts whose first target token ranks beyond this.", range=(1, None))
-    batch_layers: int | None = option(None, "Layers per IG batch (None: as many as fit in memory).",
-                                      range=(1, None), integer=True)
-    n_random_repeats: int = option(3, "Random-neuron controls per fact.", range=(0, None),
-                                   flag="--random-repeats")
-    seed: int = 0
-    n_compare: int = option(20, "At most this many facts of the same / other relations per fact.",
-                            range=(0, None))
-
-    def __post_init__(self):
-        validate(self)
-        p_start, min_prompts = _PRESETS[self.refine]
-        self.p_start = p_start if self.p_start is None else self.p_start
-        self.min_prompts = min_prompts if self.min_prompts is None else self.min_prompts
-        check(self, "min_neurons", self.min_neurons <= self.max_neurons, f"must be <= max_neurons ({self.max_neurons})")
+from engramlab.models.loading import LoadedModel
+from engramlab.runs import atomic_write_json, load_json
 
 
 def attribute_neurons(lm, prompt: str | Sequence[int], target_ids: Sequence[int], config: NeuronConfig,
@@ -157,20 +108,24 @@ class NeuronResult:
     (per paraphrase: [layer, index, score] lists, None where left out), ``p`` (the final share),
     ``consistency``, ``skipped`` (reason or None), ``effects`` (see ``measure_effects``)."""
 
-    records: list[dict]
+    rows: list[dict]
     relation_neurons: dict[str, list[list[int]]]
     config: dict
     stats: dict = field(default_factory=dict)
+    model: dict = field(default_factory=dict)
+
+    def records(self) -> list[dict]:
+        return self.rows
 
     def attributed(self) -> list[dict]:
-        return [r for r in self.records if r["skipped"] is None]
+        return [r for r in self.rows if r["skipped"] is None]
 
     def summary(self) -> dict:
         done = self.attributed()
         effects = [r["effects"] for r in done if r.get("effects")]
 
-        out = {"n_facts": len(self.records), "n_attributed": len(done),
-               "n_skipped": len(self.records) - len(done), **_effect_means(effects)}
+        out = {"n_facts": len(self.rows), "n_attributed": len(done),
+               "n_skipped": len(self.rows) - len(done), **_effect_means(effects)}
         out["mean_neurons_per_fact"] = mean_of([len(r["neurons"]) for r in done])
         out["n_without_neurons"] = sum(not r["neurons"] for r in done)
         out["mean_prompts_per_fact"] = mean_of([sum(c is not None for c in r["coarse"]) for r in done])
@@ -188,17 +143,17 @@ class NeuronResult:
         return out
 
     def save(self, directory: str | Path) -> None:
-        d = Path(directory)
-        atomic_write_jsonl(d / "neurons.jsonl", self.records)
+        """The shared files (records also as ``neurons.jsonl``, its name before the contract) and
+        ``relation_neurons.json``."""
+        d = write_result(directory, "neurons", self, records_alias="neurons.jsonl")
         atomic_write_json(d / "relation_neurons.json", self.relation_neurons)
-        atomic_write_json(d / "neurons_config.json", {"config": self.config, "stats": self.stats})
 
     @classmethod
     def load(cls, directory: str | Path) -> "NeuronResult":
         d = Path(directory)
-        meta = load_json(d / "neurons_config.json", "knowledge-neuron config")
-        return cls(read_jsonl(d / "neurons.jsonl"), load_json(d / "relation_neurons.json", "relation neurons"),
-                   meta["config"], meta.get("stats", {}))
+        got = read_result(d, "neurons", old_config=("neurons_config.json",), old_records=("neurons.jsonl",))
+        return cls(got.records, load_json(d / "relation_neurons.json", "relation neurons"), got.config, got.stats,
+                   got.model)
 
 
 def _effect_means(effects: list[dict]) -> dict:
@@ -212,10 +167,13 @@ def _effect_means(effects: list[dict]) -> dict:
     return out
 
 
-def find_knowledge_neurons(lm, facts: FactSet, config: NeuronConfig | None = None,
-                           show_progress: bool = False) -> NeuronResult:
-    """Attribute, select and test the knowledge neurons of every fact (see module docstring)."""
+def find_knowledge_neurons(lm: LoadedModel, facts: FactSet, config: NeuronConfig | None = None, *,
+                           progress: bool = False, show_progress: bool | None = None) -> NeuronResult:
+    """Attribute, select and test the knowledge neurons of every fact (see module docstring).
+
+    ``show_progress`` is the old name of ``progress``."""
     config = config or NeuronConfig()
+    progress = progress if show_progress is None else show_progress
     check_facts_fit(lm, facts)
     start, cpu_start = time.time(), time.process_time()
     tok = lm.tokenizer
@@ -226,7 +184,7 @@ def find_knowledge_neurons(lm, facts: FactSet, config: NeuronConfig | None = Non
 
     records = []
     for fact, ps, ts, rs in progress_bar(list(zip(facts, prompts, targets, ranks)), "knowledge neurons",
-                                         enabled=show_progress):
+                                         enabled=progress):
         record = {"relation": fact.relation, "subject": fact.subject, "object": fact.object, "prompts": ps,
                   "target_tokens": tok.convert_ids_to_tokens(ts[0]), "ranks": rs, "neurons": [], "coarse": [],
                   "p": None, "consistency": None, "skipped": None, "effects": None}
@@ -253,8 +211,6 @@ def find_knowledge_neurons(lm, facts: FactSet, config: NeuronConfig | None = Non
     stats = {"attribution_seconds": round(attributed_seconds, 3), "total_seconds": round(total, 3),
              "cpu_seconds": round(cpu, 3), "seconds_per_fact": round(total / n_done, 3) if n_done else None,
              "cpu_seconds_per_fact": round(cpu / n_done, 3) if n_done else None}
-    meta = {**asdict(config), "model": getattr(lm, "spec", None), "n_layers": lm.adapter.n_layers,
-            "d_mlp": lm.adapter.d_mlp}
-    return NeuronResult(records, rel_neurons, meta, stats)
+    return NeuronResult(records, rel_neurons, to_dict(config), stats, model_facts(lm))
 
 

@@ -54,11 +54,11 @@ from typing import Callable, Sequence
 import torch
 
 from engramlab.errors import EngramError
-from engramlab.locate.integration import RULES, check_rule, integration_tensors  # noqa: F401 (RULES re-exported)
-
-SITES = ("neurons", "pre")
-BASELINES = ("zero", "mean", "mean_all")
-OBJECTIVES = ("prob", "logprob", "prob_sum")
+from engramlab.locate.integration import integration_tensors
+from engramlab.locate.integration_rules import RULES, check_rule  # noqa: F401 (RULES re-exported)
+from engramlab.locate.neurons.config import BASELINES, OBJECTIVES, SITES
+from engramlab.models.hooks import site_name
+from engramlab.models.prefix import PrefixCache
 
 
 # -- sites and objective ----------------------------------------------------------------------
@@ -66,11 +66,12 @@ def site_hook(lm, layer: int, site: str, fn: Callable[[torch.Tensor], torch.Tens
     """Context manager running ``fn`` on layer ``layer``'s neuron tensor (batch, pos, d_mlp).
 
     ``neurons`` is the input of the MLP output projection, ``pre`` the pre-activation (gate or
-    fc output; the gate half of a fused projection), both hook sites of the adapter.
+    fc output; the gate half of a fused projection: the adapter's ``mlp_pre``), the hook sites
+    ``mlp.neurons`` and ``mlp.pre``.
     ``fn`` returns a replacement tensor or None (leave it)."""
     if site not in SITES:
         raise EngramError(f"neuron site {site!r}: choose one of {', '.join(SITES)}")
-    return lm.hooks.hook(f"blocks.{layer}.mlp.{'neurons' if site == 'neurons' else 'pre'}", fn)
+    return lm.hooks.hook(site_name("mlp.neurons" if site == "neurons" else "mlp.pre", layer), fn)
 
 
 def objective_from_logits(logits: torch.Tensor, target_ids: Sequence[int], objective: str) -> torch.Tensor:
@@ -134,25 +135,6 @@ def _baseline(prefix_acts: torch.Tensor | None, a: torch.Tensor, baseline: str) 
 
 
 # -- the batched kernel -------------------------------------------------------------------------
-class _SharedPrefixCache:
-    """Stands in for HF's key/value cache in the batched pass.
-
-    Every row attends to the same prompt prefix: its keys/values (1, kv_heads, P-1, d_head) per
-    layer are put in front of each row's own. Nothing is stored, so layers can be called in any
-    order and batches of any size share one cache."""
-
-    def __init__(self, keys: list[torch.Tensor | None], values: list[torch.Tensor | None]):
-        self.keys, self.values = keys, values
-
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
-        past_k, past_v = self.keys[layer_idx], self.values[layer_idx]
-        if past_k is None:
-            return key, value
-        rows = key.shape[0]
-        return (torch.cat([past_k.expand(rows, -1, -1, -1), key], dim=-2),
-                torch.cat([past_v.expand(rows, -1, -1, -1), value], dim=-2))
-
-
 class _CleanRun:
     """What the batched pass needs from the unedited model, computed once per prompt.
 
@@ -172,27 +154,25 @@ class _CleanRun:
         self.calls: list[tuple] = [None] * n
         with torch.no_grad():
             cache = self._prefix_pass(lm, prompt_ids[:-1], site)
-            keys = [None if cache is None else cache.layers[l].keys for l in range(n)]
-            values = [None if cache is None else cache.layers[l].values for l in range(n)]
             logits, acts = self._segment_pass(lm, prompt_ids[-1:] + list(target_ids[:-1]), cache, site)
         self.acts = [t[0, 0].float() for t in acts]
         self.prefix = [None if t is None else t[0] for t in self.prefix]
         self.objective = float(objective_from_logits(logits, target_ids, objective)[0])
-        # The batched pass must not touch HF's cache (it would grow); swap in the shared one.
-        shared = _SharedPrefixCache(keys, values)
-        swap = lambda v: shared if isinstance(v, Cache) else v  # noqa: E731
+        # The batched pass calls each layer with what HF passed it here, the shared prefix cache
+        # among it: a PrefixCache never grows, so it serves every batch (any other cache is swapped).
+        swap = lambda v: cache if isinstance(v, Cache) else v  # noqa: E731
         self.calls = [(tuple(swap(v) for v in args), {k: swap(v) for k, v in kw.items()})
                       for args, kw in self.calls]
 
     def _prefix_pass(self, lm, prefix_ids: list[int], site: str):
-        """Positions 0..P-2: HF's key/value cache (None for a one-token prompt) and the site
-        activations there (for the mean baseline)."""
+        """Positions 0..P-2: their shared key/value cache (``PrefixCache``; None for a one-token
+        prompt) and the site activations there (for the mean baseline)."""
         if not prefix_ids:
             return None
         with ExitStack() as stack:
             for l in range(lm.adapter.n_layers):
                 stack.enter_context(site_hook(lm, l, site, self._recorder(self.prefix, l)))
-            return lm.model(input_ids=torch.tensor([prefix_ids], device=lm.device), use_cache=True).cache
+            return PrefixCache.run(lm, prefix_ids)
 
     def _segment_pass(self, lm, segment_ids: list[int], cache, site: str):
         """The last prompt token and the target tokens but the last, on the prefix cache: logits

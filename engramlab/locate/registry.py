@@ -1,0 +1,64 @@
+"""``LOCATORS``: every analysis the pipeline can run, by name (the one place they are registered).
+
+A new locator adds one ``Locator(...)`` line here (see docs/architecture.md) and passes the contract
+suite in tests/test_locators.py; ``engram evolve``, ``engram study`` and the report then run it.
+"""
+
+from __future__ import annotations
+
+from engramlab.errors import EngramError
+from engramlab.locate.base import Locator
+from engramlab.locate.circuits.find import CircuitConfig, CircuitResult, find_circuit
+from engramlab.locate.dkn.find import DKNConfig, DKNResult, find_degenerate_neurons
+from engramlab.locate.neurons.find import NeuronConfig, NeuronResult, find_knowledge_neurons
+from engramlab.recall import RecallConfig, RecallResult, score_recall
+
+LOCATORS: dict[str, Locator] = {}
+
+
+def register(locator: Locator) -> Locator:
+    """Add ``locator`` under its name (a name is registered once)."""
+    if locator.name in LOCATORS:
+        raise ValueError(f"locator {locator.name!r} is registered twice")
+    LOCATORS[locator.name] = locator
+    return locator
+
+
+def get_locator(name: str) -> Locator:
+    """The locator called ``name``; a one-line error lists the others."""
+    try:
+        return LOCATORS[name]
+    except KeyError:
+        raise EngramError(f"unknown analysis {name!r}; choose from {', '.join(LOCATORS)}") from None
+
+
+register(Locator(
+    "recall", RecallConfig, score_recall, RecallResult,
+    help="Does the model know each fact? Rank and probability of the answer, greedy exact match.",
+    summary_keys=("n_facts", "top1_accuracy", "top10_accuracy", "exact_match", "mean_target_prob"),
+    quick={}))
+register(Locator(
+    "neurons", NeuronConfig, find_knowledge_neurons, NeuronResult,
+    help="Knowledge neurons by integrated gradients, tested by suppressing and enhancing them.",
+    summary_keys=("n_facts", "n_attributed", "n_skipped", "mean_own_drop", "mean_same_relation_drop",
+                  "mean_other_relation_drop", "mean_random_drop", "mean_own_enhance", "mean_prompts_per_fact",
+                  "mean_neurons_per_fact", "n_without_neurons", "mean_consistency", "n_relation_neurons",
+                  "seconds_per_fact"),
+    files=("relation_neurons.json",),
+    quick={"steps": 3, "max_rank": 100000, "n_compare": 2, "n_random_repeats": 1}))
+register(Locator(
+    "dkn", DKNConfig, find_degenerate_neurons, DKNResult,
+    help="Degenerate knowledge neurons: clusters of neurons that back each other up.",
+    summary_keys=("n_facts", "n_evaluated", "dkn_found_rate", "mean_partial_drop", "mean_full_drop",
+                  "mean_clusters", "mean_dkn_neurons"),
+    quick={"steps": 3, "known_rank": 100000, "max_candidates": 6, "robustness": False}))
+register(Locator(
+    "circuit", CircuitConfig, find_circuit, CircuitResult,
+    help="The edges of the head/MLP graph that carry facts, by EAP-IG, evaluated on held-out facts.",
+    summary_keys=("n_nodes", "n_edges_total", "n_edges_ungrouped", "n_edges_kept", "edge_fraction", "faithfulness",
+                  "discovery_faithfulness", "hit_at_10_model", "hit_at_10_circuit", "n_discovery", "n_evaluation",
+                  "n_wrong", "n_skipped", "n_mover_heads", "n_relation_heads", "n_mixture_heads", "seconds"),
+    files=("scores.safetensors", "circuit.json", "evaluation.json", "components.json", "pairs.json", "skipped.jsonl"),
+    quick={"steps": 2, "require_correct": False, "top_n": 20}))
+
+__all__ = ["LOCATORS", "Locator", "get_locator", "register"]
