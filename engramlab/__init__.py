@@ -13,6 +13,7 @@ The main names, importable from here (loaded on first use, so ``import engramlab
 __version__ = "0.1.0"
 
 from engramlab.errors import EngramError  # noqa: E402
+from engramlab.lazy import lazy_exports  # noqa: E402
 
 _LAZY = {
     "load_model": "engramlab.models.loading",
@@ -20,31 +21,20 @@ _LAZY = {
     "load_facts": "engramlab.data.facts",
     "FactSet": "engramlab.data.facts",
     "train": "engramlab.train.trainer",
-    "TrainConfig": "engramlab.train.trainer",
+    "TrainConfig": "engramlab.train.config",
     "score_recall": "engramlab.recall",
     "RecallConfig": "engramlab.recall",
     "find_knowledge_neurons": "engramlab.locate.neurons.find",
-    "NeuronConfig": "engramlab.locate.neurons.find",
+    "NeuronConfig": "engramlab.locate.neurons.config",
     "find_degenerate_neurons": "engramlab.locate.dkn.find",
     "find_dkns": "engramlab.locate.dkn.find",
-    "DKNConfig": "engramlab.locate.dkn.find",
+    "DKNConfig": "engramlab.locate.dkn.config",
     "find_circuit": "engramlab.locate.circuits.find",
-    "CircuitConfig": "engramlab.locate.circuits.find",
+    "CircuitConfig": "engramlab.locate.circuits.config",
     "LOCATORS": "engramlab.locate.registry",
     "select": "engramlab.locate.base",
 }
 
-
-def __getattr__(name):  # PEP 562
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'engramlab' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted([*globals(), *_LAZY])
-
+lazy_exports(__name__, _LAZY)  # PEP 562: nothing heavy loads before a name is used
 
 __all__ = ["EngramError", "__version__", *_LAZY]

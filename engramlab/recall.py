@@ -13,18 +13,15 @@ over prompt + target (``engramlab.models.scoring.target_logits``) gives, per fac
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
-
-import torch
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from engramlab.config import option, to_dict, validate
-from engramlab.data.facts import FactSet, target_token_ids
-from engramlab.locate.base import fact_record, model_facts
-from engramlab.models.context import check_facts_fit
-from engramlab.models.loading import LoadedModel
-from engramlab.models.scoring import answer_ranks, target_logits
-from engramlab.progress import progress_bar
+from engramlab.locate.base import RowResult
+
+if TYPE_CHECKING:  # torch and the models load when scoring starts, not when the CLI builds its flags
+    from engramlab.data.facts import FactSet
+    from engramlab.models.loading import LoadedModel
 
 
 @dataclass
@@ -39,16 +36,13 @@ class RecallConfig:
 
 
 @dataclass
-class RecallResult:
-    """Per-fact recall records and their summary (see ``engramlab.locate.base.Result``)."""
+class RecallResult(RowResult):
+    """Per-fact recall records and their summary (see ``engramlab.locate.base.Result``); the
+    records are also written as ``facts.jsonl``, their name before the shared layout."""
 
-    rows: list[dict]
-    config: dict = field(default_factory=dict)
-    stats: dict = field(default_factory=dict)
-    model: dict = field(default_factory=dict)
-
-    def records(self) -> list[dict]:
-        return self.rows
+    NAME = "recall"
+    OLD_CONFIG = ("recall_config.json",)
+    OLD_RECORDS = ("facts.jsonl",)
 
     def summary(self) -> dict:
         """Flat headline numbers: overall and per-relation accuracies."""
@@ -63,19 +57,6 @@ class RecallResult:
     def per_relation(self) -> dict[str, dict]:
         rels = sorted({r["relation"] for r in self.rows})
         return {rel: _accuracies([r for r in self.rows if r["relation"] == rel]) for rel in rels}
-
-    def save(self, directory: str | Path) -> None:
-        """The shared files; the records also as ``facts.jsonl``, their name before the contract."""
-        from engramlab.locate.base import write_result
-
-        write_result(directory, "recall", self, records_alias="facts.jsonl")
-
-    @classmethod
-    def load(cls, directory: str | Path) -> "RecallResult":
-        from engramlab.locate.base import read_result
-
-        got = read_result(directory, "recall", old_config=("recall_config.json",), old_records=("facts.jsonl",))
-        return cls(got.records, got.config, got.stats, got.model)
 
 
 def _accuracies(records: list[dict]) -> dict:
@@ -92,7 +73,6 @@ def _accuracies(records: list[dict]) -> dict:
     }
 
 
-@torch.no_grad()
 def score_recall(lm: LoadedModel, facts: FactSet, config: RecallConfig | None = None, *, progress: bool = False,
                  template_index: int | None = None, batch_size: int | None = None,
                  show_progress: bool | None = None) -> RecallResult:
@@ -104,6 +84,14 @@ def score_recall(lm: LoadedModel, facts: FactSet, config: RecallConfig | None = 
         base = config or RecallConfig()
         config = RecallConfig(template=base.template if template_index is None else template_index,
                               batch_size=base.batch_size if batch_size is None else batch_size)
+    import torch
+
+    from engramlab.data.facts import target_token_ids
+    from engramlab.locate.base import fact_record, model_facts
+    from engramlab.models.context import check_facts_fit
+    from engramlab.models.scoring import answer_ranks, target_logits
+    from engramlab.progress import progress_bar
+
     config = config or RecallConfig()
     progress = progress if show_progress is None else show_progress
     check_facts_fit(lm, facts)
@@ -111,20 +99,21 @@ def score_recall(lm: LoadedModel, facts: FactSet, config: RecallConfig | None = 
     facts = list(facts)
     prompts = [fact.prompt(config.template) for fact in facts]
     targets = [target_token_ids(tok, prompt, fact.object) for fact, prompt in zip(facts, prompts)]
-    rows = target_logits(lm, prompts, targets, batch_size=config.batch_size)  # a generator: one batch at a time
+    with torch.no_grad():  # the generator runs inside: every batch without a graph
+        rows = target_logits(lm, prompts, targets, batch_size=config.batch_size)  # a generator: one batch at a time
 
-    records = []
-    for fact, prompt, t, pred in progress_bar(zip(facts, prompts, targets, rows), "recall", enabled=progress,
-                                              total=len(facts)):
-        pred = pred.float()  # (len(t), vocab): row j predicts target token j given the earlier ones
-        first = pred[0]
-        greedy = pred.argmax(-1).tolist()
-        records.append(fact_record(
-            fact, prompt, tok.convert_ids_to_tokens(t),
-            target_prob=float(first.softmax(-1)[t[0]]),
-            target_rank=int(answer_ranks(first[None], torch.tensor([t[0]]))[0]),
-            top1_token=tok.decode([int(first.argmax())]),
-            exact_match=greedy == t,
-            greedy_completion=tok.decode(greedy),
-        ))
-    return RecallResult(records, to_dict(config), {"n_facts": len(facts)}, model_facts(lm))
+        records = []
+        for fact, prompt, t, pred in progress_bar(zip(facts, prompts, targets, rows), "recall", enabled=progress,
+                                                  total=len(facts)):
+            pred = pred.float()  # (len(t), vocab): row j predicts target token j given the earlier ones
+            first = pred[0]
+            greedy = pred.argmax(-1).tolist()
+            records.append(fact_record(
+                fact, prompt, tok.convert_ids_to_tokens(t),
+                target_prob=float(first.softmax(-1)[t[0]]),
+                target_rank=int(answer_ranks(first[None], torch.tensor([t[0]]))[0]),
+                top1_token=tok.decode([int(first.argmax())]),
+                exact_match=greedy == t,
+                greedy_completion=tok.decode(greedy),
+            ))
+        return RecallResult(records, to_dict(config), {"n_facts": len(facts)}, model_facts(lm))

@@ -81,6 +81,15 @@ def test_resume_checks_command_world_and_flags(tmp_path, world_dir):
     # a flag that contradicts the saved config
     r = runner.invoke(app, ["train", "--resume", "--out", str(run), "--lr", "0.5"])
     assert r.exit_code == 2 and "--lr 0.5 differs from its 0.001" in r.output
+    # the same setting in another spelling is no contradiction: "2:4" (as manifests before the
+    # config was typed stored it) against --patch-window 2:4, both parsed to the pair (2, 4)
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["config"]["patch_window"] = "2:4"
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    r = runner.invoke(app, ["train", "--resume", "--out", str(run), "--patch-window", "2:4"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["train", "--resume", "--out", str(run), "--patch-window", "2:5"])
+    assert r.exit_code == 2 and "differs from its '2:4'" in r.output
     # case 126: the world was regenerated since the run started
     summary = (run / "summary.json").read_bytes()
     build_world("tiny", n_people=20, n_heldout=5, seed=7).save(world)

@@ -271,13 +271,14 @@ def test_evolvability_loss_and_recall_against_plain_cross_entropy():
 
 # -- locators measure through the scoring layer, not through each other --------------------------------
 # (module files, packages they must not import). DKN candidates are coarse knowledge neurons by
-# definition, so locate/dkn may use the knowledge-neuron attribution and selection.
+# definition, so locate/dkn may use the knowledge-neuron attribution and selection (and the names
+# of its choices, in the light ``config``).
 FORBIDDEN = [
     ("locate/circuits", ("engramlab.locate.neurons", "engramlab.locate.dkn")),
     ("locate/neurons", ("engramlab.locate.dkn", "engramlab.locate.circuits")),
     ("recall.py", ("engramlab.locate.neurons", "engramlab.locate.dkn", "engramlab.locate.circuits")),
 ]
-DKN_MAY_USE = ("engramlab.locate.neurons.ig", "engramlab.locate.neurons.select")
+DKN_MAY_USE = ("engramlab.locate.neurons.ig", "engramlab.locate.neurons.select", "engramlab.locate.neurons.config")
 
 
 def imported_modules(path: Path) -> set[str]:

@@ -113,11 +113,18 @@ def _refuse_changed_settings(config: Settings, saved: dict) -> None:
     """With --resume the saved config is used; a setting given now that says otherwise is an error."""
     import json
 
+    from engramlab.config import to_dict
+
+    def as_saved(cfg) -> dict:  # compared as the manifest stores them (a tuple comes back as a list)
+        return json.loads(json.dumps(to_dict(cfg)))
+
+    before = as_saved(TrainConfig(**{"eval_template_choice": "first", **saved}))
     for path, value in config.given.items():
         if path not in saved:
             continue
-        # Compared as the manifest stores them (a tuple comes back from JSON as a list).
-        if json.loads(json.dumps(value)) != saved[path]:
+        # Both sides parsed by TrainConfig, so "20:40" given now equals [20, 40] saved (or "20:40" in
+        # a manifest written before patch_window became a pair).
+        if as_saved(TrainConfig(**{**before, path: value}))[path] != before[path]:
             where = config.origin[path]
             given = f"{where} {value!r}" if where.startswith("--") and where != "--set" else \
                 f"{path}={value!r} ({where})"

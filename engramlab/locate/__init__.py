@@ -4,15 +4,10 @@
 importing one locator's module does not import every other one.
 """
 
+from engramlab.lazy import lazy_exports
 from engramlab.locate.base import Locator, Result, select
 
-
-def __getattr__(name):  # PEP 562: the registry imports every locator, so load it only when asked
-    if name in ("LOCATORS", "get_locator", "register"):
-        from engramlab.locate import registry
-
-        return getattr(registry, name)
-    raise AttributeError(f"module 'engramlab.locate' has no attribute {name!r}")
-
+# The registry imports every locator, so it loads only when asked for.
+lazy_exports(__name__, {name: "engramlab.locate.registry" for name in ("LOCATORS", "get_locator", "register")})
 
 __all__ = ["LOCATORS", "Locator", "Result", "get_locator", "register", "select"]

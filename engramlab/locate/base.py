@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Callable, ClassVar, Protocol, runtime_checkable
 
 from engramlab.errors import EngramError
 from engramlab.runs import atomic_write_json, atomic_write_jsonl, load_json, read_jsonl
@@ -182,6 +182,38 @@ def read_result(directory: str | Path, name: str, *, old_config: tuple[str, ...]
     else:
         rows = read_jsonl(rec)
     return Stored(config, model, stats, rows, meta)
+
+
+@dataclass
+class RowResult:
+    """A Result whose findings are its per-fact rows: ``save`` / ``load`` are the shared layout.
+
+    A subclass sets ``NAME`` (its locator's name) and writes ``summary()``; ``OLD_CONFIG`` /
+    ``OLD_RECORDS`` name the files of earlier versions (the first old records name is also written,
+    as a second name of ``records.jsonl``)."""
+
+    rows: list[dict]
+    config: dict = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)
+    model: dict = field(default_factory=dict)
+
+    NAME: ClassVar[str] = ""
+    OLD_CONFIG: ClassVar[tuple[str, ...]] = ()
+    OLD_RECORDS: ClassVar[tuple[str, ...]] = ()
+
+    def records(self) -> list[dict]:
+        return self.rows
+
+    def summary(self) -> dict:
+        raise NotImplementedError
+
+    def save(self, directory: str | Path) -> None:
+        write_result(directory, self.NAME, self, records_alias=self.OLD_RECORDS[0] if self.OLD_RECORDS else None)
+
+    @classmethod
+    def load(cls, directory: str | Path):
+        got = read_result(directory, cls.NAME, old_config=cls.OLD_CONFIG, old_records=cls.OLD_RECORDS)
+        return cls(got.records, got.config, got.stats, got.model)
 
 
 # -- the registry entry -------------------------------------------------------------------------------

@@ -121,6 +121,11 @@ def _differences(run_dir: Path, requested: dict) -> list[str]:
     if manifest.get("status") != "complete" or not (run_dir / "summary.json").is_file():
         return ["(not finished)"]
     saved = manifest.get("config") or {}
+    if isinstance(saved.get("patch_window"), str):  # written before patch_window became a pair
+        try:
+            saved = {**saved, "patch_window": [int(x) for x in saved["patch_window"].split(":")]}
+        except ValueError:
+            pass  # not "A:B": it differs from any pair requested now
     # Compared as the manifest stores them: a tuple (patch_window) comes back from JSON as a list.
     requested = json.loads(json.dumps(requested))
     return [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in requested.items() if saved.get(k) != v]

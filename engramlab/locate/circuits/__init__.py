@@ -6,6 +6,7 @@ clean-corrupted), keeps the best ones, and evaluates the circuit on held-out fac
 =============  ================================================================================
 module         concern
 =============  ================================================================================
+config         ``CircuitConfig`` and the names of its choices (no torch: the command line reads it)
 graph          nodes, reader slots and edges as index maps and masks (``CircuitGraph``)
 data           clean/corrupted pairs: filtering, discovery/evaluation split, token batches
 hooks          writer outputs, reader inputs, the norm Jacobian
@@ -15,16 +16,15 @@ evaluate       faithfulness, Hit@10 and faithfulness-vs-N under a named ablation
 components     head roles (mover / relation / mixture) and the logit lens
 draw           DOT / SVG drawing
 store          files of a result; the EAP-IG JSON layout
-find           ``CircuitConfig``, ``CircuitResult``, ``find_circuit``
+find           ``CircuitResult``, ``find_circuit``
 =============  ================================================================================
 """
 
-import importlib
-import sys
-import types
+from engramlab.lazy import lazy_exports
 
-# name -> the module defining it. PEP 562: the package is imported whenever one of its modules is
-# (``engramlab.locate.circuits.config`` by the command line, too), so nothing heavy is imported until a name is asked for.
+# name -> the module defining it. PEP 562: the package runs whenever one of its modules is
+# imported (``engramlab.locate.circuits.config`` by the command line, too), so a name's module is
+# imported only when the name is first asked for.
 _LAZY = {
     "ABLATIONS": "engramlab.locate.circuits.config", "METHODS": "engramlab.locate.circuits.config",
     "METRICS": "engramlab.locate.circuits.config", "CircuitConfig": "engramlab.locate.circuits.config",
@@ -37,35 +37,7 @@ _LAZY = {
     "prune": "engramlab.locate.circuits.prune", "prune_unreachable": "engramlab.locate.circuits.prune",
     "top_n": "engramlab.locate.circuits.prune",
 }
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    try:  # a submodule (``engramlab.locate.circuits.store``) reached as an attribute
-        return importlib.import_module(f"{__name__}.{name}")
-    except ModuleNotFoundError as e:
-        if e.name != f"{__name__}.{name}":
-            raise
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-class _Package(types.ModuleType):
-    """Importing the submodule ``prune`` binds it on the package; the package's ``prune`` is the
-    function of that name (as when this file imported it eagerly), so keep that bound instead."""
-
-    def __setattr__(self, attr, value):
-        if attr == "prune" and isinstance(value, types.ModuleType):
-            value = getattr(value, attr)
-        super().__setattr__(attr, value)
-
-
-sys.modules[__name__].__class__ = _Package
-
-
-def __dir__():
-    return sorted([*globals(), *_LAZY])
-
+lazy_exports(__name__, _LAZY, functions=('prune',))
 
 __all__ = [
     "ABLATIONS", "METHODS", "METRICS", "CircuitConfig", "CircuitEvaluator", "CircuitGraph", "CircuitResult",

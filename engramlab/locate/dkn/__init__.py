@@ -3,23 +3,24 @@
 ===============  ==================================================================================
 module           concern
 ===============  ==================================================================================
+config           ``DKNConfig``, ``ClusterConfig``, ``EvolveConfig`` and the names of their choices
+                 (no torch, no scipy: the command line reads them)
 graph            neuron distances from the weights: 1 / |w_out_A . r_B| (norm folded in)
-clustering       persistent-homology clustering and the other methods (``ClusterConfig``)
+clustering       persistent-homology clustering and the other methods (``cluster_neurons``)
 search           the enforced DKN test over subsets of clusters (``search_dkn``)
 suppression      P(target) with neuron sets scaled, many sets per forward pass
 robustness       perturbed queries with the DKN attenuated / enhanced
-find             ``DKNConfig``, ``DKNResult``, ``find_degenerate_neurons`` (alias ``find_dkns``)
-evolvability     learning new facts through the DKN vs other neurons (``EvolveConfig``,
-                 ``evaluate_evolvability``, ``EvolvabilityResult``)
+find             ``DKNResult``, ``find_degenerate_neurons`` (alias ``find_dkns``)
+evolvability     learning new facts through the DKN vs other neurons (``evaluate_evolvability``,
+                 ``EvolvabilityResult``)
 ===============  ==================================================================================
 """
 
-import importlib
-import sys
-import types
+from engramlab.lazy import lazy_exports
 
-# name -> the module defining it. PEP 562: the package is imported whenever one of its modules is
-# (``engramlab.locate.dkn.config`` by the command line, too), so nothing heavy is imported until a name is asked for.
+# name -> the module defining it. PEP 562: the package runs whenever one of its modules is
+# imported (``engramlab.locate.dkn.config`` by the command line, too), so a name's module is
+# imported only when the name is first asked for.
 _LAZY = {
     "METHODS": "engramlab.locate.dkn.config", "ClusterConfig": "engramlab.locate.dkn.config",
     "DKNConfig": "engramlab.locate.dkn.config",
@@ -35,35 +36,7 @@ _LAZY = {
     "search_dkn": "engramlab.locate.dkn.search",
     "scaled_target_probs": "engramlab.locate.dkn.suppression",
 }
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    try:  # a submodule (``engramlab.locate.dkn.clustering``) reached as an attribute
-        return importlib.import_module(f"{__name__}.{name}")
-    except ModuleNotFoundError as e:
-        if e.name != f"{__name__}.{name}":
-            raise
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-class _Package(types.ModuleType):
-    """Importing the submodule ``robustness`` binds it on the package; the package's ``robustness`` is the
-    function of that name (as when this file imported it eagerly), so keep that bound instead."""
-
-    def __setattr__(self, attr, value):
-        if attr == "robustness" and isinstance(value, types.ModuleType):
-            value = getattr(value, attr)
-        super().__setattr__(attr, value)
-
-
-sys.modules[__name__].__class__ = _Package
-
-
-def __dir__():
-    return sorted([*globals(), *_LAZY])
-
+lazy_exports(__name__, _LAZY, functions=('robustness',))
 
 __all__ = [
     "METHODS", "ClusterConfig", "DKNConfig", "DKNResult", "FactProbe", "Search", "SubsetSearch", "analyse_fact",

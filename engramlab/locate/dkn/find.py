@@ -26,8 +26,7 @@ docs/dkn.md for the choices and why.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
 import numpy as np
@@ -35,7 +34,7 @@ import torch
 
 from engramlab.config import to_dict
 from engramlab.data.facts import FactSet, target_token_ids
-from engramlab.locate.base import mean_of, model_facts, read_result, write_result
+from engramlab.locate.base import RowResult, mean_of, model_facts
 from engramlab.locate.dkn.clustering import cluster_neurons
 from engramlab.locate.dkn.config import METHODS, NORM_SCALES, POSITIONS, ClusterConfig, DKNConfig  # noqa: F401
 from engramlab.locate.dkn.graph import neuron_distances, reader_inv_rms
@@ -185,19 +184,15 @@ def method_summary(entries: list[dict]) -> dict:
 
 
 @dataclass
-class DKNResult:
+class DKNResult(RowResult):
     """Per-fact DKN records (``records.jsonl``, also as ``dkn.jsonl``) and the config.
 
     The evolvability analysis is its own step with its own result
     (``engramlab.locate.dkn.evolvability.evaluate_evolvability``)."""
 
-    rows: list[dict]
-    config: dict = field(default_factory=dict)
-    stats: dict = field(default_factory=dict)
-    model: dict = field(default_factory=dict)
-
-    def records(self) -> list[dict]:
-        return self.rows
+    NAME = "dkn"
+    OLD_CONFIG = ("dkn_config.json",)
+    OLD_RECORDS = ("dkn.jsonl",)
 
     @property
     def methods(self) -> list[str]:
@@ -215,11 +210,3 @@ class DKNResult:
         default = self.config.get("method", "persistence")
         out.update({k: out[f"{default}.{k}"] for k in method_summary([]) if f"{default}.{k}" in out})
         return out
-
-    def save(self, directory: str | Path) -> None:
-        write_result(directory, "dkn", self, records_alias="dkn.jsonl")
-
-    @classmethod
-    def load(cls, directory: str | Path) -> "DKNResult":
-        got = read_result(directory, "dkn", old_config=("dkn_config.json",), old_records=("dkn.jsonl",))
-        return cls(got.records, got.config, got.stats, got.model)

@@ -3,18 +3,20 @@
 =========  ======================================================================================
 module     concern
 =========  ======================================================================================
+config     ``NeuronConfig`` and the names of its choices (no torch: the command line reads it)
 ig         integrated gradients over every layer's MLP neurons, batched (and a plain reference)
 select     coarse sets, refinement (per fact or Dai's per relation), relation neurons, consistency
 effects    suppression / enhancement of the refined set, with same-relation, other-relation and
            random-neuron controls
-find       ``NeuronConfig``, ``NeuronResult``, ``find_knowledge_neurons``
+find       ``NeuronResult``, ``find_knowledge_neurons``
 =========  ======================================================================================
 """
 
-import importlib
+from engramlab.lazy import lazy_exports
 
-# name -> the module defining it. PEP 562: the package is imported whenever one of its modules is
-# (``engramlab.locate.neurons.config`` by the command line, too), so nothing heavy is imported until a name is asked for.
+# name -> the module defining it. PEP 562: the package runs whenever one of its modules is
+# imported (``engramlab.locate.neurons.config`` by the command line, too), so a name's module is
+# imported only when the name is first asked for.
 _LAZY = {
     "NeuronConfig": "engramlab.locate.neurons.config",
     "ENHANCE": "engramlab.locate.neurons.effects", "SUPPRESS": "engramlab.locate.neurons.effects",
@@ -29,22 +31,7 @@ _LAZY = {
     "first_token_ranks": "engramlab.models.scoring", "intervene": "engramlab.models.scoring",
     "target_probabilities": "engramlab.models.scoring", "target_probability": "engramlab.models.scoring",
 }
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    try:  # a submodule (``engramlab.locate.neurons.ig``) reached as an attribute
-        return importlib.import_module(f"{__name__}.{name}")
-    except ModuleNotFoundError as e:
-        if e.name != f"{__name__}.{name}":
-            raise
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted([*globals(), *_LAZY])
-
+lazy_exports(__name__, _LAZY)
 
 __all__ = [
     "ENHANCE", "P_STEP", "SUPPRESS", "NeuronConfig", "NeuronResult", "apply_refinement", "attribute_neurons",
