@@ -112,3 +112,10 @@ def test_layers_point_one_way():
         if not mod.startswith("engramlab.cli"):
             bad += [f"{mod} -> {t}" for t in targets if t.startswith("engramlab.cli")]
     assert not bad, "imports against the layering: " + ", ".join(sorted(bad))
+
+
+def test_site_names_are_built_in_one_place():
+    """Hook-site names come from ``models.hooks.site_name``: no f"blocks.{l}..." outside it."""
+    hand_built = [f"{p.relative_to(ROOT.parent)}:{n}" for p in ROOT.rglob("*.py") if p.name != "hooks.py"
+                  for n, line in enumerate(p.read_text().splitlines(), 1) if 'f"blocks.{' in line]
+    assert not hand_built, "build site names with site_name(kind, layer): " + ", ".join(hand_built)

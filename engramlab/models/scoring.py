@@ -198,10 +198,16 @@ def target_logits(lm, prompts: Sequence[Prompt], targets: Sequence[Sequence[int]
             yield logits[i] if columns is None else logits[i, columns[i]]
 
 
+def token_logprobs(logits: torch.Tensor, target: Sequence[int]) -> torch.Tensor:
+    """log P(t_j | ...) = log softmax(logits[..., j, :])[t_j] for logits (..., T, vocab), position j
+    predicting target token j: (..., T) float32 (with gradients when the logits have them)."""
+    t = torch.as_tensor(list(target), device=logits.device)
+    return logits.float().log_softmax(-1).gather(-1, t.expand(logits.shape[:-1]).unsqueeze(-1))[..., 0]
+
+
 def _logprob(logits: torch.Tensor, target: Sequence[int]) -> torch.Tensor:
-    """sum_j log softmax(logits[j])[t_j] for logits (T, vocab): a scalar, float32."""
-    t = torch.tensor(list(target), device=logits.device)
-    return logits.float().log_softmax(-1).gather(-1, t[:, None]).sum()
+    """sum_j log P(t_j | prompt, t_<j) for logits (T, vocab): a scalar, float32."""
+    return token_logprobs(logits, target).sum()
 
 
 def target_logprobs(lm, prompts: Sequence[Prompt], targets: Sequence[Sequence[int]], *, edits: RowEdits = (),

@@ -38,6 +38,7 @@ from engramlab.data.world import ATTRIBUTES, World
 from engramlab.data.wordtok import encode_with_spans
 from engramlab.errors import EngramError
 from engramlab.train.config import EVAL_CONTEXTS  # noqa: F401 (re-exported)
+from engramlab.models.hooks import site_name
 
 
 def baseline_loss(world: World) -> float:
@@ -157,7 +158,7 @@ def evaluate(model, evalset: EvalSet, batch_size: int | None = None, hooks=None,
     loss, acc, top1_first, ent_first, top1_all, ent_all, attr_of, doc_of = ([] for _ in range(8))
     n_layers = hooks.adapter.n_layers if hooks is not None else 0
     want_patterns = attention_stats and hooks is not None
-    sites = [f"blocks.{l}.attn.pattern" for l in range(n_layers)]
+    sites = [site_name("attn.pattern", l) for l in range(n_layers)]
     attr_name = torch.zeros(n_layers, dtype=torch.float64)
     n_values = 0
     nn_sum = nn_count = last_sum = last_count = 0.0

@@ -24,6 +24,7 @@ from engramlab.errors import EngramError
 from engramlab.models.hooks import HookPoints
 from engramlab.models.loading import LoadedModel, load_model
 from engramlab.train.config import parse_patch_window  # noqa: F401 (re-exported)
+from engramlab.models.hooks import site_name
 
 
 def patch_window(cfg) -> tuple[int, int] | None:
@@ -54,7 +55,7 @@ class AttentionPatch:
                                   f"({ref.n_layers}x{ref.n_heads}) differ from the model being trained "
                                   f"({t.n_layers}x{t.n_heads}); use a checkpoint of the same config")
         n_layers = (trained or self.reference).adapter.n_layers
-        self.sites = [f"blocks.{l}.attn.pattern" for l in range(n_layers)]
+        self.sites = [site_name("attn.pattern", l) for l in range(n_layers)]
 
     def active(self, step: int) -> bool:
         """Whether update ``step`` (0-based) is patched: A <= step < B."""

@@ -25,12 +25,13 @@ import torch
 from engramlab.locate.circuits.data import PairBatch
 from engramlab.locate.circuits.graph import CircuitGraph
 from engramlab.models.scoring import answer_ranks
+from engramlab.models.hooks import site_name
 
 
 def _captures(lm, batch: PairBatch, pattern_layers: list[int] = ()) -> dict:
     """Capture every layer's resid_post, plus v and the pattern of ``pattern_layers``."""
-    names = [f"blocks.{l}.resid_post" for l in range(lm.adapter.n_layers)]
-    names += [f"blocks.{l}.attn.{s}" for l in pattern_layers for s in ("v", "pattern")]
+    names = [site_name("resid_post", l) for l in range(lm.adapter.n_layers)]
+    names += [site_name(f"attn.{s}", l) for l in pattern_layers for s in ("v", "pattern")]
     with torch.no_grad(), lm.hooks.capture(names) as cache:
         lm.model(input_ids=batch.clean_ids, attention_mask=batch.mask)
     return dict(cache)
@@ -54,13 +55,13 @@ def head_roles(lm, graph: CircuitGraph, batch: PairBatch, heads: list[tuple[int,
     for chunk in batch.chunks(batch_size):
         cache = _captures(lm, chunk, layers)
         rows = torch.arange(len(chunk), device=lm.device)
-        g = _answer_direction(lm, cache[f"blocks.{a.n_layers - 1}.resid_post"][rows, chunk.last], chunk.clean_answer)
+        g = _answer_direction(lm, cache[site_name("resid_post", a.n_layers - 1)][rows, chunk.last], chunk.clean_answer)
         positions = torch.arange(chunk.clean_ids.shape[1], device=lm.device)
         subject = (positions[None] >= chunk.subject[:, :1]) & (positions[None] < chunk.subject[:, 1:])
         real = chunk.mask.bool()
         for i, (l, h) in enumerate(heads):
-            pattern = cache[f"blocks.{l}.attn.pattern"][rows, h, chunk.last].float()  # (b, pos)
-            v = cache[f"blocks.{l}.attn.v"][:, :, a.kv_head(h)].float()  # (b, pos, d_head)
+            pattern = cache[site_name("attn.pattern", l)][rows, h, chunk.last].float()  # (b, pos)
+            v = cache[site_name("attn.v", l)][:, :, a.kv_head(h)].float()  # (b, pos, d_head)
             # (v_p W_O[h]) . g without forming (b, pos, d_model): contract W_O[h] with g first.
             effect = pattern * torch.einsum("bpe,bd,ed->bp", v, g, a.W_O(l)[h].detach().float())
             sums[i, 0] += float((effect * (subject & real)).sum())
@@ -83,7 +84,7 @@ def logit_lens(lm, batch: PairBatch, batch_size: int = 8) -> list[dict]:
         rows = torch.arange(len(chunk), device=lm.device)
         with torch.no_grad():
             for l in range(a.n_layers):
-                x = cache[f"blocks.{l}.resid_post"][rows, chunk.last]
+                x = cache[site_name("resid_post", l)][rows, chunk.last]
                 logits = a.unembed.forward(a.final_norm.forward(x)).float()  # (b, vocab)
                 ranks[l].append(answer_ranks(logits, chunk.clean_answer).cpu())
                 probs[l].append(logits.softmax(-1)[rows, chunk.clean_answer].cpu())

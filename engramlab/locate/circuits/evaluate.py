@@ -79,7 +79,7 @@ def patched_logits(lm, graph: CircuitGraph, batch: PairBatch, ablated_edges: tor
             stack.enter_context(lm.hooks.hook(site_name("attn.in", l),
                                               _attention_inputs(l, graph, missing, shift, per_head)))
             for i, kind in enumerate(("q", "k", "v")):
-                stack.enter_context(lm.hooks.hook(f"blocks.{l}.attn.{kind}",
+                stack.enter_context(lm.hooks.hook(site_name(f"attn.{kind}", l),
                                                   _project(lm, l, i, graph, per_head)))
             stack.enter_context(lm.hooks.hook(site_name("mlp.in", l), residual_reader(graph.mlp_reader(l),
                                                                                      graph.mlp_reads_up_to(l))))

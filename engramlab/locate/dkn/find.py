@@ -129,7 +129,9 @@ def analyse_fact(lm: LoadedModel, fact, config: DKNConfig, attribute: Attributio
         entry = {"clusters": [[list(neurons[a]) for a in c] for c in clusters], **asdict(found)}
         entry["dkn_neurons"] = sorted(list(n) for c in (found.dkn or []) for n in members[c])
         if found.dkn is not None and config.robustness:
-            entry["robustness"] = robustness(lm, fact, [tuple(n) for n in entry["dkn_neurons"]], config)
+            entry["robustness"] = robustness(lm, fact, [tuple(n) for n in entry["dkn_neurons"]], template=config.template,
+                                             positions=config.positions, attenuate=config.attenuate,
+                                             enhance=config.enhance, seed=config.seed)
         rec["methods"][method] = entry
     return rec
 

@@ -48,7 +48,7 @@ import torch
 from engramlab.models.adapters import ArchAdapter
 from engramlab.models.hooks import site_name
 from engramlab.models.loading import LoadedModel
-from engramlab.models.scoring import Neuron  # noqa: F401  ((layer, index), re-exported)
+from engramlab.models.scoring import Neuron, encode  # noqa: F401  (Neuron: (layer, index), re-exported)
 
 
 def read_vectors(adapter: ArchAdapter, layer: int, index: Sequence[int], fold_norm: bool = True) -> list[torch.Tensor]:
@@ -84,7 +84,7 @@ def reader_inv_rms(lm: LoadedModel, prompt: str) -> torch.Tensor:
     """
     a = lm.adapter
     names = [site_name("mlp.in", l) for l in range(a.n_layers)]
-    ids = lm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    ids = encode(lm, prompt)
     with lm.hooks.capture(names) as cache:
         lm.model(input_ids=torch.tensor([ids], device=lm.device))
     out = []

@@ -44,17 +44,18 @@ def perturb(template: str, kind: str, rng: random.Random) -> str | None:
 
 
 @torch.no_grad()
-def robustness(lm: LoadedModel, fact: Fact, dkn: Sequence[Neuron], config) -> dict:
+def robustness(lm: LoadedModel, fact: Fact, dkn: Sequence[Neuron], *, template: int = 0, positions: str = "last",
+               attenuate: float = 0.0, enhance: float = 2.0, seed: int = 0) -> dict:
     """{variant: {"base", "attenuated", "enhanced"}} P(target) for the clean query and each perturbation.
 
-    ``config`` is the ``DKNConfig`` (its seed, template, attenuate, enhance and positions). Per
-    variant one batch of three rows: the DKN untouched, x ``attenuate``, x ``enhance``; at the last
-    prompt token (on one shared prefix) or, with ``positions="all"``, everywhere."""
-    rng = random.Random(f"{config.seed}:{fact.relation}:{fact.subject}")  # str seeds are stable
-    template = fact.template(config.template)
-    variants = {"clean": template, **{k: perturb(template, k, rng) for k in PERTURBATIONS}}
-    where = "all" if config.positions == "all" else "prompt_end"
-    edits = [None, NeuronScale(dkn, config.attenuate, where), NeuronScale(dkn, config.enhance, where)]
+    Per variant one batch of three rows: the DKN untouched, x ``attenuate``, x ``enhance``; at the
+    last prompt token (on one shared prefix) or, with ``positions="all"``, everywhere. The
+    perturbations of a fact are drawn from ``seed`` and the fact, so they are the same every run."""
+    rng = random.Random(f"{seed}:{fact.relation}:{fact.subject}")  # str seeds are stable
+    text = fact.template(template)
+    variants = {"clean": text, **{k: perturb(text, k, rng) for k in PERTURBATIONS}}
+    where = "all" if positions == "all" else "prompt_end"
+    edits = [None, NeuronScale(dkn, attenuate, where), NeuronScale(dkn, enhance, where)]
     out = {}
     for kind, variant in variants.items():
         if variant is None:

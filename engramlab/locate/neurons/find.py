@@ -62,8 +62,6 @@ def attribute_neurons(lm, prompt: str | Sequence[int], target_ids: Sequence[int]
                                 layers=layers, batch_layers=config.batch_layers, rule=config.ig_rule)
 
 
-# Where target_probabilities put each row's last prompt token, for intervene(positions=-1).
-
 def apply_refinement(records: list[dict], config: NeuronConfig) -> dict[str, list[list[int]]]:
     """Set ``neurons`` and ``p`` of every attributed record from its saved ``coarse`` sets by
     ``config.refine`` (and its p_start, min_prompts, min/max_neurons), and return the relation

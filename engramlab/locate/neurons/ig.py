@@ -59,6 +59,7 @@ from engramlab.locate.integration_rules import RULES, check_rule  # noqa: F401 (
 from engramlab.locate.neurons.config import BASELINES, OBJECTIVES, SITES
 from engramlab.models.hooks import site_name
 from engramlab.models.prefix import PrefixCache
+from engramlab.models.scoring import token_logprobs
 
 
 # -- sites and objective ----------------------------------------------------------------------
@@ -81,8 +82,7 @@ def objective_from_logits(logits: torch.Tensor, target_ids: Sequence[int], objec
     "logprob" sum_j log p_j, "prob_sum" sum_j p_j."""
     if objective not in OBJECTIVES:
         raise EngramError(f"objective {objective!r}: choose one of {', '.join(OBJECTIVES)} (--objective)")
-    target = torch.as_tensor(list(target_ids), device=logits.device)
-    logp = logits.float().log_softmax(-1).gather(-1, target.expand(logits.shape[0], -1).unsqueeze(-1))[..., 0]
+    logp = token_logprobs(logits, target_ids)  # (rows, T)
     if objective == "prob_sum":
         return logp.exp().sum(-1)
     return logp.sum(-1).exp() if objective == "prob" else logp.sum(-1)
