@@ -1,0 +1,125 @@
+"""``engram evolve``: locators over a run's checkpoints, resumable, with skipped checkpoints listed."""
+
+import json
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from engramlab.cli import app
+from engramlab.data.world import World
+from engramlab.dynamics.evolve import select_steps, world_facts
+from engramlab.errors import EngramError
+
+TRAIN = ["--model-config", "tiny", "--steps", "6", "--batch-size", "4", "--eval-every", "3", "--eval-people", "4",
+         "--eval-templates", "1", "--checkpoints", "every:2"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evolve")
+    runner = CliRunner()
+    r = runner.invoke(app, ["world", "--preset", "tiny", "--n-people", "20", "--n-heldout", "5", "--out",
+                            str(root / "world")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["train", "--world", str(root / "world"), *TRAIN, "--out", str(root / "run")])
+    assert r.exit_code == 0, r.output
+    return root
+
+
+def _rows(path):
+    return [json.loads(line) for line in (path / "evolution.jsonl").read_text().splitlines()]
+
+
+def test_select_steps():
+    have = [0, 1, 2, 4, 8, 16, 32, 64, 100]
+    assert select_steps("all", have) == have
+    assert select_steps("first:3", have) == [0, 1, 2, 100]  # the last is always in
+    assert select_steps("every:8", have) == [0, 8, 16, 32, 64, 100]
+    assert select_steps("steps:4,16", have) == [4, 16, 100]
+    picked = select_steps("log:4", have)
+    assert picked[0] == 0 and picked[-1] == 100 and len(picked) == 4 and picked == sorted(set(picked))
+    assert select_steps("log:50", have) == have
+    for bad, message in (("steps:5", "no checkpoint at step"), ("every:0", ">= 1"), ("sometimes", "expected"),
+                         ("first:x", ">= 1"), ("steps:", "steps:a,b,c")):
+        with pytest.raises(EngramError, match=message):
+            select_steps(bad, have)
+    with pytest.raises(EngramError, match="no checkpoints"):
+        select_steps("all", [])
+
+
+def test_world_facts_prompts_end_right_before_the_value(trained):
+    facts = world_facts(trained / "run")
+    world = World.load(trained / "world")
+    items = world.eval_items("heldout_templates", max_people=4)  # the run's --eval-people
+    assert len(facts) == 4 * 6  # every evaluated person, every attribute
+    prompts = {(f.subject, f.relation, f.prompt(j), f.object) for f in facts for j in range(len(f.templates))}
+    want = {(world.people[i.person_index].name, i.attribute, i.prompt, i.value) for i in items}
+    assert want <= prompts  # the run's own evaluation sentences, cut where the value starts
+    for f in facts:
+        for j in range(len(f.templates)):
+            sentence = next(i for i in world.eval_items("heldout_templates", max_people=4)
+                            if i.prompt == f.prompt(j) and i.attribute == f.relation)
+            assert sentence.text.startswith(f.prompt(j) + " " + f.object)
+            break
+
+
+def test_evolve_maps_recall_and_resumes(trained, tmp_path):
+    runner = CliRunner()
+    run = trained / "run"
+    full = tmp_path / "full"
+    r = runner.invoke(app, ["evolve", "--run", str(run), "--analysis", "recall", "--out", str(full)])
+    assert r.exit_code == 0, r.output
+    rows = _rows(full)
+    assert [row["step"] for row in rows] == [0, 2, 4, 6]
+    assert all("recall.top1_accuracy" in row for row in rows)
+    for row in rows:  # each row is that checkpoint's own result
+        saved = json.loads((full / f"step-{row['step']:07d}" / "recall" / "summary.json").read_text())
+        assert row["recall.top1_accuracy"] == saved["top1_accuracy"]
+    summary = json.loads((full / "summary.json").read_text())
+    assert summary["n_checkpoints"] == 4 and summary["n_skipped"] == 0
+    assert "plateau_start_step" in summary
+
+    # Interrupted after two checkpoints (their directories exist, a half-written one too), then re-run.
+    part = tmp_path / "part"
+    r = runner.invoke(app, ["evolve", "--run", str(run), "--analysis", "recall", "--checkpoints", "steps:0,2",
+                            "--out", str(part)])
+    assert r.exit_code == 0, r.output
+    (part / "step-0000004" / ".recall.partial").mkdir(parents=True)
+    r = runner.invoke(app, ["evolve", "--run", str(run), "--analysis", "recall", "--out", str(part)])
+    assert r.exit_code == 0, r.output
+    assert _rows(part) == rows
+    assert json.loads((part / "summary.json").read_text())["n_checkpoints"] == 4
+
+    # Another fact selection in the same --out is refused, not mixed in.
+    r = runner.invoke(app, ["evolve", "--run", str(run), "--analysis", "recall", "--limit", "1", "--out", str(part)])
+    assert r.exit_code == 2 and "other facts" in r.output
+
+
+def test_a_corrupted_checkpoint_is_skipped_and_listed(trained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained / "run", run)
+    weights = next((run / "checkpoints" / "step-0000002").glob("*.safetensors"))
+    weights.write_bytes(b"not a safetensors file")
+    r = CliRunner().invoke(app, ["evolve", "--run", str(run), "--analysis", "recall", "--out", str(tmp_path / "e")])
+    assert r.exit_code == 0, r.output
+    assert [row["step"] for row in _rows(tmp_path / "e")] == [0, 4, 6]
+    skipped = [json.loads(line) for line in (tmp_path / "e" / "skipped.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in skipped] == [2] and skipped[0]["reason"]
+
+
+def test_bad_input_is_a_one_line_error(trained, tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(app, ["evolve", "--run", str(trained / "run"), "--analysis", "recall,nope", "--out",
+                            str(tmp_path / "a")])
+    assert r.exit_code == 2 and "unknown analysis 'nope'" in r.output and "circuit" in r.output
+    r = runner.invoke(app, ["evolve", "--run", str(trained / "world"), "--out", str(tmp_path / "b")])
+    assert r.exit_code == 2 and "engram train" in r.output
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "manifest.json").write_text(json.dumps({"command": "train", "config": {}}))
+    r = runner.invoke(app, ["evolve", "--run", str(bare), "--out", str(tmp_path / "c")])
+    assert r.exit_code == 2 and "no checkpoints" in r.output
+    with pytest.raises(EngramError, match="not trained on a world"):
+        world_facts(bare)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
