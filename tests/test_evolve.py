@@ -123,3 +123,36 @@ def test_bad_input_is_a_one_line_error(trained, tmp_path):
     with pytest.raises(EngramError, match="not trained on a world"):
         world_facts(bare)
     assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
+
+
+def test_jaccard_and_entropy_on_hand_made_circuits():
+    import math
+
+    import torch
+
+    from engramlab.dynamics.circuit_metrics import circuit_entropy, circuit_series, edge_jaccard
+
+    a = torch.tensor([[1, 1, 0], [0, 0, 0]], dtype=torch.bool)
+    b = torch.tensor([[1, 0, 1], [0, 0, 1]], dtype=torch.bool)
+    assert edge_jaccard(a, b) == pytest.approx(1 / 4)  # one shared of four in the union
+    assert edge_jaccard(a, a) == 1.0 and edge_jaccard(a & ~a, a & ~a) == 1.0
+    scores = torch.tensor([[2.0, -2.0, 9.0], [0.0, 0.0, 5.0]])
+    assert circuit_entropy(scores, a) == pytest.approx(math.log(2))  # two kept edges of equal |score|
+    # b keeps |2|, |9|, |5|: by hand -(2/16 ln 2/16 + 9/16 ln 9/16 + 5/16 ln 5/16) = 0.947057
+    assert circuit_entropy(scores, b) == pytest.approx(0.947057, abs=1e-6)
+    with_zero = b.clone()
+    with_zero[1, 0] = True  # a kept edge of score 0 adds nothing (0 log 0 = 0)
+    assert circuit_entropy(scores, with_zero) == pytest.approx(0.947057, abs=1e-6)
+    assert circuit_entropy(torch.zeros(2, 3), a) is None
+
+    class R:  # the two fields circuit_series reads
+        def __init__(self, kept):
+            self.kept, self.scores = kept, scores
+
+    series = circuit_series([(0, R(b)), (5, R(a)), (9, R(a | b))])
+    assert series[9]["edge_jaccard_final"] == 1.0 and series[0]["edge_jaccard_prev"] is None
+    assert series[5]["edge_jaccard_final"] == pytest.approx(2 / 4)
+    assert series[5]["edge_jaccard_prev"] == pytest.approx(1 / 4)
+    with pytest.raises(ValueError):
+        edge_jaccard(a, torch.zeros(3, 3, dtype=torch.bool))
+

@@ -3,7 +3,9 @@
 For each chosen checkpoint step s and each analysis a (a name in ``engramlab.locate.LOCATORS``)::
 
     OUT/step-NNNNNNN/<a>/      the locator's own result directory (its shared layout)
-    OUT/evolution.jsonl        one row per checkpoint: step, then <a>.<summary key> for every a
+    OUT/evolution.jsonl        one row per checkpoint: step, then <a>.<summary key> for every a; with
+                               circuits also circuit.edge_jaccard_final / _prev and circuit.entropy
+                               (``engramlab.dynamics.circuit_metrics``)
     OUT/skipped.jsonl          checkpoints that could not be loaded (``analysis`` null) and analyses
                                that could not run on a checkpoint, each with the reason
     OUT/facts.jsonl            the facts every checkpoint was analysed on (chosen once)
@@ -179,6 +181,14 @@ def evolve(run_dir: str | Path, out: str | Path, analyses: Sequence[str], facts,
             log(f"step {step}: skipped ({why})")
             continue
         rows.append(row)
+    if "circuit" in [loc.name for loc in locators]:  # change between checkpoints, from the saved circuits
+        from engramlab.dynamics.circuit_metrics import circuit_series
+
+        done = [(row["step"], out / STEP_DIR.format(row["step"]) / "circuit") for row in rows]
+        series = circuit_series([(step, get_locator("circuit").load(d)) for step, d in done
+                                 if (d / "config.json").is_file()])
+        for row in rows:
+            row.update({f"circuit.{k}": v for k, v in series.get(row["step"], {}).items()})
     atomic_write_jsonl(out / "evolution.jsonl", rows)
     atomic_write_jsonl(out / "skipped.jsonl", skipped)
     summary = {"n_checkpoints": len(rows), "n_skipped": sum(s["analysis"] is None for s in skipped),
