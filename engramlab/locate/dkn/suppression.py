@@ -13,11 +13,11 @@ import numpy as np
 import torch
 
 from engramlab.errors import EngramError
+from engramlab.locate.dkn.config import POSITIONS
 from engramlab.models.loading import LoadedModel
 from engramlab.models.prefix import PrefixCache
 from engramlab.models.scoring import Neuron, NeuronScale, encode, target_logprobs
 
-POSITIONS = ("last", "all")
 
 
 def prompt_prefix(lm: LoadedModel, prompt_ids: Sequence[int], positions: str = "last") -> PrefixCache | None:
