@@ -156,3 +156,4 @@ def test_jaccard_and_entropy_on_hand_made_circuits():
     with pytest.raises(ValueError):
         edge_jaccard(a, torch.zeros(3, 3, dtype=torch.bool))
 
+

@@ -58,6 +58,12 @@ def test_the_four_locators_are_registered():
         assert loc.name == name and dataclasses.is_dataclass(loc.config_cls)
 
 
+def test_the_torch_free_config_table_matches_the_registry():
+    from engramlab.locate.configs import LOCATOR_CONFIGS
+
+    assert {name: loc.config_cls for name, loc in LOCATORS.items()} == LOCATOR_CONFIGS
+
+
 def check_one_row_per_fact(name, tmp_path):
     lm, facts = _world()
     _, result = _run(name)

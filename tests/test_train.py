@@ -185,6 +185,38 @@ def test_biography_context_evaluates_the_same_values_with_more_context(world):
         EvalSet.build("e", world, "heldout_templates", tok, 2, 1, context="paragraph")
 
 
+def test_continual_metrics_per_kind_and_bucket_match_a_per_document_loop():
+    """attr_acc/attr_loss per kind, bucket and (kind, bucket) equal the plain loop over only that
+    group's documents (every person has the same number of values per attribute, so the mean
+    over values is the mean over attributes the loop reports)."""
+    world = build_world("continual-tiny", n_compl=10, n_rel=10, n_heldout=4, frequency="choice:1,8")
+    tok = build_word_tokenizer(world)
+    model = _sharp_tiny_model(tok)
+    lm = wrap_model(model, tok)
+    es = EvalSet.build("eval", world, "heldout_templates", tok, max_people=14, max_templates=2)
+    got = evaluate(model, es, batch_size=7)
+    items = world.eval_items("heldout_templates", max_people=14, max_templates=2)
+    groups = {f"kind.{k}": lambda p, k=k: p.kind == k for k in ("rel", "compl")}
+    groups |= {f"bucket.{b}": lambda p, b=b: p.bucket == b for b in ("high", "low")}
+    groups |= {f"kind.{k}.bucket.{b}": lambda p, k=k, b=b: (p.kind, p.bucket) == (k, b)
+               for k in ("rel", "compl") for b in ("high", "low")}
+    checked = 0
+    for label, member in groups.items():
+        docs = [[it] for it in items if member(world.people[it.person_index])]
+        if not docs:
+            assert f"eval.attr_acc.{label}" not in got
+            continue
+        ref = _plain_metrics(model, lm.hooks, tok, world, docs)
+        assert got[f"eval.attr_loss.{label}"] == pytest.approx(ref["attr_loss"], rel=1e-4), label
+        assert got[f"eval.attr_acc.{label}"] == pytest.approx(ref["attr_acc"]), label
+        checked += 1
+    assert checked >= 6
+    bio = build_world("tiny", n_people=10, n_heldout=2)  # bio worlds: no groups
+    bio_tok = build_word_tokenizer(bio)
+    bio_got = evaluate(_sharp_tiny_model(bio_tok), EvalSet.build("e", bio, "heldout_templates", bio_tok, 3, 1))
+    assert not [k for k in bio_got if ".kind." in k or ".bucket." in k]
+
+
 def test_trainer_evaluates_in_the_configured_context(world, tmp_path):
     cfg = TrainConfig(steps=2, checkpoints="none", eval_context="biography", **SMALL)
     trainer = Trainer(cfg, world, tmp_path)

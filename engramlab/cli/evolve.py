@@ -9,29 +9,47 @@ import typer
 
 from engramlab.cli.common import (DeviceOpt, DtypeOpt, LimitOpt, OutOpt, OverwriteOpt, RelationOpt, SeedOpt, app,
                                   console, print_summary, user_errors)
-from engramlab.cli.options import configured
-from engramlab.dynamics.config import EvolutionConfig
+from engramlab.cli.options import Settings, configured
+from engramlab.dynamics.config import EVOLVE_DEFAULTS, EvolutionConfig
 from engramlab.errors import EngramError
+from engramlab.locate.configs import LOCATOR_CONFIGS
+
+
+def locator_settings(given: dict[str, Settings]) -> dict:
+    """Each analysis's config: the settings given (``--set circuit.top_n=300``, a --config file's
+    ``circuit:`` section) over evolve's own defaults (``EVOLVE_DEFAULTS``) over the locator's."""
+    from engramlab.config import build
+
+    out = {}
+    for name, s in given.items():
+        values = {f"{s.prefix}{k}": v for k, v in EVOLVE_DEFAULTS.get(name, {}).items()}
+        values.update({p: s.values[p] for p in s.origin})
+        out[name] = build(s.cls, values, s.prefix)
+    return out
 
 
 @app.command()
 @user_errors
-@configured(EvolutionConfig)
+@configured(EvolutionConfig, sections=LOCATOR_CONFIGS, section_flags=False, build_config=False)
 def evolve(run: Path = typer.Option(..., "--run", help="Run directory written by `engram train` (with checkpoints)."),
            relation: Optional[List[str]] = RelationOpt, limit: Optional[int] = LimitOpt,
            out: Path = OutOpt, overwrite: bool = OverwriteOpt,
-           seed: int = SeedOpt, dtype: str = DtypeOpt, device: str = DeviceOpt, config: EvolutionConfig = None):
+           seed: int = SeedOpt, dtype: str = DtypeOpt, device: str = DeviceOpt, config: Settings = None,
+           recall: Settings = None, neurons: Settings = None, dkn: Settings = None, circuit: Settings = None):
     """Run locators (--analysis) on every chosen checkpoint of a run: one result per checkpoint under
-    OUT/step-NNNNNNN/<analysis>/, their headline numbers over time in evolution.jsonl. Re-running
-    the same command resumes: finished checkpoints are reused."""
-    from engramlab.data.facts import load_facts
+    OUT/step-NNNNNNN/<analysis>/, their numbers and comparisons over time in evolution.jsonl, change
+    points in summary.json. Each analysis (one parameter per registered locator below) takes its settings as --set ANALYSIS.FIELD=VALUE (or a
+    --config file's section). Re-running the same command resumes: finished checkpoints are reused."""
+    from engramlab.config import to_dict
     from engramlab.dynamics.evolve import evolve as run_evolve, select_steps, world_facts
     from engramlab.locate import get_locator, select
     from engramlab.models.loading import list_checkpoints
     from engramlab.runs import RunDir, load_json, set_seed
 
+    config = config.build()
     for name in config.analysis:
         get_locator(name)  # an unknown name fails here, listing the registered ones
+    configs = locator_settings({"recall": recall, "neurons": neurons, "dkn": dkn, "circuit": circuit})
     command = load_json(run / "manifest.json", "run manifest").get("command") if (run / "manifest.json").is_file() \
         else None
     if command != "train":
@@ -43,8 +61,14 @@ def evolve(run: Path = typer.Option(..., "--run", help="Run directory written by
     steps = select_steps(config.checkpoints, available)
     saved_facts = out / "facts.jsonl"
     run_config = {"run": str(run), "relation": relation, "limit": limit, "dtype": dtype, "device": device,
-                  "evolve": {**vars(config), "analysis": list(config.analysis)}}
+                  "evolve": {**vars(config), "analysis": list(config.analysis)},
+                  **{name: to_dict(configs[name]) for name in config.analysis}}
+    groups = None
+    if config.facts == "world":
+        facts, groups = world_facts(run, config.split, with_groups=True)
     if saved_facts.is_file() and not overwrite:  # a re-run: the same facts, or a clear refusal
+        from engramlab.data.facts import load_facts
+
         before = load_json(out / "manifest.json", "evolve manifest").get("config", {}) \
             if (out / "manifest.json").is_file() else {}
         mine = {k: run_config[k] for k in ("run", "relation", "limit")} | {"facts": config.facts, "split": config.split}
@@ -54,16 +78,22 @@ def evolve(run: Path = typer.Option(..., "--run", help="Run directory written by
             raise EngramError(f"--out {out}: holds an evolve run on other facts or another run ({theirs}); "
                               "pass --overwrite to start again, or choose another --out")
         facts = load_facts(str(saved_facts))
-    else:
-        facts = world_facts(run, config.split) if config.facts == "world" else load_facts(config.facts)
+    elif config.facts != "world":
+        from engramlab.data.facts import load_facts
+
+        facts = load_facts(config.facts)
+    if not saved_facts.is_file() or overwrite:
         facts = select(facts, relation, limit)
     mode = "overwrite" if overwrite else "continue"
     with RunDir(out, "evolve", run_config, seed=seed, mode=mode) as rd:
         set_seed(seed)
         facts.to_jsonl(rd.file("facts.jsonl"))
-        summary = run_evolve(run, rd.path, config.analysis, facts, steps, dtype=dtype, device=device, progress=True,
-                             log=lambda line: console.print(line))
+        summary = run_evolve(run, rd.path, config.analysis, facts, steps, configs=configs, groups=groups,
+                             transplant=config.transplant, phase_metric=config.phase_metric, dtype=dtype,
+                             device=device, progress=True, log=lambda line: console.print(line))
         rd.finish(summary)
     print_summary(f"evolve: {run} ({', '.join(config.analysis)})", out, summary,
-                  ["n_checkpoints", "n_skipped", "first_step", "last_step", "plateau_start_step", "plateau_end_step"])
+                  ["n_checkpoints", "n_skipped", "first_step", "last_step", "plateau_start_step", "plateau_end_step",
+                   "phase_shift_step", "phase_shift_metric", "deep_to_shallow_stat", "deep_to_shallow_p"])
     console.print(f"wrote {out}/evolution.jsonl, skipped.jsonl, facts.jsonl, step-*/<analysis>/, summary.json")
+

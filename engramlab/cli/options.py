@@ -98,21 +98,25 @@ def _run_settings(path: Path, command: str, parts: dict) -> dict[str, Any]:
 
 
 def configured(cls: type, *, sections: dict[str, type] | None = None, defaults: dict | None = None,
-               only: tuple[str, ...] | None = None, build_config: bool = True) -> Callable:
+               only: tuple[str, ...] | None = None, build_config: bool = True,
+               section_flags: bool = True) -> Callable:
     """Give a verb the flags of config dataclass ``cls`` (``engramlab.config.cli_params``), and of
     each ``sections`` {key: config class} whose settings sit under ``key`` in files and --set
     (``evolvability.n_new``), plus ``--config`` and ``--set``.
 
     The verb takes a parameter ``config`` and one per section key; it receives the built configs
     (``build_config=False``: the ``Settings``, to build later or read ``given``). ``defaults``
-    {path: value} replaces a field's default for this verb; ``only`` keeps those paths' flags."""
+    {path: value} replaces a field's default for this verb; ``only`` keeps those paths' flags.
+    ``section_flags=False``: the sections get no flags, only ``--set KEY.FIELD=V`` and ``--config``
+    (``engram evolve``: every locator's settings, whose flag names would clash)."""
     parts = {"config": (cls, ""), **{k: (c, k + ".") for k, c in (sections or {}).items()}}
 
     def decorate(fn: Callable) -> Callable:
         hints = typing.get_type_hints(fn)
         own = [p for p in inspect.signature(fn).parameters.values() if p.name not in parts]
         flags = {k: cli_params(c, prefix=pre, defaults=defaults if k == "config" else None,
-                               only=only if k == "config" else None) for k, (c, pre) in parts.items()}
+                               only=only if k == "config" else None) if k == "config" or section_flags else []
+                 for k, (c, pre) in parts.items()}
         generated = [cp for cps in flags.values() for cp in cps]
         known = {s.path: s for c, pre in parts.values() for s in settings(c, pre)}
         plain = {s.name for s in known.values() if s.option is None}

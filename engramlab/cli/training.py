@@ -34,11 +34,14 @@ def world(preset: str = typer.Option("tiny", "--preset", "-p", help="tiny | smal
           n_heldout: Optional[int] = typer.Option(None, "--n-heldout", help="Held-out population size."),
           disjoint_from: Optional[Path] = typer.Option(None, "--disjoint-from", help="Another world whose names "
                                                        "this one must not reuse (fine-tuning on new people)."),
+          rel_from: Optional[Path] = typer.Option(None, "--rel-from", help="Continual worlds: an earlier world "
+                                                  "whose trained people become the rel people, every attribute "
+                                                  "changed (a knowledge update); same pools required."),
           config: Settings = None):
     """Generate a synthetic biography world (people, attributes, templates) into --out; any world
     setting by --set KEY=VALUE (e.g. --set n_cities=100) or a --config file."""
-    from engramlab.data.world import World, build_world
-    from engramlab.runs import RunDir
+    from engramlab.data.world import WORLD_FILES, World, build_world
+    from engramlab.runs import RunDir, fingerprint
 
     # The preset's settings, then the file, --set and the flags given (None: the preset's).
     overrides = {"n_people": n_people, "n_heldout": n_heldout, "seed": seed, **config.given}
@@ -47,19 +50,25 @@ def world(preset: str = typer.Option("tiny", "--preset", "-p", help="tiny | smal
         other = World.load(disjoint_from)
         exclude = {p.name for p in other.people + other.heldout_people}
     run_config = {"preset": preset, "overrides": overrides, "disjoint_from": str(disjoint_from or "") or None}
-    w = build_world(preset, exclude_names=exclude, **overrides)
+    rel_world, inputs = None, None
+    if rel_from is not None:
+        rel_world = World.load(rel_from)
+        run_config["rel_from"] = str(rel_from)
+        inputs = {"rel_world": fingerprint(Path(rel_from) / name for name in WORLD_FILES)}
+    w = build_world(preset, exclude_names=exclude, rel_world=rel_world, **overrides)
     # torch and transformers: only once the settings are known good
     from engramlab.data.wordtok import build_word_tokenizer
     from engramlab.train.metrics import baseline_loss
 
-    with RunDir(out, "world", run_config, seed=seed, mode=run_mode(overwrite)) as run:
+    with RunDir(out, "world", run_config, seed=seed, mode=run_mode(overwrite), inputs=inputs) as run:
         w.save(run.path)
         tok = build_word_tokenizer(w)
         counts = w.value_counts()
         run.finish({"kind": w.config.kind, "n_people": len(w.people), "n_heldout": len(w.heldout_people),
                     "vocab_size": len(tok), "baseline_loss": baseline_loss(w),
                     **{f"values.{k}": v for k, v in counts.items()}})
-    console.print(f"world {preset}: {len(w.people)} people, {len(w.heldout_people)} held out, "
+    source = f" ({w.config.n_rel} rel people revised from {rel_from})" if rel_from is not None else ""
+    console.print(f"world {preset}: {len(w.people)} people{source}, {len(w.heldout_people)} held out, "
                   f"word vocabulary {len(tok)}, no-knowledge loss {baseline_loss(w):.3f} -> {out}")
 
 

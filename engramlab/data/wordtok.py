@@ -69,6 +69,32 @@ def build_word_tokenizer(world: World) -> PreTrainedTokenizerFast:
                                    pad_token="<pad>", unk_token="<unk>")
 
 
+def uncovered_words(tokenizer, world: World) -> list[str]:
+    """The pieces of ``world_texts(world)`` that ``tokenizer`` maps to its unknown token, sorted
+    and unique (empty: it can write every sentence of the world). Tokenizers without an unknown
+    token (byte-level BPE) cover everything by construction."""
+    unk = tokenizer.unk_token_id
+    if unk is None:
+        return []
+    texts = world_texts(world)
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    missing = set()
+    for text, ids, offsets in zip(texts, enc["input_ids"], enc["offset_mapping"]):
+        missing.update(text[a:b] for i, (a, b) in zip(ids, offsets) if i == unk)
+    return sorted(missing)
+
+
+def check_covers(tokenizer, world: World, what: str) -> None:
+    """EngramError unless ``tokenizer`` covers every word of ``world`` (``uncovered_words``);
+    ``what`` names the tokenizer's origin and the world for the message."""
+    missing = uncovered_words(tokenizer, world)
+    if missing:
+        shown = ", ".join(repr(w) for w in missing[:5])
+        raise EngramError(f"{what}: the tokenizer has no token for {len(missing)} word(s) of the world "
+                          f"(e.g. {shown}); build the world from the same pools as the tokenizer's (e.g. "
+                          f"`engram world --preset continual-tiny --rel-from OLD_WORLD`)")
+
+
 def _special_ids(tokenizer) -> tuple[int, int, int]:
     """(bos, eos, pad) ids, falling back to eos for bos/pad (GPT-2 style tokenizers)."""
     eos, bos, pad = tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id

@@ -10,16 +10,22 @@ a template re-drawn from the person's training templates.
 A "continual" world is for further pre-training of a pretrained model: ``n_compl`` people with
 invented names plus ``n_rel`` real people from the bundled LRE person relations (a pretrained model
 may know them) with new random attributes; each person appears ``frequency`` times in the corpus.
+Given an earlier world (``rel_world``), the ``n_rel`` people are instead people that world trained
+(a knowledge update: same names and template splits, every attribute re-drawn to a different
+value), and the invented names avoid all of its names; pools and templates must be the same, so
+the earlier world's word tokenizer covers the new one. ``World.rel_from`` records the source.
 
     world = build_world("tiny", seed=3)
     bio = world.biography(0, random.Random(0))        # Biography(text, spans, person_index)
     items = world.eval_items("heldout_templates")     # list[EvalItem]
     world.save("runs/world"); assert World.load("runs/world") == world
+    update = build_world("continual-tiny", rel_world=world)  # world's people, new attributes
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -28,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engramlab.data.names import POOL_NAMES, load_real_names, make_pools, sample_full_names
+from engramlab.data.names import POOL_NAMES, SIZE_SETTINGS, load_real_names, make_pools, sample_full_names
 from engramlab.data.frequencies import draw_frequencies, frequency_bucket, frequency_pmf
 from engramlab.data.templates import TEMPLATES, check_template, split_template
 from engramlab.errors import EngramError
@@ -45,6 +51,10 @@ EVAL_SPLITS = ("heldout_templates", "train_templates", "heldout_people")
 WORLD_FILES = ("world.json", "people.jsonl", "heldout_people.jsonl")
 _FORMAT = "engramlab-world"
 _REGENERATE = "regenerate it with `engram world --preset PRESET --out DIR`"
+#: Settings a world built from an earlier one (``rel_world``) must share with it: they fix the
+#: pools, years and templates, hence the vocabulary and the revised people's template splits.
+SHARED_WITH_REL_WORLD = (*SIZE_SETTINGS.values(), "pool_seed", "year_min", "year_max", "n_templates",
+                         "n_train_templates")
 
 
 @dataclass
@@ -201,13 +211,19 @@ class EvalItem:
 
 @dataclass
 class World:
-    """A generated world; compare two with ``==`` (config, pools, templates and everyone)."""
+    """A generated world; compare two with ``==`` (config, pools, templates and everyone).
+
+    ``rel_from``: for a continual world built from an earlier world, where its rel people came
+    from: {"fingerprint": that world's ``fingerprint()``, "config": its config as a dict,
+    "people": the index in its ``people`` of each rel person, in this world's order}; else None.
+    """
 
     config: WorldConfig
     pools: dict[str, list[str]]
     templates: dict[str, list[str]]      # attribute -> templates with {name} and {value}
     people: list[Person]
     heldout_people: list[Person] = field(default_factory=list)
+    rel_from: dict | None = None
 
     # --- rendering ----------------------------------------------------------------------------
     def render(self, person: Person, attribute: str, template_index: int) -> tuple[str, str, str]:
@@ -321,16 +337,34 @@ class World:
         return np.repeat(np.arange(len(self.people)), [p.frequency for p in self.people])
 
     # --- files --------------------------------------------------------------------------------
-    def save(self, out_dir: str | os.PathLike) -> Path:
-        """Write world.json (config, pools, templates), people.jsonl and heldout_people.jsonl."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+    def file_texts(self) -> dict[str, str]:
+        """The contents ``save`` writes, file name (WORLD_FILES) -> text."""
         header = {"format": _FORMAT, "version": 1, "config": self.config.to_dict(),
                   "pools": self.pools, "templates": self.templates}
-        atomic_write_text(out / "world.json", json.dumps(header, indent=1, ensure_ascii=False) + "\n")
+        if self.rel_from is not None:  # only then: older worlds' files stay byte-identical
+            header["rel_from"] = self.rel_from
+        texts = {"world.json": json.dumps(header, indent=1, ensure_ascii=False) + "\n"}
         for name in ("people", "heldout_people"):
             lines = [json.dumps(p.to_dict(), ensure_ascii=False) for p in getattr(self, name)]
-            atomic_write_text(out / f"{name}.jsonl", "".join(line + "\n" for line in lines))
+            texts[f"{name}.jsonl"] = "".join(line + "\n" for line in lines)
+        return texts
+
+    def fingerprint(self) -> str:
+        """sha256 of the saved files, without writing them: equals
+        ``engramlab.runs.fingerprint`` of the WORLD_FILES of ``save``'s directory (what a
+        training run records as its world input)."""
+        digest = hashlib.sha256()
+        for name, text in sorted(self.file_texts().items()):  # runs.fingerprint: by file name
+            digest.update(name.encode() + b"\0" + text.encode("utf-8") + b"\0")
+        return digest.hexdigest()
+
+    def save(self, out_dir: str | os.PathLike) -> Path:
+        """Write world.json (config, pools, templates[, rel_from]), people.jsonl and
+        heldout_people.jsonl."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        for name, text in self.file_texts().items():
+            atomic_write_text(out / name, text)
         return out
 
     @classmethod
@@ -370,7 +404,23 @@ class World:
                               f"{config.n_heldout}; {_REGENERATE}")
         for name, group in (("people.jsonl", people), ("heldout_people.jsonl", heldout)):
             _check_people(world_dir / name, group, pools, templates, config)
-        return cls(config, pools, templates, people, heldout)
+        rel_from = header.get("rel_from")
+        _check_rel_from(path, rel_from, config)
+        return cls(config, pools, templates, people, heldout, rel_from)
+
+
+def _check_rel_from(path: Path, rel_from, config: WorldConfig) -> None:
+    """A world.json "rel_from" record is absent, or names a source world and n_rel people."""
+    if rel_from is None:
+        return
+    ok = (isinstance(rel_from, dict) and isinstance(rel_from.get("fingerprint"), str)
+          and isinstance(rel_from.get("config"), dict) and isinstance(rel_from.get("people"), list)
+          and len(rel_from["people"]) == config.n_rel
+          and all(isinstance(i, int) and i >= 0 for i in rel_from["people"]))
+    if not ok:
+        raise EngramError(f'{path}: "rel_from" must hold the source world\'s "fingerprint", "config" and '
+                          f'the {config.n_rel} "people" indices; regenerate it with `engram world --preset '
+                          f'PRESET --rel-from WORLD --out DIR`')
 
 
 def _check_people(path: Path, people: list[Person], pools: dict, templates: dict, config: WorldConfig) -> None:
@@ -468,39 +518,108 @@ def _invented_names(config: WorldConfig, pools: dict, n: int, rng: random.Random
     return [name for name in drawn if name not in exclude][:n]
 
 
-def generate_world(config: WorldConfig, exclude_names: frozenset[str] = frozenset()) -> World:
-    """Make the world ``config`` describes (validated first). Pure function of ``config`` and
+def _other_value(pool: list[str], old: str, rng: random.Random) -> str:
+    """A value drawn uniformly from ``pool`` without ``old`` (which must be in it)."""
+    j = rng.randrange(len(pool) - 1)
+    return pool[j + (j >= pool.index(old))]  # skip old's slot: the other len - 1 equally likely
+
+
+def _revised_person(old: Person, config: WorldConfig, pools: dict, rng: random.Random,
+                    frequency: int) -> Person:
+    """``old`` with every attribute re-drawn to a value different from its old one (a knowledge
+    update); name and template splits stay, so held-out templates stay never-trained."""
+    attributes = {}
+    for attribute in ATTRIBUTES:
+        if attribute == "birth_date":
+            value = old.attributes[attribute]
+            while value == old.attributes[attribute]:  # a clash has chance 1/(372 * years)
+                day, month = rng.randint(1, 31), rng.randrange(12)
+                value = f"{MONTHS[month]} {day}, {rng.randint(config.year_min, config.year_max)}"
+        else:
+            value = _other_value(pools[ATTRIBUTE_POOLS[attribute]], old.attributes[attribute], rng)
+        attributes[attribute] = value
+    templates = ({a: list(t[a]) for a in ATTRIBUTES} for t in (old.train_templates, old.heldout_templates))
+    return Person(old.name, attributes, *templates, "rel", frequency, frequency_bucket(frequency))
+
+
+def _check_rel_world(config: WorldConfig, rel_world: World) -> None:
+    """The earlier world fits: a continual config, enough people, the same pools and templates."""
+    if config.kind != "continual":
+        raise EngramError("--rel-from (rel_world) needs a continual world; use a continual preset such as "
+                          "continual-tiny")
+    for name in SHARED_WITH_REL_WORLD:
+        ours, theirs = getattr(config, name), getattr(rel_world.config, name)
+        if ours != theirs:
+            raise EngramError(f"--rel-from: world setting {name}={ours} differs from the earlier world's "
+                              f"{name}={theirs}; set {name}={theirs} (--set {name}={theirs}) so both share "
+                              f"pools, templates and vocabulary")
+    if config.n_rel > len(rel_world.people):
+        raise EngramError(f"--rel-from: n_rel={config.n_rel} is more than the earlier world's "
+                          f"{len(rel_world.people)} people; lower n_rel")
+    for name in sorted({SIZE_SETTINGS[pool] for pool in ATTRIBUTE_POOLS.values()}):
+        if getattr(config, name) < 2:  # a revised value must differ from the old one
+            raise EngramError(f"--rel-from: {name}={getattr(config, name)} leaves no other value to "
+                              f"revise to; raise {name} in both worlds")
+
+
+def generate_world(config: WorldConfig, exclude_names: frozenset[str] = frozenset(),
+                   rel_world: World | None = None) -> World:
+    """Make the world ``config`` describes (validated first). Pure function of ``config``,
     ``exclude_names`` (invented names to avoid, e.g. another world's people, so a fine-tuning
-    population is new; pools are shared through ``pool_seed``)."""
+    population is new; pools are shared through ``pool_seed``) and ``rel_world``.
+
+    ``rel_world`` (continual only): the rel people are ``n_rel`` of its trained people, chosen
+    with the world seed, each with every attribute changed (``_revised_person``); the invented
+    names (compl and held-out) avoid all of its names. It must share the settings in
+    SHARED_WITH_REL_WORLD (else EngramError naming the first that differs).
+    """
     config.validate()
+    if rel_world is not None:
+        _check_rel_world(config, rel_world)
     pools = make_pools(config.pool_sizes(), seed=config.pool_seed)
     templates = {a: list(TEMPLATES[a][:config.n_templates]) for a in ATTRIBUTES}
+    if rel_world is not None and (rel_world.pools != pools or rel_world.templates != templates):
+        raise EngramError("--rel-from: the earlier world's pools or templates differ from what its settings "
+                          "make now (another engramlab version?); regenerate it with `engram world`")
     rng = random.Random(f"engramlab-world-{config.seed}")
     n_invented = config.n_compl if config.kind == "continual" else config.n_people
+    if rel_world is not None:
+        exclude_names = frozenset(exclude_names) | {p.name for p in rel_world.people + rel_world.heldout_people}
     invented = _invented_names(config, pools, n_invented + config.n_heldout, rng, frozenset(exclude_names))
     trained, unseen = invented[:n_invented], invented[n_invented:]
     if config.kind == "bio":
         people = [_make_person(name, config, pools, rng) for name in trained]
         heldout = [_make_person(name, config, pools, rng, frequency=0) for name in unseen]
         return World(config, pools, templates, people, heldout)
-    real = load_real_names()
-    if config.n_rel > len(real):
-        raise EngramError(f"n_rel={config.n_rel} exceeds the {len(real)} real names in the "
-                          f"bundled person relations; lower n_rel")
-    real = rng.sample(real, config.n_rel)
+    if rel_world is None:
+        real = load_real_names()
+        if config.n_rel > len(real):
+            raise EngramError(f"n_rel={config.n_rel} exceeds the {len(real)} real names in the "
+                              f"bundled person relations; lower n_rel")
+        real = rng.sample(real, config.n_rel)
+    else:
+        sources = sorted(rng.sample(range(len(rel_world.people)), config.n_rel))
     frequencies = draw_frequencies(config.frequency, config.n_people, rng)
-    kinds = ["compl"] * config.n_compl + ["rel"] * config.n_rel
-    people = [_make_person(name, config, pools, rng, kind, f)
-              for name, kind, f in zip(trained + real, kinds, frequencies)]
+    people = [_make_person(name, config, pools, rng, "compl", f)
+              for name, f in zip(trained, frequencies[:config.n_compl])]
+    if rel_world is None:
+        people += [_make_person(name, config, pools, rng, "rel", f)
+                   for name, f in zip(real, frequencies[config.n_compl:])]
+    else:
+        people += [_revised_person(rel_world.people[i], config, pools, rng, f)
+                   for i, f in zip(sources, frequencies[config.n_compl:])]
     heldout = [_make_person(name, config, pools, rng, "compl", 0) for name in unseen]
-    return World(config, pools, templates, people, heldout)
+    rel_from = None if rel_world is None else {"fingerprint": rel_world.fingerprint(),
+                                               "config": rel_world.config.to_dict(), "people": sources}
+    return World(config, pools, templates, people, heldout, rel_from)
 
 
-def build_world(preset: str | None = None, exclude_names=frozenset(), **overrides) -> World:
+def build_world(preset: str | None = None, exclude_names=frozenset(), rel_world: World | None = None,
+                **overrides) -> World:
     """Generate a world from a preset (None: WorldConfig defaults) with keyword overrides.
 
     Overrides that are None are ignored (handy for CLI flags left unset). For continual worlds
-    n_people follows n_compl + n_rel.
+    n_people follows n_compl + n_rel. ``rel_world``: see ``generate_world``.
     """
     if preset is None:
         config = WorldConfig()
@@ -512,4 +631,4 @@ def build_world(preset: str | None = None, exclude_names=frozenset(), **override
     config = WorldConfig.from_dict({**config.to_dict(), **overrides}, source="world overrides")
     if config.kind == "continual" and "n_people" not in overrides:
         config.n_people = config.n_compl + config.n_rel
-    return generate_world(config, frozenset(exclude_names))
+    return generate_world(config, frozenset(exclude_names), rel_world)

@@ -9,10 +9,15 @@ from engramlab.config import option, validate
 CHECKPOINT_GRAMMAR = "all | first:N | every:K | steps:a,b,c | log:N"
 SPLITS = ("heldout_templates", "train_templates")
 
+#: Settings evolve gives a locator unless told otherwise (``--set ANALYSIS.FIELD=VALUE``): every
+#: checkpoint is analysed on the same facts, also those it does not know yet (flagged per fact),
+#: and circuits on the pairs frozen on the final checkpoint (``dynamics.evolve``).
+EVOLVE_DEFAULTS = {"circuit": {"require_correct": False}, "neurons": {"max_rank": 10**9}}
+
 
 @dataclass
 class EvolutionConfig:
-    """Which analyses run on which checkpoints of a run, on which facts."""
+    """Which analyses run on which checkpoints of a run, on which facts, and what is compared."""
 
     analysis: tuple[str, ...] = option(("recall",), "Registered locators to run at every checkpoint, "
                                        "comma-separated (recall, neurons, dkn, circuit).", many=True)
@@ -21,6 +26,11 @@ class EvolutionConfig:
                         "fact file / bundled relation names.")
     split: str = option("heldout_templates", "With --facts world: whose templates make the prompts.",
                         choices=SPLITS)
+    transplant: int = option(6, "With circuit: checkpoints in the transplant matrix (the circuit of step s run "
+                             "on the model of step t), spread evenly in log step; 0: none.", range=(0, None))
+    phase_metric: str = option("auto", "Series whose knee is the formation -> optimization phase shift "
+                               "(an evolution.jsonl key; auto: circuit.edge_jaccard_final with circuits, "
+                               "else recall.top1_accuracy).")
 
     def __post_init__(self):
         if isinstance(self.analysis, str):

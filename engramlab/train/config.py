@@ -60,6 +60,9 @@ class TrainConfig:
     beta1: float = option(0.9, "AdamW beta1.", range=(0, 1), open_high=True)
     beta2: float = option(0.95, "AdamW beta2.", range=(0, 1), open_high=True)
     grad_clip: float = option(1.0, "Clip the gradient norm to this (0: no clipping).", range=(0, None))
+    dropout: float = option(0.0, "Dropout probability while training, at GPT-2's places (embeddings, attention "
+                            "probabilities, attention and MLP outputs; GPT-2 used 0.1); off in evaluation.",
+                            range=(0, 1), open_high=True)
     sampler: str = option("uniform", "uniform | powerlaw:alpha=A | celebrities:k=K,w=W | warmup:size=S,epochs=E | "
                           "sequential:groups=G,steps=T | replay:weight=W.")
     seed: int = 0

@@ -22,6 +22,10 @@ name) in context. Per value (one attribute of one document):
   over those tokens (in biography context this includes earlier mentions);
   ``attn.attr_to_name`` (per layer): mass the position predicting a value's first token puts
   on the name tokens (all mentions before it), averaged over values.
+
+Continual worlds also get accuracy and loss per group of people, each a mean over the group's
+values: ``attr_acc.bucket.<high|medium|low|unseen>``, ``attr_acc.kind.<rel|compl>`` and
+``attr_acc.kind.<k>.bucket.<b>`` (and ``attr_loss.`` the same).
 """
 
 from __future__ import annotations
@@ -86,7 +90,8 @@ class EvalSet:
     first_value_mask (N, T) bool: the first token of each value;
     name_group (N, T) long: for tokens of a name mention, the index in ATTRIBUTES of the
     sentence holding it (one mention per sentence, so it tells mentions apart), else -1;
-    buckets: per document, the person's frequency bucket (continual worlds) or None.
+    buckets: per document, the person's frequency bucket (continual worlds) or None;
+    kinds: per document, the person's kind, "rel" or "compl" (continual worlds) or None.
     """
 
     name: str
@@ -97,6 +102,7 @@ class EvalSet:
     name_group: torch.Tensor
     context: str = "sentence"
     buckets: list[str] | None = None
+    kinds: list[str] | None = None
 
     @classmethod
     def build(cls, name: str, world: World, split: str, tokenizer, max_people: int | None,
@@ -126,13 +132,38 @@ class EvalSet:
             name_spans.append(names)
         enc = encode_with_spans(tokenizer, texts, value_spans, add_eos=False)
         names = encode_with_spans(tokenizer, texts, name_spans, add_eos=False)
-        buckets = ([members[doc[0].person_index].bucket for doc in docs]
-                   if world.config.kind == "continual" else None)
+        buckets = kinds = None
+        if world.config.kind == "continual":
+            buckets = [members[doc[0].person_index].bucket for doc in docs]
+            kinds = [members[doc[0].person_index].kind for doc in docs]
         return cls(name, enc["input_ids"], enc["attention_mask"], enc["attribute_ids"], enc["first_value_mask"],
-                   names["attribute_ids"], context, buckets)
+                   names["attribute_ids"], context, buckets, kinds)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
+
+
+def _group_metrics(prefix: str, evalset: EvalSet, docs: torch.Tensor, acc: torch.Tensor,
+                   loss: torch.Tensor) -> dict:
+    """Accuracy and loss per group of people (continual worlds), each a mean over the group's
+    values (not over attributes first): ``attr_acc.bucket.<b>`` / ``attr_loss.bucket.<b>`` per
+    frequency bucket, ``.kind.<k>`` per kind (rel, compl) and ``.kind.<k>.bucket.<b>`` per
+    (kind, bucket) pair present. ``docs`` (n_values,): each value's document; ``acc``, ``loss``
+    (n_values,)."""
+    out = {}
+    groupings = {"bucket": evalset.buckets, "kind": evalset.kinds}
+    if evalset.buckets is not None and evalset.kinds is not None:
+        groupings["kind_bucket"] = [f"{k}.bucket.{b}" for k, b in zip(evalset.kinds, evalset.buckets)]
+    for grouping, labels in groupings.items():
+        if labels is None:
+            continue
+        of_value = [labels[int(d)] for d in docs]
+        for label in sorted(set(labels)):
+            sel = torch.tensor([x == label for x in of_value])
+            key = "kind" if grouping == "kind_bucket" else grouping
+            out[f"{prefix}.attr_acc.{key}.{label}"] = float(acc[sel].mean())
+            out[f"{prefix}.attr_loss.{key}.{label}"] = float(loss[sel].mean())
+    return out
 
 
 def _mean(total: float, count: float) -> float:
@@ -231,12 +262,7 @@ def evaluate(model, evalset: EvalSet, batch_size: int | None = None, hooks=None,
     }
     out.update({f"{p}.attr_loss.{a}": v for a, v in per_attr_loss.items()})
     out.update({f"{p}.attr_acc.{a}": v for a, v in per_attr_acc.items()})
-    if evalset.buckets is not None:
-        of_value = [evalset.buckets[int(d)] for d in docs]
-        for bucket in sorted(set(evalset.buckets)):
-            sel = torch.tensor([b == bucket for b in of_value])
-            out[f"{p}.attr_acc.bucket.{bucket}"] = float(acc[sel].mean())
-            out[f"{p}.attr_loss.bucket.{bucket}"] = float(loss[sel].mean())
+    out.update(_group_metrics(p, evalset, docs, acc, loss))
     if want_patterns:
         out[f"{p}.attn.name_to_name_layer0"] = _mean(nn_sum, nn_count)
         out[f"{p}.attn.last_name_to_name_layer0"] = _mean(last_sum, last_count)

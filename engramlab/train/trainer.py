@@ -8,8 +8,12 @@ Run directory layout::
                                           (+ optimizer.pt in the latest checkpoint only)
 
 Every batch is a pure function of (seed, step) - the sampler draws from a generator seeded by
-both, and biography templates come from ``random.Random`` seeded the same way - so a run resumed
-from its last checkpoint (``resume=True``) ends bit-identical to an uninterrupted one.
+both, and biography templates come from ``random.Random`` seeded the same way; with ``dropout`` > 0
+torch is re-seeded from (seed, step) before each update - so a run resumed from its last
+checkpoint (``resume=True``) ends bit-identical to an uninterrupted one.
+
+``--init`` continues a model with its own tokenizer; every word of the world must have a token in
+it (a continual world built ``--rel-from`` the init run's world shares its vocabulary).
 
 Attention-patched twins (``--patch-attention-from``) are in ``train.patching``; the analysis of
 the learning curves written to summary.json (plateau, hallucination onset, forgetting) is
@@ -33,7 +37,7 @@ import torch.nn.functional as F
 
 from engramlab.data.samplers import make_sampler
 from engramlab.data.world import World
-from engramlab.data.wordtok import build_word_tokenizer, encode_biographies
+from engramlab.data.wordtok import build_word_tokenizer, check_covers, encode_biographies
 from engramlab.dynamics.knowledge import plateau_of, summarize_training
 from engramlab.errors import EngramError
 from engramlab.models.loading import (CHECKPOINT_DIR, LoadedModel, list_checkpoints, load_model, load_tokenizer,
@@ -44,7 +48,7 @@ from engramlab.runs import append_jsonl, atomic_directory, atomic_write_jsonl, r
 from engramlab.train.checkpoints import checkpoint_steps
 from engramlab.train.config import SCHEDULES, TEMPLATE_CHOICES, TrainConfig  # noqa: F401 (re-exported)
 from engramlab.train.metrics import EvalSet, baseline_loss, empirical_marginal_loss, evaluate
-from engramlab.train.model_configs import build_model, count_parameters
+from engramlab.train.model_configs import build_model, count_parameters, set_dropout
 from engramlab.train.patching import AttentionPatch, patch_window
 
 
@@ -92,6 +96,11 @@ def _batch_rng(seed: int, step: int) -> random.Random:
     return random.Random(f"engramlab-batch-{seed}-{step}")
 
 
+def _dropout_seed(seed: int, step: int) -> int:
+    """The torch seed of update ``step``'s dropout masks."""
+    return random.Random(f"engramlab-dropout-{seed}-{step}").getrandbits(63)
+
+
 class Trainer:
     """One training run. ``Trainer(cfg, world, out).run()``; see ``train()`` for the API."""
 
@@ -133,19 +142,29 @@ class Trainer:
         return self.lm.tokenizer
 
     def _build_model(self) -> LoadedModel:
+        """The model to train: --init's (with its own tokenizer, which must cover the world), or
+        fresh weights of --model-config with the world's word tokenizer (or --tokenizer's)."""
         cfg = self.cfg
         if cfg.init:
             lm = load_model(cfg.init, device=str(self.device) if cfg.device != "auto" else "auto", trainable=True)
             lm.model.train()
             if self.old_world is None:
                 self.old_world = _world_of_run(cfg.init)
+            origin = f"--init {cfg.init}"
         else:
             tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else build_word_tokenizer(self.world)
-            model = build_model(cfg.model_config, len(tokenizer), self._max_len(tokenizer), cfg.seed, tokenizer)
+            model = build_model(cfg.model_config, len(tokenizer), self._max_len(tokenizer), cfg.seed, tokenizer,
+                                dropout=cfg.dropout)
             lm = wrap_model(model.to(self.device), tokenizer)
+            origin = f"--tokenizer {cfg.tokenizer}" if cfg.tokenizer else None
+        if origin is not None:  # a tokenizer not made from this world: an unknown word would train as <unk>
+            check_covers(lm.tokenizer, self.world, f"{origin} on world {cfg.world or '(in memory)'}")
+            if self.old_world is not None:
+                check_covers(lm.tokenizer, self.old_world, f"{origin} on the old world")
         lm.model.requires_grad_(True)
         if lm.tokenizer.pad_token_id is None:  # GPT-2-style tokenizers: pad with eos
             lm.tokenizer.pad_token = lm.tokenizer.eos_token
+        self.dropout_hooks = set_dropout(lm.model, lm.adapter, cfg.dropout)
         return lm
 
     def _max_len(self, tokenizer) -> int:
@@ -262,6 +281,8 @@ class Trainer:
             self.optimizer.state.clear()  # patching starts: forget moments shaped by free attention
         for g in self.optimizer.param_groups:
             g["lr"] = learning_rate(cfg, step)
+        if cfg.dropout:  # dropout masks, like batches, a pure function of (seed, step): resume stays exact
+            torch.manual_seed(_dropout_seed(cfg.seed, step))
         with self.patch.replacing(self.lm.hooks, ids, am) if self._patched(step) else nullcontext():
             logits = self.model(input_ids=ids, attention_mask=am).logits
         targets = ids[:, 1:].masked_fill(am[:, 1:] == 0, -100)
