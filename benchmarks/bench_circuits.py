@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/bench_circuits.py [--models smollm2-135m,gpt2-small] [--batch 8]
         [--facts country_capital_city] [--steps 5] [--ig-rule right] [--ablation corrupted] [--repeats 3]
-        [--threads 1] [--device cpu] [--json out.json]
+        [--threads 1] [--device cpu] [--json out.json] [--parts attribution,circuit]
+        [--circuit-facts person_mother] [--circuit-limit 200] [--top-n 5000]
 
 For each model, on one batch of clean/corrupted pairs of real prompts (the first ``--batch`` pairs
 ``corrupted_pairs`` makes from ``--facts``, SmolLM2's tokenizer for both models, right-padded):
@@ -22,6 +23,14 @@ For each model, on one batch of clean/corrupted pairs of real prompts (the first
 ``gpt2-small`` is GPT-2 small's shape (12 x 12 heads, d_model 768) with random weights, built from
 ``GPT2Config()``: no download. Each model runs in its own process so one cannot inflate the
 other's memory figures. Wall times on a shared machine vary; the ratios are what to compare.
+
+``--parts circuit`` (run by default after ``attribution``) times the whole locator, ``find_circuit``,
+as ``engram circuit`` runs it: SmolLM2-135M on the first ``--circuit-limit`` (200) facts of
+``--circuit-facts`` (person_mother), wrong answers kept (``--keep-wrong``: SmolLM2 gets most of
+them wrong, and the filter would leave a handful), m = ``--steps``, once with the automatic N and
+once per ``--top-n``. It prints each stage's seconds (``stats``: filter, attribute, search,
+heads, lens, evaluate, curve) and seconds / attribute_seconds. Target: <= 2 (everything after the
+attribution costs at most the attribution again).
 """
 
 from __future__ import annotations
@@ -144,6 +153,40 @@ def measure(name: str, batch: int, facts: str, steps: int, repeats: int, device:
             "memory_ratio": mem_eap / mem_plain}
 
 
+STAGES = ("filter", "attribute", "search", "heads", "lens", "evaluate", "curve")
+
+
+def end_to_end(facts: str, limit: int, steps: int, top_ns: list[int | None], repeats: int, device: str) -> list[dict]:
+    """``find_circuit`` on SmolLM2-135M, each N in ``top_ns`` (None: automatic) ``repeats`` times:
+    per-stage seconds and seconds / attribute_seconds (stats of the result)."""
+    from engramlab.data.facts import load_facts
+    from engramlab.locate.base import select
+    from engramlab.locate.circuits import CircuitConfig, find_circuit
+
+    lm = _load("smollm2-135m", device)
+    chosen = select(load_facts(facts), None, limit)
+    rows = []
+    for _ in range(repeats):  # interleaved, so drifting load hits every N alike
+        for top_n in top_ns:
+            result = find_circuit(lm, chosen, CircuitConfig(steps=steps, top_n=top_n, require_correct=False))
+            st = result.stats
+            rows.append({"facts": facts, "limit": limit, "top_n": "auto" if top_n is None else top_n,
+                         "n_edges_kept": int(result.kept.sum()), "n_discovery": st["n_discovery"],
+                         "n_evaluation": st["n_evaluation"], "seconds": st["seconds"],
+                         **{f"{k}_seconds": st[f"{k}_seconds"] for k in STAGES},
+                         "ratio": st["seconds"] / st["attribute_seconds"],
+                         "faithfulness": result.metrics["faithfulness"]})
+    return rows
+
+
+def _print_end_to_end(rows: list[dict]) -> None:
+    for r in rows:
+        stages = ", ".join(f"{k} {r[f'{k}_seconds']:.1f}" for k in STAGES)
+        print(f"smollm2-135m circuit  {r['facts']} x{r['limit']} ({r['n_discovery']}+{r['n_evaluation']} pairs), "
+              f"N {r['top_n']} ({r['n_edges_kept']} kept): {r['seconds']:.1f} s [{stages}] -> "
+              f"total / attribution {r['ratio']:.2f} (target <= 2)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default=",".join(MODELS))
@@ -156,6 +199,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--parts", default="attribution,circuit", help="attribution | circuit (comma-separated)")
+    ap.add_argument("--circuit-facts", dest="circuit_facts", default="person_mother")
+    ap.add_argument("--circuit-limit", dest="circuit_limit", type=int, default=200)
+    ap.add_argument("--top-n", dest="top_n", default="5000", help="Ns besides the automatic one (comma-separated)")
+    ap.add_argument("--circuit-repeats", dest="circuit_repeats", type=int, default=1)
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: measure one model here
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -163,6 +211,24 @@ def main() -> None:
         print(json.dumps(measure(args.one, args.batch, args.facts, args.steps, args.repeats, args.device,
                                  args.ig_rule, args.ablation)))
         return
+    parts = set(args.parts.split(","))
+    if "attribution" in parts:
+        rows = _attribution(args)
+    else:
+        rows = []
+    if "circuit" in parts:
+        top_ns = [None] + [int(n) for n in args.top_n.split(",") if n]
+        circuit_rows = end_to_end(args.circuit_facts, args.circuit_limit, args.steps, top_ns, args.circuit_repeats,
+                                  args.device)
+        _print_end_to_end(circuit_rows)
+        rows = rows + circuit_rows
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+def _attribution(args) -> list[dict]:
+    """The attribution benchmark, each model in its own process (see the module docstring)."""
     rows = []
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "TQDM_DISABLE": "1"}
     for name in args.models.split(","):
@@ -180,9 +246,7 @@ def main() -> None:
               f"{r['plain_seconds_per_example']:.3f} s/example -> {r['time_ratio']:.2f}x (target < 1.5); "
               f"peak extra memory {r['eap_ig_peak_extra_mib']:.0f} MiB vs one fwd+bwd "
               f"{r['plain_fwd_bwd_peak_extra_mib']:.0f} MiB -> {r['memory_ratio']:.2f}x (target < 1.5)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+    return rows
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ its evidence:
 * the formation -> optimization phase shift: the knee of a two-segment piecewise-linear fit of
   ``phase_shift_metric`` against log(step + 1) (``changepoints.knee_fit``): ``phase_shift_step``,
   ``phase_shift_slope_before`` / ``_after`` (per unit of log step), ``phase_shift_improvement``
-  (1 - SSE / SSE of one line). With circuits the metric is ``circuit.edge_jaccard_final`` and
+  (1 - SSE / SSE of one line) and ``phase_shift_flattens`` (the slope after the knee is smaller in
+  size than before: a formation -> optimization shift rather than a late jump). With circuits the metric is ``circuit.edge_jaccard_final`` and
   the knee of ``circuit.entropy`` is reported next to it (``entropy_knee_step``, its slopes);
 * deep to shallow: per layer, the step at which the answer surfaces in the logit lens there -
   the first checkpoint whose top-1 share at that layer reaches half its final value (layers whose
@@ -20,8 +21,8 @@ its evidence:
   (``deep_to_shallow_stat`` < 0, ``deep_to_shallow_p``). The same test on the step at which each
   band's share of circuit edges settles (within ``EDGE_SHARE_TOL`` of its final value) is
   ``edge_deep_to_shallow_stat`` / ``_p``;
-* attention-based recall: ``mover_head_step``, the first checkpoint whose circuit has a mover
-  head, and ``attr_to_name_half_step``, where the run's attention from attribute to name (last
+* attention-based recall: ``mover_head_step``, the first checkpoint from which every circuit has
+  a mover head, and ``attr_to_name_half_step``, where the run's attention from attribute to name (last
   layer) reaches half its final value - to set against the plateau.
 """
 
@@ -44,7 +45,8 @@ def _knee(rows: list[dict], key: str, prefix: str) -> dict:
     if fit is None:
         return {f"{prefix}_step": None}
     return {f"{prefix}_step": fit["knee_step"], f"{prefix}_slope_before": fit["slope_before"],
-            f"{prefix}_slope_after": fit["slope_after"], f"{prefix}_improvement": fit["improvement"]}
+            f"{prefix}_slope_after": fit["slope_after"], f"{prefix}_improvement": fit["improvement"],
+            f"{prefix}_flattens": abs(fit["slope_after"]) < abs(fit["slope_before"])}
 
 
 def lens_surface_steps(results: list[tuple[int, object]]) -> dict[int, int | None]:
@@ -96,8 +98,9 @@ def compare_over_time(rows: list[dict], results: dict[str, list], run_summary: d
         edge = deep_to_shallow(settle) if settle else {}
         summary["edge_deep_to_shallow_stat"], summary["edge_deep_to_shallow_p"] = edge.get("stat"), edge.get("p")
         summary.update({f"edge_settle_step.L{b}": s for b, s in settle.items()})
-        movers = [s for s, v in zip(*column(rows, "circuit.n_mover_heads")) if v]
-        summary["mover_head_step"] = movers[0] if movers else None
+        steps, movers = column(rows, "circuit.n_mover_heads")
+        summary["mover_head_step"] = next((s for i, s in enumerate(steps) if all(movers[i:])), None) \
+            if movers and movers[-1] else None
     attn = sorted((k for k in (rows[-1] if rows else {}) if k.startswith("run.eval.attn.attr_to_name.L")),
                   key=lambda k: int(k.rsplit("L", 1)[1]))
     if attn:

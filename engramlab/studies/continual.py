@@ -7,8 +7,11 @@ the ``evolve`` stage (recall and circuits at every checkpoint of the continued r
 1. Relevant new knowledge (K_rel: known people, new attributes) is acquired faster than
    completely new knowledge (K_compl: new people), and frequent facts faster than rare ones:
    ``<group>_half_step``, the first checkpoint at which the group's recall top-1 accuracy reaches
-   half its final value (groups k_rel, k_compl, high, medium, low), with the final accuracies,
-   Hit@10 and the same from the training run's own denser evaluation (``train_<group>_half_step``).
+   half its final value (groups k_rel, k_compl, high, medium, low), ``<group>_mean_accuracy``
+   (the accuracy averaged over training time: area under the curve / steps), the final accuracy,
+   Hit@10 and circuit Hit@10, and the half step from the training run's own denser evaluation
+   (``train_<group>_half_step``); ``k_rel_first`` (earlier half step, the larger mean on a tie) and
+   ``frequency_order`` (high <= medium <= low half steps).
 2. The circuit's phase shift from formation to optimization: ``phase_shift_step``, the knee of
    edge Jaccard with the final circuit against log step, with the slopes on both sides
    (``dynamics.compare``), and the knee of circuit entropy.
@@ -80,6 +83,7 @@ def continual_summary(root: str | Path, evolve_stage: str = "evolve", train_stag
     for name, label in GROUPS.items():
         steps, acc = column(rows, f"recall.top1_accuracy.{label}")
         out[f"{name}_half_step"] = half_step(steps, acc)
+        out[f"{name}_mean_accuracy"] = _mean_over_steps(steps, acc)
         out[f"{name}_final_accuracy"] = acc[-1] if acc else None
         out[f"{name}_final_hit_at_10"] = next(iter(column(rows, f"recall.hit_at_10.{label}")[1][-1:]), None)
         out[f"{name}_final_circuit_hit_at_10"] = next(iter(column(rows, f"circuit.hit_at_10_circuit.{label}")[1][-1:]),
@@ -94,10 +98,22 @@ def continual_summary(root: str | Path, evolve_stage: str = "evolve", train_stag
                 "n_checkpoints", "n_skipped", "transplant_first_on_last", "transplant_last_on_first"):
         out[key] = evolved.get(key)
     rel, compl = out["k_rel_half_step"], out["k_compl_half_step"]
-    out["k_rel_first"] = None if rel is None or compl is None else rel < compl
+    # earlier half step; on a tie (checkpoints are coarse) the larger area under the curve
+    out["k_rel_first"] = None if rel is None or compl is None else \
+        (rel, -(out["k_rel_mean_accuracy"] or 0)) < (compl, -(out["k_compl_mean_accuracy"] or 0))
     order = [out[f"{b}_half_step"] for b in ("high", "medium", "low")]
     out["frequency_order"] = None if None in order else order == sorted(order)
     return out
+
+
+def _mean_over_steps(steps: list[int], values: list) -> float | None:
+    """The accuracy averaged over training time: the trapezoid area under values(step) divided by
+    the steps covered (a group learned earlier has the larger mean)."""
+    pairs = [(s, float(v)) for s, v in zip(steps, values) if v is not None]
+    if len(pairs) < 2 or pairs[-1][0] == pairs[0][0]:
+        return pairs[0][1] if pairs else None
+    area = sum((s1 - s0) * (v0 + v1) / 2 for (s0, v0), (s1, v1) in zip(pairs, pairs[1:]))
+    return area / (pairs[-1][0] - pairs[0][0])
 
 
 def _group_sizes(root: Path, evolve_stage: str) -> dict:

@@ -58,7 +58,8 @@ each row's last real token only.
 
 from __future__ import annotations
 
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass
 
 import torch
 
@@ -67,7 +68,7 @@ from engramlab.locate import integration
 from engramlab.locate.circuits.config import ABLATIONS, METHODS, METRICS, check_method  # noqa: F401 (re-exported)
 from engramlab.locate.circuits.data import PairBatch
 from engramlab.locate.circuits.graph import CircuitGraph
-from engramlab.locate.circuits.hooks import ablated_values, answer_logits, input_embeddings
+from engramlab.locate.circuits.hooks import ablated_values, answer_logits, input_embeddings, writer_hooks
 from engramlab.locate.circuits.sums import GradientSums, kept_positions
 from engramlab.models.hooks import site_name
 
@@ -94,15 +95,56 @@ def integration_points(method: str, steps: int, rule: str = "right") -> list[tup
     return integration.integration_points(rule, steps)
 
 
+@dataclass
+class CorruptedRun:
+    """What the no-grad forward of one batch's clean and corrupted prompts (the one the scores are
+    made from, under corrupted ablation) also gives an evaluator of the same pairs, so that it
+    need not run them again (``CircuitEvaluator(runs=...)``).
+
+    clean_logits, corrupt_logits  (b, vocab) at each row's last real token
+    acts                          (n_writers, b, pos, d_model) float32, the corrupted run's writer outputs
+    """
+
+    clean_logits: torch.Tensor
+    corrupt_logits: torch.Tensor
+    acts: torch.Tensor
+
+
+@contextmanager
+def _recording(lm, graph: CircuitGraph, batch: PairBatch, out: list):
+    """Around a forward pass of the clean and corrupted prompts stacked (2b rows): append its
+    ``CorruptedRun`` to ``out`` (the corrupted half's writer outputs, both halves' logits)."""
+    b, found = len(batch), {}
+
+    def store(first: int, acts: torch.Tensor) -> None:  # (n, b, pos, d): the corrupted half
+        if "acts" not in found:
+            found["acts"] = torch.empty(graph.n_writers, *acts.shape[1:3], lm.adapter.d_model, device=acts.device)
+        found["acts"][first: first + acts.shape[0]] = acts.float()
+
+    def final(x: torch.Tensor) -> None:  # (2b, pos, d): the input of the final norm
+        found["final"] = x
+
+    with writer_hooks(lm, graph, store, writer_major=True, rows=slice(b, None)), lm.hooks.hook("ln_final.in", final):
+        yield
+    rows = torch.arange(b, device=batch.last.device)
+    x = found["final"]
+    ends = torch.cat([x[:b][rows, batch.last], x[b:][rows, batch.last]])  # (2b, d)
+    with torch.no_grad():
+        logits = lm.adapter.unembed.forward(lm.adapter.final_norm.forward(ends))
+    out.append(CorruptedRun(logits[:b], logits[b:], found["acts"]))
+
+
 def attribute_batch(lm, graph: CircuitGraph, batch: PairBatch, method: str = "eap-ig", steps: int = 5,
                     metric: str = "logit_diff", closed_form: bool = True, rule: str = "right",
-                    ablation: str = "corrupted", ablated: torch.Tensor | None = None) -> torch.Tensor:
+                    ablation: str = "corrupted", ablated: torch.Tensor | None = None,
+                    runs: list | None = None) -> torch.Tensor:
     """Edge scores summed over the rows of ``batch``: (n_writers, n_readers) float32.
 
     ``ablated`` (n_writers, d_model): the values cut edges carry under ``zero``/``mean``
     (``hooks.ablated_values``); computed from this batch when not given. Invalid (non-causal)
     entries stay 0. ``closed_form=False`` pulls every gradient through the attention norms with
-    torch.func instead (slower, more memory; for checking)."""
+    torch.func instead (slower, more memory; for checking). ``runs``: under corrupted ablation,
+    the batch's ``CorruptedRun`` is appended to this list."""
     check_method(method, steps, metric, rule, ablation)
     clean = input_embeddings(lm, batch.clean_ids, batch.mask)
     if ablation == "corrupted":
@@ -125,7 +167,10 @@ def attribute_batch(lm, graph: CircuitGraph, batch: PairBatch, method: str = "ea
             sums.hooks(stack, weight)
             logits = answer_logits(lm, batch.clean_ids, batch.mask, batch.last)
             torch.autograd.grad(metric_values(logits, batch, metric).sum(), point)
-    scores = sums.scores(sums.output_differences(batch, corrupted=ablated is None), embeds, ablated)
+    record = _recording(lm, graph, batch, runs) if runs is not None and ablated is None else nullcontext()
+    with record:
+        diff = sums.output_differences(batch, corrupted=ablated is None)
+    scores = sums.scores(diff, embeds, ablated)
     if not bool(torch.isfinite(scores).all()):
         # Seen with zero ablation: at alpha = 0 the input is 0, every pre-norm residual is 0 in a
         # bias-free model, and each norm's Jacobian is 1/sqrt(eps): the gradient overflows.
@@ -139,11 +184,13 @@ def attribute_batch(lm, graph: CircuitGraph, batch: PairBatch, method: str = "ea
 
 def attribute_edges(lm, graph: CircuitGraph, batch: PairBatch, method: str = "eap-ig", steps: int = 5,
                     metric: str = "logit_diff", batch_size: int = 8, progress=None, rule: str = "right",
-                    ablation: str = "corrupted") -> torch.Tensor:
+                    ablation: str = "corrupted", runs: list | None = None) -> torch.Tensor:
     """Edge scores averaged over every example of ``batch``: (n_writers, n_readers) float32 on CPU.
 
     Under ``mean`` the means are over every real token of all of ``batch`` (as the evaluation of
-    the same pairs takes them). ``progress`` wraps the chunk iterator (e.g. a progress bar)."""
+    the same pairs takes them). ``progress`` wraps the chunk iterator (e.g. a progress bar).
+    ``runs``: under corrupted ablation, each chunk's ``CorruptedRun`` is appended to this list, in
+    the order of ``batch.chunks(batch_size)``."""
     check_method(method, steps, metric, rule, ablation)
     if len(batch) == 0:
         raise EngramError("no clean/corrupted pairs to attribute; check the facts and the filters")
@@ -152,5 +199,5 @@ def attribute_edges(lm, graph: CircuitGraph, batch: PairBatch, method: str = "ea
     ablated = ablated_values(lm, graph, chunks, ablation)
     for chunk in (progress(chunks) if progress else chunks):
         total += attribute_batch(lm, graph, chunk, method, steps, metric, rule=rule, ablation=ablation,
-                                 ablated=ablated).cpu()
+                                 ablated=ablated, runs=runs).cpu()
     return total / len(batch)

@@ -68,6 +68,9 @@ class CircuitConfig:
                           open_low=True, open_high=True)
     template: int = option(0, "Prompt template index.")
     seed: int = 0
+    pairs: str | None = option(None, "Use these discovery/evaluation pairs (a circuit result's records.jsonl or "
+                               "its directory) instead of splitting the facts; no correctness filter.",
+                               optional=True)
     require_correct: bool = option(True, "Skip facts whose answer is not the model's top-1 token "
                                    "(--keep-wrong keeps them).", flag="--require-correct/--keep-wrong")
     batch_size: int = option(8, "Pairs per attribution batch.", range=(1, None))

@@ -9,12 +9,17 @@ Facts are skipped, with the reason written down, when the answer tokenizes to no
 does not rank the answer's first token first (``require_correct``), no other subject on the same
 side gives a prompt of the same token length, or both answers start with the same token (the logit
 difference would be 0 by construction).
+
+``fixed_pairs`` instead reads the sides and corrupted partners of an earlier result's
+``records.jsonl`` (``engram evolve`` runs every checkpoint on the pairs chosen on the final one):
+no correctness filter, no shuffling; only pairs that can no longer be built are skipped.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -22,6 +27,7 @@ from engramlab.data.facts import CorruptedPair, FactSet, corrupted_pairs, render
 from engramlab.errors import EngramError
 from engramlab.models.loading import pad_rows
 from engramlab.models.scoring import first_token_ranks, text_ids
+from engramlab.runs import read_jsonl
 
 
 @dataclass
@@ -59,6 +65,27 @@ class PairBatch:
         """Consecutive sub-batches of at most ``size`` rows."""
         for start in range(0, len(self), size):
             yield self.rows(start, min(start + size, len(self)))
+
+    def take(self, index: torch.Tensor) -> "PairBatch":
+        """The rows ``index`` (n,) long, in that order (not trimmed)."""
+        index = index.to(self.clean_ids.device)
+        return PairBatch(self.clean_ids[index], self.corrupt_ids[index], self.mask[index], self.last[index],
+                         self.clean_answer[index], self.corrupt_answer[index], self.subject[index])
+
+    def by_length(self) -> tuple["PairBatch", torch.Tensor]:
+        """(the rows sorted by prompt length, longest first; order (n,) long with
+        sorted[i] = self[order[i]]). Chunks of the sorted rows carry little padding, and each row's
+        numbers do not depend on the rows beside it, so a caller evaluates these and puts its
+        per-row results back with ``unsort``."""
+        order = torch.sort(self.mask.sum(1).cpu(), descending=True, stable=True).indices
+        return self.take(order), order
+
+
+def unsort(values: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Per-row ``values`` (n, ...) of ``PairBatch.by_length``'s rows back in the original order."""
+    out = torch.empty_like(values)
+    out[order.to(values.device)] = values
+    return out
 
 
 def batch_from_ids(clean: list[list[int]], corrupt: list[list[int]], clean_answer: list[int],
@@ -104,18 +131,31 @@ def encode_pairs(lm, pairs: list[CorruptedPair], template_index: int = 0) -> Pai
 
 @dataclass
 class PairSplit:
-    """Discovery and evaluation pairs, and the facts left out with their reasons."""
+    """Discovery and evaluation pairs, and the facts left out with their reasons.
+
+    ``n_wrong``: facts the correctness filter dropped (0 when no filter ran: ``require_correct``
+    off, or fixed pairs)."""
 
     discovery: list[CorruptedPair]
     evaluation: list[CorruptedPair]
     skipped: list[dict]
     n_facts: int
     n_wrong: int
+    filtered: bool = True  # False: the model's correctness was not used to choose the pairs
+
+
+ROLES = ("discovery", "evaluation")
+PAIR_KEYS = ("relation", "subject", "corrupt_subject", "corrupt_object")
 
 
 def split_pairs(lm, facts: FactSet, split: float = 0.5, template_index: int = 0, seed: int = 0,
-                require_correct: bool = True) -> PairSplit:
-    """Filter, split and pair ``facts`` (see module docstring)."""
+                require_correct: bool = True, pairs: str | Path | None = None, progress=None) -> PairSplit:
+    """Filter, split and pair ``facts`` (see module docstring); with ``pairs`` (a circuit result's
+    ``records.jsonl`` or its directory) take the pairs from there instead (``fixed_pairs``;
+    ``split``, ``seed`` and ``require_correct`` do not apply). ``progress`` wraps the iterator of
+    the correctness filter's batches (e.g. a progress bar)."""
+    if pairs is not None:
+        return fixed_pairs(lm, facts, pairs, template_index)
     if not 0 < split < 1:
         raise EngramError(f"split must be strictly between 0 and 1 (share of discovery facts), got {split}")
     tok = lm.tokenizer
@@ -135,7 +175,7 @@ def split_pairs(lm, facts: FactSet, split: float = 0.5, template_index: int = 0,
             skipped.append(_skip(fact, f"answer tokenizes to nothing: {err}"))
     n_wrong = 0
     if require_correct and usable:
-        ranks = first_token_ranks(lm, [f.prompt(template_index) for f in usable], targets)
+        ranks = _ranks(lm, [f.prompt(template_index) for f in usable], targets, progress)
         kept = []
         for fact, t, rank in zip(usable, targets, ranks):
             if rank == 1:
@@ -173,7 +213,92 @@ def split_pairs(lm, facts: FactSet, split: float = 0.5, template_index: int = 0,
         raise EngramError(f"{facts.source}: {len(discovery)} discovery and {len(evaluation)} evaluation pairs "
                           f"left after filtering ({len(skipped)} facts skipped, {n_wrong} wrong); both need at "
                           "least one: use more facts, another relation, or another template")
-    return PairSplit(discovery, evaluation, skipped, len(facts), n_wrong)
+    return PairSplit(discovery, evaluation, skipped, len(facts), n_wrong, filtered=require_correct)
+
+
+def _ranks(lm, prompts: list[str], targets: list[list[int]], progress=None, size: int = 32) -> list[int]:
+    """``first_token_ranks`` in slices of ``size`` prompts, each slice one step of ``progress``."""
+    starts = range(0, len(prompts), size)
+    ranks: list[int] = []
+    for i in (progress(starts) if progress else starts):
+        ranks += first_token_ranks(lm, prompts[i: i + size], targets[i: i + size], batch_size=size)
+    return ranks
+
+
+def read_pair_records(path: str | Path) -> tuple[Path, list[tuple[int, dict]]]:
+    """(file, [(line number, row)]) of the discovery/evaluation rows of a circuit result's
+    ``records.jsonl`` (``path`` is the file or its directory). Rows of other roles are ignored;
+    a row without one of ``PAIR_KEYS`` is an error naming the file and line."""
+    file = Path(path)
+    if file.is_dir():
+        file = file / "records.jsonl"
+    if not file.is_file():
+        raise EngramError(f"{file}: no such pairs file; give --pairs a circuit result's records.jsonl or its "
+                          "directory")
+    rows = []
+    for line, row in enumerate(read_jsonl(file), 1):
+        if not isinstance(row, dict) or row.get("role") not in ROLES:
+            continue
+        missing = [k for k in PAIR_KEYS if not isinstance(row.get(k), str)]
+        if missing:
+            raise EngramError(f"{file} line {line}: a {row['role']} row without {', '.join(missing)}; "
+                              "use the records.jsonl an `engram circuit` run wrote")
+        rows.append((line, row))
+    if not any(r["role"] == "discovery" for _, r in rows) or not any(r["role"] == "evaluation" for _, r in rows):
+        raise EngramError(f"{file}: needs discovery and evaluation rows (role); is this a circuit result's "
+                          "records.jsonl?")
+    return file, rows
+
+
+def fixed_pairs(lm, facts: FactSet, path: str | Path, template_index: int = 0) -> PairSplit:
+    """The discovery/evaluation pairs written in ``path`` (see ``read_pair_records``), matched to
+    ``facts`` by (relation, subject) (by object too where a subject has several facts).
+
+    Each pair keeps its side and its corrupted subject and answer; the prompts are rendered from
+    the fact's template ``template_index``. No correctness filter. A pair is skipped, with the
+    reason, when its answer tokenizes to nothing, its corrupted prompt has another token length
+    than the clean one, or both answers start with the same token (possible only under another
+    tokenizer than the one the pairs were chosen with). A row naming a fact that is not in
+    ``facts`` is an error."""
+    file, rows = read_pair_records(path)
+    tok = lm.tokenizer
+    by_key: dict[tuple[str, str], list] = {}
+    for fact in facts:
+        by_key.setdefault((fact.relation, fact.subject), []).append(fact)
+    sides: dict[str, list[CorruptedPair]] = {role: [] for role in ROLES}
+    skipped: list[dict] = []
+    for line, row in rows:
+        found = by_key.get((row["relation"], row["subject"]))
+        if not found:
+            raise EngramError(f"{file} line {line}: {row['role']} pair ({row['relation']!r}, {row['subject']!r}) "
+                              f"is not a fact of {facts.source}; give the facts the pairs were chosen from")
+        fact = next((f for f in found if f.object == row.get("object")), found[0])
+        pair = CorruptedPair(fact, row["corrupt_subject"], fact.prompt(template_index),
+                             render(fact.template(template_index), row["corrupt_subject"]), row["corrupt_object"])
+        why = _unusable(tok, pair)
+        if why:
+            skipped.append(_skip(fact, why))
+        else:
+            sides[row["role"]].append(pair)
+    if not sides["discovery"] or not sides["evaluation"]:
+        raise EngramError(f"{file}: {len(sides['discovery'])} discovery and {len(sides['evaluation'])} evaluation "
+                          f"pairs left ({len(skipped)} skipped: {skipped[0]['reason'] if skipped else ''}); both "
+                          "need at least one")
+    return PairSplit(sides["discovery"], sides["evaluation"], skipped, len(facts), 0, filtered=False)
+
+
+def _unusable(tok, pair: CorruptedPair) -> str | None:
+    """Why ``pair`` cannot be a clean/corrupted pair under ``tok`` (None when it can)."""
+    try:
+        clean = target_token_ids(tok, pair.clean_prompt, pair.fact.object)[0]
+        corrupt = target_token_ids(tok, pair.corrupt_prompt, pair.corrupt_object)[0]
+    except EngramError as err:
+        return f"answer tokenizes to nothing: {err}"
+    if len(text_ids(tok, pair.clean_prompt)) != len(text_ids(tok, pair.corrupt_prompt)):
+        return f"the corrupted prompt (subject {pair.corrupt_subject!r}) has another token length than the clean one"
+    if clean == corrupt:
+        return f"corrupted answer {pair.corrupt_object!r} starts with the same token as the clean one"
+    return None
 
 
 def _skip(fact, reason: str) -> dict:

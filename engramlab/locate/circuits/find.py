@@ -1,7 +1,8 @@
 """``find_circuit(lm, facts, config) -> CircuitResult``: the circuit locator end to end.
 
 1. Pairs: filter facts (answer tokenizes, model gets it right), split subjects into discovery and
-   evaluation, corrupt each prompt with another subject of its side (``data.split_pairs``).
+   evaluation, corrupt each prompt with another subject of its side (``data.split_pairs``); or
+   take the sides and partners of an earlier result (``config.pairs``, ``data.fixed_pairs``).
 2. Scores: edge attribution on the discovery pairs (``attribute.attribute_edges``), with the
    differences of the ablation that evaluates (``score_ablation``, by default ``ablation``).
 3. Circuit: prune by top-N, threshold or greedy growth, then drop unreachable edges. Without an
@@ -10,6 +11,13 @@
 4. Evaluation on the held-out pairs: faithfulness, Hit@10 and a faithfulness-versus-N curve, all
    under one named ablation (the one N was chosen under); head roles and a logit lens.
 
+Cost. Everything after the attribution is forward passes without gradients, so it is kept to a
+few times the attribution's m forward+backward passes: each evaluator runs its clean and corrupted
+prompts once; a circuit costs about one forward pass (``evaluate``: through the kept or the missing
+edges, whichever are fewer per reader); the automatic N bisects the grid (one circuit when even
+the cap misses the target); the curve's circuits share each chunk's activations, and the full
+circuit is the clean run; head roles and the logit lens share one pass.
+
 Edge counts are of this graph, whose key/value readers are per key/value head: with grouped-query
 attention it has fewer edges than EAP-IG's ungrouped graph (SmolLM2-135M: 70,651 against
 123,211); ``summary()["n_edges_ungrouped"]`` gives the latter.
@@ -17,10 +25,13 @@ attention it has fewer edges than EAP-IG's ungrouped graph (SmolLM2-135M: 70,651
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -28,10 +39,10 @@ from engramlab.config import to_dict
 from engramlab.data.facts import FactSet
 from engramlab.errors import EngramError
 from engramlab.locate.circuits.attribute import attribute_edges
-from engramlab.locate.circuits.components import head_roles, logit_lens
+from engramlab.locate.circuits.components import capture, head_roles, logit_lens
 from engramlab.locate.circuits.config import ABLATIONS, METHODS, METRICS, RULES, CircuitConfig, check_method  # noqa: F401
 from engramlab.locate.circuits.data import encode_pairs, split_pairs
-from engramlab.locate.circuits.evaluate import CircuitEvaluator, faithfulness_curve
+from engramlab.locate.circuits.evaluate import CircuitEvaluator, cache_fits, faithfulness_curve
 from engramlab.locate.circuits.graph import CircuitGraph, edge_count
 from engramlab.locate.circuits.prune import circuit_nodes, prune
 from engramlab.locate.base import model_facts
@@ -59,12 +70,15 @@ class CircuitResult:
 
     def records(self) -> list[dict]:
         """One row per fact: ``role`` discovery | evaluation (with its corrupted subject and
-        answer) or skipped (with the reason)."""
+        answer, and ``correct``: the model ranks the answer's first token first) or skipped (with
+        the reason). A result's records.jsonl gives ``CircuitConfig.pairs``."""
         rows = []
         for role in ("discovery", "evaluation"):
             for p in self.pairs.get(role, []):
                 rows.append({"relation": p["relation"], "subject": p["subject"], "object": p["object"], "role": role,
                              "corrupt_subject": p["corrupt_subject"], "corrupt_object": p["corrupt_object"]})
+                if "correct" in p:  # whether the model's top-1 first token is the answer (older results lack it)
+                    rows[-1]["correct"] = p["correct"]
         for s in self.skipped:
             rows.append({"relation": s.get("relation"), "subject": s.get("subject"), "object": s.get("object"),
                          "role": "skipped", "reason": s.get("reason")})
@@ -112,77 +126,159 @@ class CircuitResult:
         return store.load_result(cls, Path(directory))
 
 
-def _auto_n(evaluator: CircuitEvaluator, scores: torch.Tensor, graph: CircuitGraph, config: CircuitConfig) -> int:
-    """Smallest N <= max_fraction * edges whose circuit reaches the target on ``evaluator``'s pairs:
-    the curve grid first, then bisection between the last grid point below and the first above."""
+def smallest_passing(grid: list[int], ok: Callable[[int], bool], resolution: int = 20) -> int:
+    """The smallest N of ``grid`` (ascending) with ``ok(N)``, then refined by bisection between it
+    and the grid point below down to N/``resolution``; the largest grid point when none passes.
+
+    Assumes ``ok`` is monotone in N (more edges, more faithful), so the grid is searched by
+    bisection too: the largest point first (when it fails nothing smaller is tried), then the
+    first passing point in about log2(len(grid)) more calls, where a scan from the bottom would
+    take up to len(grid). For a monotone ``ok`` the answer is the scan's, call for call the same
+    refinement. Where faithfulness overshoots and falls back (seen on tiny random models) the two
+    can differ: a cap that misses the target is the answer here, even when a smaller grid point
+    reached it (the scan stopped there)."""
+    if not ok(grid[-1]):
+        return grid[-1]
+    fails, passes = -1, len(grid) - 1  # grid[passes] passes; grid[fails] fails (-1: N = 0)
+    while passes - fails > 1:
+        mid = (fails + passes) // 2
+        fails, passes = (fails, mid) if ok(grid[mid]) else (mid, passes)
+    low, high = (grid[fails] if fails >= 0 else 0), grid[passes]
+    while high - low > max(1, high // resolution):  # 5% resolution is plenty
+        mid = (low + high) // 2
+        low, high = (low, mid) if ok(mid) else (mid, high)
+    return high
+
+
+def _auto_n(evaluator: CircuitEvaluator, scores: torch.Tensor, graph: CircuitGraph, config: CircuitConfig,
+            tick: Callable[[], None] = lambda: None) -> int:
+    """Smallest N <= max_fraction * edges whose circuit reaches the target on ``evaluator``'s pairs
+    (``smallest_passing`` over the curve's grid, capped); ``tick`` is called once per circuit tried."""
     cap = max(1, int(config.max_fraction * graph.n_edges))
     grid = sorted({max(1, min(cap, round(f * graph.n_edges))) for f in config.curve} | {cap})
 
     def ok(n: int) -> bool:
+        tick()
         f = evaluator.evaluate(prune(scores, graph, config.rule, n=n))["faithfulness"]
         return not math.isnan(f) and f >= config.target_faithfulness
 
-    low = 0
-    for n in grid:
-        if ok(n):
-            high = n
-            break
-        low = n
-    else:
-        return cap
-    while high - low > max(1, high // 20):  # 5% resolution is plenty
-        mid = (low + high) // 2
-        low, high = (low, mid) if ok(mid) else (mid, high)
-    return high
+    return smallest_passing(grid, ok)
+
+
+class _Stages:
+    """Seconds per stage of ``find_circuit`` and, with ``progress``, a bar per stage."""
+
+    def __init__(self, progress: bool):
+        self.progress, self.seconds = progress, {}
+
+    def bar(self, name: str):
+        """A wrapper for the stage's iterator (None without progress)."""
+        return (lambda items: progress_bar(items, name)) if self.progress else None
+
+    @contextmanager
+    def timed(self, key: str):
+        t0 = time.time()
+        try:
+            yield
+        finally:
+            self.seconds[key] = self.seconds.get(key, 0.0) + time.time() - t0
+
+    @contextmanager
+    def ticker(self, name: str):
+        """A callable that advances a bar of unknown length by one (a no-op without progress)."""
+        if not self.progress:
+            yield lambda: None
+            return
+        steps = progress_bar(itertools.count(), name, total=None)
+        try:
+            yield lambda: next(steps)
+        finally:
+            steps.close()
 
 
 def find_circuit(lm: LoadedModel, facts: FactSet, config: CircuitConfig | None = None, *, progress: bool = False,
                  show_progress: bool | None = None) -> CircuitResult:
     """Find the circuit behind ``facts`` in ``lm`` and evaluate it on held-out facts.
 
-    ``show_progress`` is the old name of ``progress``."""
+    Stages, each timed in ``stats`` (``<stage>_seconds``) and with a progress bar under
+    ``progress``: filter (pairs), attribute, search (the discovery pairs' evaluator: the automatic
+    N and the discovery faithfulness), heads and lens (one clean pass of the evaluation pairs),
+    evaluate (the held-out evaluation of the circuit), curve. ``show_progress`` is the old name
+    of ``progress``."""
     config = config or CircuitConfig()
     progress = progress if show_progress is None else show_progress
+    stages = _Stages(progress)
     start = time.time()
     if len(facts) == 0:
         raise EngramError(f"{facts.source}: no facts to work on (check --relation / --limit)")
     check_facts_fit(lm, facts)
-    split = split_pairs(lm, facts, config.split, config.template, config.seed, config.require_correct)
-    discovery = encode_pairs(lm, split.discovery, config.template)
-    evaluation = encode_pairs(lm, split.evaluation, config.template)
+    with stages.timed("filter"):
+        split = split_pairs(lm, facts, config.split, config.template, config.seed, config.require_correct,
+                            pairs=config.pairs, progress=stages.bar("filter"))
+        discovery = encode_pairs(lm, split.discovery, config.template)
+        evaluation = encode_pairs(lm, split.evaluation, config.template)
     graph = CircuitGraph.from_model(lm)
 
-    t0 = time.time()
-    bar = (lambda chunks: progress_bar(chunks, f"attribute ({config.method})")) if progress else None
-    scores = attribute_edges(lm, graph, discovery, config.method, config.steps, config.metric,
-                             config.batch_size, progress=bar, rule=config.ig_rule,
-                             ablation=config.score_ablation or config.ablation)
-    attribute_seconds = time.time() - t0
+    # Evaluation runs no backward pass: twice the attribution's rows per chunk cost no more memory
+    # and run a tenth faster (fewer, larger products).
+    eval_rows = 2 * config.batch_size
+    score_ablation = config.score_ablation or config.ablation
+    # The attribution's forward of the clean and corrupted discovery prompts serves their evaluator.
+    runs = ([] if config.ablation == score_ablation == "corrupted" and cache_fits(lm, graph, discovery, eval_rows)
+            else None)
+    with stages.timed("attribute"):
+        bar = (lambda chunks: progress_bar(chunks, f"attribute ({config.method})")) if progress else None
+        scores = attribute_edges(lm, graph, discovery, config.method, config.steps, config.metric,
+                                 config.batch_size, progress=bar, rule=config.ig_rule, ablation=score_ablation,
+                                 runs=runs)
 
-    disc_eval = CircuitEvaluator(lm, graph, discovery, config.ablation, config.metric, config.batch_size)
-    if config.rule == "threshold":
-        kept = prune(scores, graph, "threshold", tau=config.threshold)
-        n = int(kept.sum())
-    else:
-        n = config.top_n if config.top_n is not None else _auto_n(disc_eval, scores, graph, config)
-        kept = prune(scores, graph, config.rule, n=n)
-    held_out = CircuitEvaluator(lm, graph, evaluation, config.ablation, config.metric, config.batch_size)
-    metrics = held_out.evaluate(kept)
-    metrics["discovery_faithfulness"] = disc_eval.evaluate(kept)["faithfulness"]
-    sizes = [max(1, round(f * graph.n_edges)) for f in config.curve]
-    curve = faithfulness_curve(held_out, scores, graph, sizes, "greedy" if config.rule == "greedy" else "topn")
-
+    with stages.timed("search"):
+        disc_eval = CircuitEvaluator(lm, graph, discovery, config.ablation, config.metric, eval_rows, runs=runs)
+        del runs
+        if config.rule == "threshold":
+            kept = prune(scores, graph, "threshold", tau=config.threshold)
+            n = int(kept.sum())
+        else:
+            if config.top_n is not None:
+                n = config.top_n
+            else:
+                with stages.ticker("search N") as tick:
+                    n = _auto_n(disc_eval, scores, graph, config, tick)
+            kept = prune(scores, graph, config.rule, n=n)
+        discovery_faithfulness = disc_eval.evaluate(kept, stages.bar("search N"))["faithfulness"]
+    # Head roles and the logit lens read one clean pass of the evaluation pairs, which also gives
+    # the held-out evaluator its clean logits.
     nodes = circuit_nodes(kept, graph)
     heads = [(l, h) for l in range(graph.n_layers) for h in range(graph.n_heads) if nodes[graph.head_writer(l, h)]]
-    roles = head_roles(lm, graph, evaluation, heads, config.mover_ratio, config.relation_ratio, config.batch_size)
-    lens = logit_lens(lm, evaluation, config.batch_size)
+    with stages.timed("heads"):
+        captured = capture(lm, evaluation, sorted({l for l, _ in heads}), eval_rows, stages.bar("heads"))
+        roles = head_roles(lm, graph, evaluation, heads, config.mover_ratio, config.relation_ratio,
+                           config.batch_size, captured=captured)
+    with stages.timed("lens"):
+        lens = logit_lens(lm, evaluation, config.batch_size, captured=captured, progress=stages.bar("lens"))
+    with stages.timed("evaluate"):
+        held_out = CircuitEvaluator(lm, graph, evaluation, config.ablation, config.metric, eval_rows,
+                                    clean_logits=captured.clean_logits(lm))
+        del captured
+        metrics = held_out.evaluate(kept, stages.bar("evaluate"))
+        metrics["discovery_faithfulness"] = discovery_faithfulness
+    with stages.timed("curve"):
+        sizes = [max(1, round(f * graph.n_edges)) for f in config.curve]
+        curve = faithfulness_curve(held_out, scores, graph, sizes, "greedy" if config.rule == "greedy" else "topn",
+                                   progress=stages.bar("curve"))
     total = time.time() - start
-    stats = {"n_facts": split.n_facts, "n_wrong": split.n_wrong, "n_skipped": len(split.skipped),
+    correct = {side: (ev.rank_clean == 1).tolist() for side, ev in (("discovery", disc_eval), ("evaluation", held_out))}
+    # Without the filter, the pairs the model gets wrong are counted here (with it they were left out).
+    n_wrong = split.n_wrong if split.filtered else sum(not c for side in correct.values() for c in side)
+    sec = stages.seconds
+    stats = {"n_facts": split.n_facts, "n_wrong": n_wrong, "n_skipped": len(split.skipped),
              "n_discovery": len(discovery), "n_evaluation": len(evaluation), "top_n": n,
-             "seconds": round(total, 3), "attribute_seconds": round(attribute_seconds, 3),
-             "attribute_seconds_per_example": round(attribute_seconds / len(discovery), 4)}
+             "seconds": round(total, 3), "attribute_seconds": round(sec["attribute"], 3),
+             "attribute_seconds_per_example": round(sec["attribute"] / len(discovery), 4),
+             **{f"{k}_seconds": round(sec[k], 3) for k in ("filter", "search", "evaluate", "curve", "heads", "lens")}}
     pairs = {side: [{"subject": p.fact.subject, "object": p.fact.object, "corrupt_subject": p.corrupt_subject,
-                     "corrupt_object": p.corrupt_object, "relation": p.fact.relation} for p in ps]
+                     "corrupt_object": p.corrupt_object, "relation": p.fact.relation, "correct": ok}
+                    for p, ok in zip(ps, correct[side])]
              for side, ps in (("discovery", split.discovery), ("evaluation", split.evaluation))}
     return CircuitResult(graph, scores, kept, to_dict(config), metrics, curve, roles, lens, pairs, split.skipped, stats,
                          model_facts(lm))
