@@ -25,6 +25,28 @@ def smollm2():
     return load_model("smollm2-135m")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine spinning OpenMP
+    threads can make them a thousand times slower (modules use it with ``usefixtures``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def perturbed_tiny_lm(family, **kw):
+    """A tiny model whose norm weights and biases are moved off their 1/0 initial values, so
+    nothing cancels by accident (folding them into projections is exercised)."""
+    model = tiny_model(family, seed=0, **kw)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    return wrap_model(model)
+
+
 def word_tokenizer(texts):
     """A word-level HF tokenizer over the words of ``texts`` (no download)."""
     from tokenizers import Tokenizer, models, pre_tokenizers

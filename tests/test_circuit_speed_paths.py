@@ -13,7 +13,7 @@ from contextlib import ExitStack
 
 import pytest
 import torch
-from conftest import word_tokenizer
+from conftest import perturbed_tiny_lm, word_tokenizer
 
 from engramlab.data.facts import load_facts
 from engramlab.errors import EngramError
@@ -29,23 +29,10 @@ CASE_IDS = ["llama-gqa", "gpt2", "neox-parallel"]
 FLOATS = ("faithfulness", "hit_at_10_circuit", "metric_clean", "metric_empty", "metric_circuit")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _lm(family, **kw):
-    """A tiny model with norm gains and biases away from 1/0 (so nothing cancels by accident)."""
-    model = tiny_model(family, seed=0, **kw)
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(0.3 * torch.randn(p.shape, generator=g))
-    return wrap_model(model)
+_lm = perturbed_tiny_lm
 
 
 def _batch(n=5, prefix=0, seed=1):

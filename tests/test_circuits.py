@@ -13,7 +13,7 @@ from contextlib import ExitStack
 
 import pytest
 import torch
-from conftest import word_tokenizer
+from conftest import perturbed_tiny_lm, word_tokenizer
 
 from engramlab.data.facts import Fact, FactSet, load_facts
 from engramlab.errors import EngramError
@@ -29,26 +29,10 @@ CASES = [("llama", {}), ("gpt2", {}), ("gpt_neox", {}), ("gpt_neox", {"use_paral
 CASE_IDS = ["llama-gqa", "gpt2", "neox-parallel", "neox-sequential"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models gain nothing from threads, and on a shared 2-core machine spinning OpenMP
-    # threads can make them a thousand times slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _lm(family, **kw):
-    """A tiny model whose norm weights and biases are not at their 1/0 initial values (so folding
-    them into the projections is exercised)."""
-    model = tiny_model(family, seed=0, **kw)
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(0.3 * torch.randn(p.shape, generator=g))
-    return wrap_model(model)
+_lm = perturbed_tiny_lm
 
 
 def _batch(seed=1):

@@ -39,12 +39,7 @@ CASE_IDS = [t for t, _ in CASES[:-1]] + ["gpt_neox-sequential"]
 IDS = torch.tensor([[5, 9, 3, 17, 22, 8, 41, 2], [7, 7, 1, 30, 12, 60, 4, 11]])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add overhead on a shared machine
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(params=CASES, ids=CASE_IDS)
