@@ -327,3 +327,28 @@ def test_dkn_series_from_hand_records():
 def test_bool_columns_are_series():
     held = [False, False, True, True, True]
     assert half_step([0, 1, 2, 3, 4], held) == 2 and settle_step([0, 1, 2, 3, 4], held, 0.0) == 2
+
+
+def test_deep_to_shallow_from_hand_made_logit_lenses():
+    """The answer ranks first at the deepest layers first, then at shallower ones: every layer's
+    surface step is the first checkpoint from which its median rank stays 1, and the trend is
+    deep -> shallow (tau -1, p = 1/4! for four layers)."""
+    from engramlab.dynamics.compare import compare_over_time, lens_surface_steps
+
+    # median rank per (step, layer); layer 1 ranks first once at step 10, loses it, then keeps it from 40
+    table = {0: [90, 50, 9, 4], 10: [80, 1, 5, 1], 20: [60, 7, 1, 1], 40: [30, 1, 1, 1], 80: [1, 1, 1, 1]}
+    results = [(step, SimpleNamespace(lens=[{"layer": l, "median_rank": r} for l, r in enumerate(ranks)]))
+               for step, ranks in table.items()]
+    want = {}
+    for layer in range(4):  # by hand: the first step after which the rank never leaves 1
+        flags = [table[s][layer] == 1 for s in table]
+        want[layer] = next(s for i, s in enumerate(table) if all(flags[i:]))
+    assert lens_surface_steps(results) == want == {0: 80, 1: 40, 2: 20, 3: 10}
+    rows = [{"step": s} for s in table]
+    summary = compare_over_time(rows, {"circuit": []}, {})
+    assert "deep_to_shallow_stat" not in summary  # no circuits, no lens: nothing claimed
+    got = deep_to_shallow(lens_surface_steps(results))
+    assert got["stat"] == pytest.approx(-1.0) and got["p"] == pytest.approx(1 / 24)
+    shallow_last = [(s, SimpleNamespace(lens=[{"layer": 0, "median_rank": 3}, {"layer": 1, "median_rank": 1}]))
+                    for s in (0, 5)]
+    assert lens_surface_steps(shallow_last) == {0: None, 1: 0}  # never first at layer 0: left out

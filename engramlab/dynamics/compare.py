@@ -15,9 +15,9 @@ its evidence:
   size than before: a formation -> optimization shift rather than a late jump). With circuits the metric is ``circuit.edge_jaccard_final`` and
   the knee of ``circuit.entropy`` is reported next to it (``entropy_knee_step``, its slopes);
 * deep to shallow: per layer, the step at which the answer surfaces in the logit lens there -
-  the first checkpoint whose top-1 share at that layer reaches half its final value (layers whose
-  final share is below ``LENS_MIN_SHARE`` never hold the answer and are left out) - and Kendall's
-  tau between layer and that step, one-sided towards deeper layers first
+  the first checkpoint from which the answer's median rank at that layer is 1 at every later
+  checkpoint (layers where it is not 1 at the end are left out) - and Kendall's tau between layer
+  and that step, one-sided towards deeper layers first
   (``deep_to_shallow_stat`` < 0, ``deep_to_shallow_p``). The same test on the step at which each
   band's share of circuit edges settles (within ``EDGE_SHARE_TOL`` of its final value) is
   ``edge_deep_to_shallow_stat`` / ``_p``;
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 from engramlab.dynamics.changepoints import deep_to_shallow, half_step, knee_fit, settle_step
 
-LENS_MIN_SHARE = 0.1
 EDGE_SHARE_TOL = 0.05
 
 
@@ -50,21 +49,20 @@ def _knee(rows: list[dict], key: str, prefix: str) -> dict:
 
 
 def lens_surface_steps(results: list[tuple[int, object]]) -> dict[int, int | None]:
-    """layer -> the first step whose logit-lens top-1 share there reaches half its final value
-    (None where the final share is below ``LENS_MIN_SHARE``)."""
+    """layer -> the first checkpoint from which the answer ranks first in the logit lens at that
+    layer (median rank over the evaluation pairs 1) at every later checkpoint; None where it does
+    not rank first at the final checkpoint."""
     if not results or not getattr(results[-1][1], "lens", None):
         return {}
-    steps = [s for s, _ in results]
-    by_layer: dict[int, list] = {}
+    n_layers = len(results[-1][1].lens)
+    top = {layer: [] for layer in range(n_layers)}  # layer -> [ranks first?] per checkpoint
     for _, r in results:
-        shares = {int(rec["layer"]): rec.get("top1_share") for rec in (r.lens or [])}
-        for layer in range(len(results[-1][1].lens)):
-            by_layer.setdefault(layer, []).append(shares.get(layer))
-    out = {}
-    for layer, values in by_layer.items():
-        final = values[-1]
-        out[layer] = half_step(steps, values) if final is not None and final >= LENS_MIN_SHARE else None
-    return out
+        ranks = {int(rec["layer"]): rec.get("median_rank") for rec in (getattr(r, "lens", None) or [])}
+        for layer in top:
+            top[layer].append(ranks.get(layer) is not None and float(ranks[layer]) <= 1)
+    steps = [s for s, _ in results]
+    return {layer: next((steps[i] for i in range(len(steps)) if all(flags[i:])), None)
+            for layer, flags in top.items()}
 
 
 def compare_over_time(rows: list[dict], results: dict[str, list], run_summary: dict | None = None, *,
@@ -112,4 +110,4 @@ def compare_over_time(rows: list[dict], results: dict[str, list], run_summary: d
     return summary
 
 
-__all__ = ["EDGE_SHARE_TOL", "LENS_MIN_SHARE", "column", "compare_over_time", "lens_surface_steps"]
+__all__ = ["EDGE_SHARE_TOL", "column", "compare_over_time", "lens_surface_steps"]

@@ -84,7 +84,7 @@ class TrainConfig:
     stop_at_plateau_end: bool = option(False, "End the run once the plateau is over (scaling sweeps); "
                                        "--full-runs: train to steps.", flag="--stop-at-plateau-end/--full-runs")
     device: str = "cpu"
-    model_config: str = option("tiny", "tiny | small | paper (+ -gpt2), or a HF config.json / model dir for "
+    model_config: str = option("tiny", "tiny | tiny4 | small | paper (+ -gpt2), or a HF config.json / model dir for "
                                "fresh weights.")
     init: str | None = option(None, "Continue training this model SPEC (pretrained model or a run checkpoint) "
                               "instead of fresh weights.")

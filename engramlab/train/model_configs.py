@@ -8,6 +8,7 @@ config is reused with fresh random weights. The vocabulary size always comes fro
 preset      layers  heads  d_model  d_mlp  use
 ==========  ======  =====  =======  =====  ===========================================
 tiny        2       4      128      512    CPU, seconds to minutes (tests, dynamics demos)
+tiny4       4       4      128      512    CPU, minutes: enough depth for layer-order findings
 small       4       4      256      1024   CPU, tens of minutes
 paper       8       8      512      1365   the fact-learning paper's "44M" model (GPU)
 paper-gpt2  8       8      512      2048   the same, GPT-2 style: Chinchilla's exact shape
@@ -37,6 +38,7 @@ from engramlab.errors import EngramError
 
 PRESETS = {
     "tiny": dict(n_layers=2, n_heads=4, d_model=128, d_mlp=512),
+    "tiny4": dict(n_layers=4, n_heads=4, d_model=128, d_mlp=512),
     "small": dict(n_layers=4, n_heads=4, d_model=256, d_mlp=1024),
     "paper": dict(n_layers=8, n_heads=8, d_model=512, d_mlp=2048),
 }
