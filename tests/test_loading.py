@@ -139,3 +139,14 @@ def test_a_model_load_is_logged_in_one_line(tmp_path, caplog):
         load_model(str(path))
     lines = [r.getMessage() for r in caplog.records if r.name == "engramlab"]
     assert lines == [f"loading model {path} ({path}) ..."]
+
+
+def test_a_model_loaded_from_gguf_saves_and_loads_back_the_same(smollm2, tmp_path):
+    """Continual pre-training of SmolLM2 checkpoints the model: its GGUF weights are float tensors
+    once loaded, so it must save like any model and load back giving the same logits."""
+    smollm2.model.save_pretrained(tmp_path)
+    smollm2.tokenizer.save_pretrained(tmp_path)
+    again = load_model(str(tmp_path))
+    ids = smollm2.tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(smollm2.model(ids).logits, again.model(ids).logits)

@@ -200,11 +200,23 @@ def load_model(spec: str, dtype: str | torch.dtype = "float32", device: str = "c
                               f"model") from e
         raise EngramError(f"model {spec!r}: could not load {where}: {_one_line(e)}") from e
     _check_loading_info(spec, where, model, info)
+    if gguf:  # transformers dequantizes GGUF weights as it loads them: drop the marker that forbids
+        _plain_weights(model)  # saving them (a continual pre-training run checkpoints this model)
     model = model.to(device=dev, dtype=torch_dtype).eval()
     model.requires_grad_(trainable)
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model, tokenizer, spec, where)
+
+
+def _plain_weights(model: nn.Module) -> None:
+    """Forget that ``model`` came from a quantized (GGUF) file: its parameters are ordinary float
+    tensors by now, and ``save_pretrained`` refuses a model that still carries the quantizer."""
+    model.hf_quantizer = None
+    for holder in (model, model.config):
+        for name in ("quantization_config", "is_quantized", "quantization_method"):
+            if name in vars(holder):
+                delattr(holder, name)
 
 
 def _one_line(e: BaseException, limit: int = 400) -> str:
