@@ -29,7 +29,6 @@ circuit or neuron set need it.
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from pathlib import Path
@@ -181,18 +180,12 @@ class Checkpoints:
 
 # ---------------------------------------------------------------------------- circuit pairs
 
-def _pair_rows(split) -> list[dict]:
-    return [{"relation": p.fact.relation, "subject": p.fact.subject, "object": p.fact.object, "role": role,
-             "corrupt_subject": p.corrupt_subject, "corrupt_object": p.corrupt_object}
-            for role, side in (("discovery", split.discovery), ("evaluation", split.evaluation)) for p in side]
-
-
 def freeze_pairs(models: Checkpoints, facts, config, steps: Sequence[int], path: Path, log) -> int | None:
     """Choose the circuit's discovery/evaluation pairs once, on the latest loadable checkpoint of
     ``steps`` (facts it gets wrong left out when ``config.require_correct``), and write them to
     ``path``; kept when ``path`` exists (a resumed sweep). Returns the step chosen on."""
-    from engramlab.locate.circuits.data import split_pairs
-    from engramlab.runs import atomic_write_jsonl, load_json
+    from engramlab.locate.circuits.data import pair_records, split_pairs
+    from engramlab.runs import atomic_write_json, atomic_write_jsonl, load_json
 
     meta = path.with_suffix(".json")
     if path.is_file() and meta.is_file():
@@ -208,21 +201,18 @@ def freeze_pairs(models: Checkpoints, facts, config, steps: Sequence[int], path:
             raise EngramError(f"circuit pairs: the checkpoint at step {step} leaves {len(split.discovery)} discovery "
                               f"and {len(split.evaluation)} evaluation pairs ({split.n_wrong} facts wrong); "
                               "give more facts, or --set circuit.require_correct=false")
-        atomic_write_jsonl(path, _pair_rows(split))
-        from engramlab.runs import atomic_write_json
-
+        atomic_write_jsonl(path, pair_records(split))
         atomic_write_json(meta, {"step": int(step), "n_facts": split.n_facts, "n_wrong": split.n_wrong,
                                  "n_skipped": len(split.skipped)})
         return int(step)
     raise EngramError("circuit pairs: no checkpoint of the sweep can be loaded (see skipped.jsonl)")
 
 
-def _evaluation_pairs(lm, facts, config, pairs_path: Path, subjects=None):
-    """The frozen evaluation pairs (CorruptedPair) of ``pairs_path``, optionally only ``subjects``'."""
-    from engramlab.locate.circuits.data import split_pairs
+def _evaluation_pairs(lm, facts, config, pairs_path: Path):
+    """The frozen evaluation pairs (CorruptedPair) of ``pairs_path``."""
+    from engramlab.locate.circuits.data import fixed_pairs
 
-    split = split_pairs(lm, facts, config.split, config.template, config.seed, False, pairs=str(pairs_path))
-    return [p for p in split.evaluation if subjects is None or p.fact.subject in subjects]
+    return fixed_pairs(lm, facts, pairs_path, config.template).evaluation
 
 
 def circuit_on(lm, kept_masks: dict, pairs, config) -> dict:
@@ -267,15 +257,10 @@ def recall_by_group(result, labels: dict[str, set]) -> dict:
 # ---------------------------------------------------------------------------- the sweep
 
 def _train_rows(run_dir: Path) -> list[dict]:
+    from engramlab.runs import read_jsonl
+
     path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line being written when the run stopped
+    rows = read_jsonl(path) if path.is_file() else []
     return sorted((r for r in rows if isinstance(r.get("step"), int)), key=lambda r: r["step"])
 
 
@@ -398,10 +383,11 @@ def _circuit_groups(step: int, out: Path, models: Checkpoints, facts, config, re
     if path.is_file():
         return load_json(path, "group numbers")
     lm = models.load(step)
+    pairs = _evaluation_pairs(lm, facts, config, Path(config.pairs))
     got = {}
     for label, subjects in labels.items():
-        pairs = _evaluation_pairs(lm, facts, config, Path(config.pairs), subjects)
-        ev = circuit_on(lm, {"own": result.kept}, pairs, config).get("own", {})
+        mine = [p for p in pairs if p.fact.subject in subjects]
+        ev = circuit_on(lm, {"own": result.kept}, mine, config).get("own", {})
         got.update({f"circuit.{k}.{label}": ev.get(k) for k in GROUP_KEYS})
     atomic_write_json(path, got)
     return got

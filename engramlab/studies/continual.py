@@ -65,7 +65,9 @@ def load_presets(path: str | Path = PRESET_FILE) -> dict[str, dict]:
 
 
 def _rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    from engramlab.runs import read_jsonl
+
+    return read_jsonl(path) if path.is_file() else []
 
 
 def continual_summary(root: str | Path, evolve_stage: str = "evolve", train_stage: str = "train-b") -> dict:

@@ -225,6 +225,14 @@ def _ranks(lm, prompts: list[str], targets: list[list[int]], progress=None, size
     return ranks
 
 
+def pair_records(split: PairSplit) -> list[dict]:
+    """The discovery/evaluation rows ``read_pair_records`` reads back (what ``CircuitResult.records``
+    writes for them, without ``correct``): a split to freeze and reuse with ``CircuitConfig.pairs``."""
+    return [{"relation": p.fact.relation, "subject": p.fact.subject, "object": p.fact.object, "role": role,
+             "corrupt_subject": p.corrupt_subject, "corrupt_object": p.corrupt_object}
+            for role, side in (("discovery", split.discovery), ("evaluation", split.evaluation)) for p in side]
+
+
 def read_pair_records(path: str | Path) -> tuple[Path, list[tuple[int, dict]]]:
     """(file, [(line number, row)]) of the discovery/evaluation rows of a circuit result's
     ``records.jsonl`` (``path`` is the file or its directory). Rows of other roles are ignored;
