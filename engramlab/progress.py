@@ -22,6 +22,11 @@ T = TypeVar("T")
 DEFAULT_SECONDS = 30.0
 
 
+def quiet() -> bool:
+    """``ENGRAM_QUIET`` set (``engram study --quiet`` sets it while a stage runs): no bars, no heartbeats."""
+    return os.environ.get("ENGRAM_QUIET", "") not in ("", "0")
+
+
 def heartbeat_seconds() -> float:
     value = os.environ.get("ENGRAM_PROGRESS_SECONDS", "")
     try:
@@ -53,7 +58,7 @@ def progress_bar(items: Iterable[T], description: str, enabled: bool = True,
     """Yield ``items`` while showing progress on stderr (see the module docstring)."""
     if total is None:
         total = len(items) if hasattr(items, "__len__") else None
-    if not enabled:
+    if not enabled or quiet():
         yield from items
     elif sys.stderr.isatty():
         yield from _rich_bar(items, description, total, status)

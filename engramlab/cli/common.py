@@ -63,7 +63,9 @@ def _show_log_lines() -> None:
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
+    from engramlab.progress import quiet
+
+    logger.setLevel(logging.WARNING if quiet() else logging.INFO)
 
 
 def select_facts(facts: str, relation: list[str] | None, limit: int | None):

@@ -104,3 +104,58 @@ def _draw_matplotlib(scores: torch.Tensor, kept: torch.Tensor, graph: CircuitGra
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
     return path
+
+
+def circuit_svg(scores: torch.Tensor, kept: torch.Tensor, graph: CircuitGraph, *, title: str | None = None,
+                max_edges: int = 1500, width: float = 11.0, height: float = 4.2) -> str:
+    """The circuit as inline SVG text for ``report.html``: deterministic (same tensors -> same
+    bytes, no ``dot``), layers left to right (input at the left, logits at the right), heads bottom to
+    top with the MLP on top of its layer. Colours and widths as :func:`draw_circuit`; only the
+    ``max_edges`` strongest edges are drawn (the title says so) to keep the page light."""
+    from matplotlib.lines import Line2D
+
+    from engramlab.report.page import new_figure, svg_of
+
+    names = graph.node_names()
+    edges = sorted(_edges(scores, kept, graph), key=lambda e: (e[3], e[0], e[1], e[2]))
+    n_all = len(edges)
+    edges = edges[-max_edges:] if max_edges and n_all > max_edges else edges
+    top = max((e[3] for e in edges), default=1.0) or 1.0
+
+    def xy(node: int) -> tuple[float, float]:
+        x, y = _position(node, graph)
+        return (y, x)  # layer along x, head along y
+
+    fig, axes = new_figure(1, 1, width, height)
+    ax = axes[0]
+    for w, n, kind, s in edges:
+        (x0, y0), (x1, y1) = xy(w), xy(n)
+        ax.plot([x0, x1], [y0, y1], color=COLOURS[kind], lw=0.3 + 3.2 * s / top, alpha=0.6, zorder=1)
+    used = sorted({e[0] for e in edges} | {e[1] for e in edges})
+    if used:
+        pts = [xy(n) for n in used]
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=22, color="white", edgecolor="black", lw=0.6, zorder=2)
+        small = len(used) <= 160
+        for n, (x, y) in zip(used, pts):
+            if small or names[n] in ("input", "logits"):
+                ax.annotate(names[n], (x, y), fontsize=5, ha="center", va="bottom", xytext=(0, 3),
+                            textcoords="offset points", zorder=3)
+    else:
+        ax.text(0.5, 0.5, "no edge kept", transform=ax.transAxes, ha="center", va="center")
+    ax.set_xlim(-1.6, graph.n_layers + 0.6)
+    ax.set_ylim(-0.8, graph.n_heads + 0.9)
+    ax.set_xlabel("layer (input at the left, logits at the right)")
+    ax.set_ylabel("head (MLP on top)")
+    ax.set_yticks(list(range(graph.n_heads)) + [graph.n_heads])
+    ax.set_yticklabels([str(h) for h in range(graph.n_heads)] + ["MLP"], fontsize=7)
+    step = max(1, graph.n_layers // 15)
+    ax.set_xticks(list(range(0, graph.n_layers, step)))
+    ax.tick_params(axis="x", labelsize=7)
+    ax.legend(handles=[Line2D([], [], color=c, label=k) for k, c in COLOURS.items()], fontsize=7,
+              loc="upper left", bbox_to_anchor=(1.0, 1.0), title="edge feeds", title_fontsize=7)
+    shown = f"{int(kept.sum())} edges kept"
+    if len(edges) < n_all:  # a shared key/value reader is one line per head, so lines can outnumber edges
+        shown += f" (the {len(edges)} strongest of {n_all} lines drawn)"
+    ax.set_title(f"{title}: {shown}" if title else f"circuit: {shown}", fontsize=9)
+    fig.tight_layout()
+    return svg_of(fig)

@@ -29,7 +29,7 @@ import json
 from pathlib import Path
 
 from engramlab.errors import EngramError
-from engramlab.studies.stages import Stage
+from engramlab.studies.stages import load_study_file
 
 PRESET_FILE = Path(__file__).with_name("continual.toml")
 #: summary prefix -> the evolve group label (world_facts groups: kind.<kind>, bucket.<bucket>)
@@ -39,29 +39,7 @@ GROUPS = {"k_rel": "kind.rel", "k_compl": "kind.compl", "high": "bucket.high", "
 
 def load_presets(path: str | Path = PRESET_FILE) -> dict[str, dict]:
     """{preset: {"description", "stages": [Stage]}} from a study file (module docstring)."""
-    import tomllib
-
-    path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise EngramError(f"--config {path}: no such file; give a study file like continual.toml") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise EngramError(f"--config {path}: not valid TOML ({e}); see continual.toml for the shape") from None
-    presets = {}
-    for name, table in data.items():
-        stages = table.get("stages") if isinstance(table, dict) else None
-        if not isinstance(stages, list) or not stages:
-            raise EngramError(f"{path}: preset [{name}] needs stages = [{{name = ..., command = ...}}, ...]")
-        out = []
-        for i, s in enumerate(stages):
-            if not isinstance(s, dict) or not isinstance(s.get("name"), str) or not isinstance(s.get("command"), str):
-                raise EngramError(f"{path}: [{name}] stage {i + 1}: give name = \"...\" and command = \"...\"")
-            out.append(Stage(s["name"], s["command"]))
-        if len({s.name for s in out}) != len(out):
-            raise EngramError(f"{path}: [{name}] has two stages with the same name; names are directories")
-        presets[name] = {"description": str(table.get("description", "")).strip(), "stages": out}
-    return presets
+    return load_study_file(path, "continual.toml")
 
 
 def _rows(path: Path) -> list[dict]:

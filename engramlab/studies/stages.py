@@ -10,6 +10,8 @@ other settings is an error (the study's later stages were built on it).
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shlex
 import sys
 from dataclasses import dataclass
@@ -44,8 +46,62 @@ class Stage:
         return words + ["--out", str(root / self.name)]
 
 
+#: The keys a study file may hold: per preset table, and per stage.
+PRESET_KEYS = ("description", "stages")
+STAGE_KEYS = ("name", "command")
+
+
+def load_study_file(path: str | Path, example: str) -> dict[str, dict]:
+    """{preset: {"description", "stages": [Stage]}} from a study file: one TOML table per preset with
+    ``description`` and ``stages = [{name, command}, ...]``. ``example`` names the packaged file
+    of that shape, for the errors. An unknown key is an error naming it and the valid ones."""
+    import tomllib
+
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise EngramError(f"--config {path}: no such file; give a study file like {example}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise EngramError(f"--config {path}: not valid TOML ({e}); see {example} for the shape") from None
+    presets = {}
+    for name, table in data.items():
+        if not isinstance(table, dict):
+            raise EngramError(f"{path}: {name} = ... is not a preset table; write [{name}] with "
+                              f"{' and '.join(PRESET_KEYS)}")
+        unknown = sorted(set(table) - set(PRESET_KEYS))
+        if unknown:
+            raise EngramError(f"{path}: [{name}] has unknown key {unknown[0]!r}; valid keys: {', '.join(PRESET_KEYS)}")
+        stages = table.get("stages")
+        if not isinstance(stages, list) or not stages:
+            raise EngramError(f"{path}: preset [{name}] needs stages = [{{name = ..., command = ...}}, ...]")
+        out = []
+        for i, s in enumerate(stages):
+            if isinstance(s, dict) and set(s) - set(STAGE_KEYS):
+                bad = sorted(set(s) - set(STAGE_KEYS))[0]
+                raise EngramError(f"{path}: [{name}] stage {i + 1}: unknown key {bad!r}; valid keys: "
+                                  f"{', '.join(STAGE_KEYS)}")
+            if not isinstance(s, dict) or not isinstance(s.get("name"), str) or not isinstance(s.get("command"), str):
+                raise EngramError(f"{path}: [{name}] stage {i + 1}: give name = \"...\" and command = \"...\"")
+            if not s["name"] or "/" in s["name"] or s["name"].startswith("."):
+                raise EngramError(f"{path}: [{name}] stage {i + 1}: name {s['name']!r} must be a plain directory "
+                                  "name (no '/', not starting with '.')")
+            out.append(Stage(s["name"], s["command"]))
+        if len({s.name for s in out}) != len(out):
+            raise EngramError(f"{path}: [{name}] has two stages with the same name; names are directories")
+        presets[name] = {"description": str(table.get("description", "")).strip(), "stages": out}
+    return presets
+
+
 def _same(a: list[str], b: list[str]) -> bool:
     return [w for w in a if w not in _RESTART_FLAGS] == [w for w in b if w not in _RESTART_FLAGS]
+
+
+def _recorded_argv(stage: Stage, root: Path) -> list[str]:
+    from engramlab.runs import load_json
+
+    m = load_json(root / stage.name / "manifest.json", f"stage {stage.name} manifest")
+    return list(m.get("argv") or [])[1:]
 
 
 def stage_state(stage: Stage, root: Path) -> str:
@@ -55,36 +111,62 @@ def stage_state(stage: Stage, root: Path) -> str:
     manifest = root / stage.name / "manifest.json"
     if not manifest.is_file():
         return "new"
-    m = load_json(manifest, f"stage {stage.name} manifest")
-    if m.get("status") != "complete":
+    if load_json(manifest, f"stage {stage.name} manifest").get("status") != "complete":
         return "unfinished"
-    return "complete" if _same(list(m.get("argv") or [])[1:], stage.argv(root)) else "other"
+    return "complete" if _same(_recorded_argv(stage, root), stage.argv(root)) else "other"
 
 
-def run_stages(stages: list[Stage], root: str | Path, log: Callable[[str], None] = lambda line: None) -> dict:
-    """Run (or skip, when finished) every stage; returns {stage name: its summary.json}."""
+@contextlib.contextmanager
+def _silenced(quiet: bool):
+    """While a stage runs under ``--quiet``: its stdout (tables, summaries) dropped, no progress bars
+    or log lines (``ENGRAM_QUIET``); errors and warnings still reach stderr."""
+    if not quiet:
+        yield
+        return
+    saved = os.environ.get("ENGRAM_QUIET")
+    os.environ["ENGRAM_QUIET"] = "1"
+    try:
+        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+            yield
+    finally:
+        if saved is None:
+            os.environ.pop("ENGRAM_QUIET", None)
+        else:
+            os.environ["ENGRAM_QUIET"] = saved
+
+
+def run_stages(stages: list[Stage], root: str | Path, log: Callable[[str], None] = lambda line: None,
+               quiet: bool = False, done: Callable[[Stage, bool], None] | None = None) -> dict:
+    """Run (or skip, when finished) every stage; returns {stage name: its summary.json}.
+    ``log`` gets a line as each stage starts; ``done(stage, kept)`` is called as each one is
+    finished (``kept``: it was finished before); ``quiet`` silences the stages themselves."""
     from engramlab.cli import app
     from engramlab.runs import Terminated, load_json
 
     root = Path(root)
     summaries = {}
-    for stage in stages:
+    for index, stage in enumerate(stages):
         argv, state = stage.argv(root), stage_state(stage, root)
         if state == "other":
             raise EngramError(f"{root / stage.name}: stage {stage.name} was run with another command line; "
                               "pass --overwrite to run the study again, or choose another --out")
         if state == "complete":
-            log(f"{stage.name}: done earlier, kept")
+            log(f"[{index + 1}/{len(stages)}] {stage.name}: done earlier, kept")
         else:
-            if state == "unfinished":
+            if state == "unfinished" and not _same(_recorded_argv(stage, root), argv):
+                argv = argv + ["--overwrite"]  # an unfinished run of an older command line: start afresh
+            elif state == "unfinished":
                 verb = argv[0]
-                has_ckpt = (root / stage.name / "checkpoints").is_dir()
+                # resumable: a checkpoint that kept its optimizer state (a kill before the first
+                # such checkpoint leaves only step 0's weights: start again)
+                has_ckpt = any((root / stage.name / "checkpoints").glob("step-*/optimizer.pt"))
                 argv = argv + (["--resume"] if verb == "train" and has_ckpt else [] if verb == "evolve"
                                else ["--overwrite"])
-            log(f"{stage.name}: engram {' '.join(argv)}")
+            log(f"[{index + 1}/{len(stages)}] {stage.name}: engram {' '.join(argv)}")
             saved, sys.argv = sys.argv, ["engram", *argv]  # the stage's manifest records its own command
             try:
-                code = app(args=argv, prog_name="engram", standalone_mode=False)
+                with _silenced(quiet):
+                    code = app(args=argv, prog_name="engram", standalone_mode=False)
             finally:
                 sys.argv = saved
             if code == 130:
@@ -94,9 +176,11 @@ def run_stages(stages: list[Stage], root: str | Path, log: Callable[[str], None]
             if code not in (None, 0):
                 raise EngramError(f"stage {stage.name} (engram {' '.join(argv)}) failed (exit {code}, message "
                                   "above); fix it and run the study again: finished stages are kept")
+        if done is not None:
+            done(stage, state == "complete")
         summary = root / stage.name / "summary.json"
         summaries[stage.name] = load_json(summary, f"stage {stage.name} summary") if summary.is_file() else {}
     return summaries
 
 
-__all__ = ["Stage", "run_stages", "stage_state"]
+__all__ = ["PRESET_KEYS", "STAGE_KEYS", "Stage", "load_study_file", "run_stages", "stage_state"]
