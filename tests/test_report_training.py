@@ -22,7 +22,7 @@ def engram(*args):
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
+def study(tmp_path_factory, one_thread):
     """A from-scratch run, two fine-tuning runs of it (plain, replay), a patched twin and a sweep,
     gathered as the stages of one study directory (all tiny: 40 people, at most 12 steps)."""
     root = tmp_path_factory.mktemp("train-report")

@@ -79,7 +79,7 @@ def test_report_on_a_directory_that_is_not_a_run(tmp_path):
     assert not list(tmp_path.rglob("report.html"))
 
 
-def test_micro_study_end_to_end_quiet_and_rebuilt_report(tmp_path):
+def test_micro_study_end_to_end_quiet_and_rebuilt_report(tmp_path, one_thread):
     out = tmp_path / "study"
     r = CliRunner().invoke(app, ["study", "--config", str(_micro(tmp_path)), "--preset", "micro", "--quiet",
                                  "--out", str(out)])

@@ -3,7 +3,9 @@
 Every row's verdict is computed by the rule written here (the section that measures it applies the
 rule to its own run's numbers and links its evidence). A row no run measured says ``not run``.
 The rules are deliberately plain thresholds, so a reader can check them against the numbers shown;
-they are not the papers' statistics (most papers give none), and the scale here is small.
+they are not the papers' statistics (most papers give none), and the scale here is small. When a
+rule's inputs are missing (no plateau in the source run of a patched twin, no control measured, too
+few checkpoints for a fit) the verdict is ``inconclusive``, not ``not reproduced``.
 """
 
 from __future__ import annotations
@@ -57,8 +59,9 @@ FINDINGS: tuple[FindingSpec, ...] = (
                 "Suppressing a fact's knowledge neurons lowers the model's probability of its answer much more "
                 "than it lowers other relations' facts, and much more than suppressing random neurons.",
                 "reproduced: mean own drop >= 0.3, at least twice the other-relation drop, and at least 0.2 "
-                "above the random-neuron drop; partly reproduced: the own drop exceeds both controls; not "
-                "reproduced otherwise."),
+                "above the random-neuron drop; partly reproduced: the own drop exceeds both controls (or every "
+                "control measured, when one relation leaves no other-relation control); not reproduced "
+                "otherwise."),
     FindingSpec("dkn_partial_full", "Degenerate knowledge neurons", "Chen et al. 2024",
                 "Some facts are held by redundant groups of neurons: suppressing part of the group barely "
                 "changes the prediction, suppressing all of it removes it.",
@@ -67,8 +70,8 @@ FINDINGS: tuple[FindingSpec, ...] = (
     FindingSpec("sparse_circuits", "Faithful sparse knowledge circuits", "Yao et al. 2024; Ou et al. 2025",
                 "A circuit of a few percent of the model's edges reproduces most of its behaviour on the facts.",
                 "reproduced: held-out faithfulness >= 0.8 with at most 5% of the edges (the largest model "
-                "with a circuit run is used); partly reproduced: faithfulness >= 0.5 or more than 5% of the "
-                "edges; not reproduced otherwise."),
+                "with a circuit run is used); partly reproduced: faithfulness >= 0.5 at any size; not "
+                "reproduced: below 0.5."),
     FindingSpec("krel_kcompl", "Relevant knowledge is learned faster than new", "Ou et al. 2025",
                 "During continual pre-training, new facts about known entities (K_rel) are acquired faster than "
                 "facts about new entities (K_compl).",
@@ -80,7 +83,7 @@ FINDINGS: tuple[FindingSpec, ...] = (
                 "similarity with the final circuit over training has a knee after which it flattens.",
                 "reproduced: the two-segment fit of edge Jaccard with the final circuit against log step has "
                 "its knee with a flatter slope after than before (phase_shift_flattens) and improves on one "
-                "line by >= 30%; not reproduced otherwise."),
+                "line by >= 30%; inconclusive: fewer than 4 checkpoints; not reproduced otherwise."),
     FindingSpec("deep_to_shallow", "Knowledge surfaces deep first, then shallow", "Ou et al. 2025",
                 "Over training, the layer at which the answer can be read out moves from deep layers to "
                 "shallower ones.",

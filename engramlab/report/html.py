@@ -16,7 +16,7 @@ import traceback
 from pathlib import Path
 
 from engramlab.report.findings import FINDINGS
-from engramlab.report.page import Finding, Section, anchor, esc, note, table
+from engramlab.report.page import Finding, Section, anchor, esc, note, para, table
 from engramlab.report.runs import Report, RunView, collect
 
 STYLE = """
@@ -138,6 +138,8 @@ def metadata_section(report: Report) -> Section:
     for run in runs:
         argv = run.manifest.get("argv") or []
         cmd = "engram " + " ".join(str(a) for a in argv[1:]) if argv else run.command
+        for prefix in sorted({str(report.root.resolve()), str(report.root)}, key=len, reverse=True):
+            cmd = cmd.replace(prefix, "{root}")  # the study file's notation: the page does not depend on where DIR is
         rows.append((run.name, run.command, run.manifest.get("status", "—"), run.manifest.get("seed", "—"),
                      run.manifest.get("start_time", "—"), run.manifest.get("end_time", "—"), _wall(run), cmd))
     versions: dict[str, set] = {}
@@ -145,7 +147,8 @@ def metadata_section(report: Report) -> Section:
         for k, v in (run.manifest.get("versions") or {}).items():
             versions.setdefault(k, set()).add(str(v))
     vrows = [(k, ", ".join(sorted(v))) for k, v in sorted(versions.items())]
-    body = (table(["run", "verb", "status", "seed", "started", "ended", "wall", "command"], rows)
+    body = (para("Commands as each run recorded them; {root} is this report's directory.")
+            + table(["run", "verb", "status", "seed", "started", "ended", "wall", "command"], rows)
             + "<h3>Versions</h3>" + table(["package", "version"], vrows, sortable=False))
     return Section("metadata", "Runs and versions", f'<div class="meta">{body}</div>', order=1000)
 

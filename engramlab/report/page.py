@@ -76,6 +76,36 @@ def fmt(x, digits: int = 3) -> str:
     return str(x)
 
 
+def shown_path(text) -> str:
+    """A recorded path as the page shows it: absolute paths (of the machine the run was made on)
+    shortened to their last two parts (``/scratch/me/study/train`` -> ``study/train``); a model
+    alias or a relative path unchanged. Keeps machine paths out of the page."""
+    text = str(text)
+    if not text.startswith("/"):
+        return text
+    parts = [p for p in text.split("/") if p]
+    return "/".join(parts[-2:])
+
+
+def is_number(x) -> bool:
+    """A finite int or float (not a bool): what a figure can plot."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def series(rows: list[dict], key: str, index: int | None = None, x: str = "step") -> tuple[list, list]:
+    """(x values, values) of ``key`` over the rows where both are numbers; ``index``: element
+    ``index`` of a list-valued column (per-layer statistics)."""
+    xs, ys = [], []
+    for r in rows:
+        v = r.get(key)
+        if index is not None:
+            v = v[index] if isinstance(v, list) and len(v) > index else None
+        if is_number(v) and is_number(r.get(x)):
+            xs.append(r[x])
+            ys.append(v)
+    return xs, ys
+
+
 def para(text: str) -> str:
     """A paragraph of plain text (escaped)."""
     return f"<p>{esc(text)}</p>"
@@ -170,5 +200,6 @@ def note(text: str) -> str:
     return f'<p class="note">{esc(text)}</p>'
 
 
-__all__ = ["Finding", "Section", "VERDICTS", "anchor", "details", "esc", "figure", "fmt", "kv_table", "new_figure",
-           "note", "para", "png_figure", "slider", "svg_of", "table"]
+__all__ = ["Finding", "Section", "VERDICTS", "anchor", "details", "esc", "figure", "fmt", "is_number", "kv_table",
+           "new_figure", "series",
+           "note", "para", "png_figure", "shown_path", "slider", "svg_of", "table"]

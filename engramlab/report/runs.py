@@ -79,6 +79,31 @@ class Report:
                 return r
         return None
 
+    def follow(self, recorded) -> RunView | None:
+        """:meth:`find`, else the recorded directory itself when it is a run that still exists
+        (``engram report`` on one run of a study), else None."""
+        found = self.find(recorded)
+        if found is not None or not recorded:
+            return found
+        p = Path(str(recorded))
+        try:
+            return _view(p, p.name)
+        except EngramError:  # an unreadable directory is as good as a missing one here
+            return None
+
+    def world_kind(self, run: RunView) -> str:
+        """``kind`` of a training run's world (``bio``, ``continual``); "" when it cannot be read."""
+        world = self.follow(run.config.get("world"))
+        header = world.json("world.json") if world is not None else None
+        if header is None and run.config.get("world"):  # a world directory without a manifest
+            p = Path(str(run.config["world"])) / "world.json"
+            try:
+                header = json.loads(p.read_text()) if p.is_file() else None
+            except (OSError, ValueError):
+                header = None
+        cfg = header.get("config") if isinstance(header, dict) else None
+        return str(cfg.get("kind", "")) if isinstance(cfg, dict) else ""
+
 
 def _view(path: Path, name: str) -> RunView | None:
     from engramlab.runs import load_json

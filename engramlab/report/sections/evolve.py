@@ -20,8 +20,8 @@ import math
 from pathlib import Path
 
 from engramlab.errors import EngramError
-from engramlab.report.page import (Finding, Section, anchor, details, figure, fmt, kv_table, new_figure, note,
-                                   para, slider, table)
+from engramlab.report.page import (Finding, Section, anchor, details, figure, fmt, is_number, kv_table, new_figure,
+                                   note, para, series, slider, table)
 from engramlab.report.runs import Report, RunView
 from engramlab.report.sections import renderer
 
@@ -34,18 +34,8 @@ MAX_FRAMES = 24
 # ----------------------------------------------------------------------------------------- data
 
 
-def _num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
-
-
-def series(rows: list[dict], key: str, x: str = "step") -> tuple[list, list]:
-    """(steps, values) of ``key`` over the rows where it is a number."""
-    pairs = [(r[x], r[key]) for r in rows if _num(r.get(key)) and _num(r.get(x))]
-    return [s for s, _ in pairs], [v for _, v in pairs]
-
-
 def has(rows: list[dict], key: str) -> bool:
-    return any(_num(r.get(key)) for r in rows)
+    return any(is_number(r.get(key)) for r in rows)
 
 
 def bands(rows: list[dict], prefix: str) -> list[int]:
@@ -63,9 +53,7 @@ def is_continual(rows: list[dict], train: RunView | None, report: Report) -> boo
     world is of kind ``continual``."""
     if any("recall.top1_accuracy.kind.rel" in r for r in rows):
         return True
-    world = report.find(train.config.get("world")) if train is not None else None
-    doc = world.json("world.json", {}) if world is not None else {}
-    return isinstance(doc, dict) and (doc.get("config") or {}).get("kind") == "continual"
+    return train is not None and report.world_kind(train) == "continual"
 
 
 def _same(a: Path, b: Path) -> bool:
@@ -95,13 +83,14 @@ def formation_finding(summary: dict, rows: list[dict], section: str, priority: i
         knee, before, after, improvement = (fit.get(k) for k in ("knee_step", "slope_before", "slope_after",
                                                                  "improvement"))
         flattens = None
-    if knee is None or not _num(before) or not _num(after):
+    if knee is None or not is_number(before) or not is_number(after):
+        n = len(series(rows, "circuit.edge_jaccard_final")[0])
         return Finding("formation_optimization", f"no knee could be fitted to edge Jaccard with the final circuit "
-                       f"({len(series(rows, 'circuit.edge_jaccard_final')[0])} checkpoints; a fit needs 4)",
-                       "not reproduced", section, priority)
+                       f"({n} checkpoints; a fit needs 4)", "inconclusive" if n < 4 else "not reproduced",
+                       section, priority)
     if flattens is None:
         flattens = abs(after) < abs(before)
-    improvement = improvement if _num(improvement) else 0.0
+    improvement = improvement if is_number(improvement) else 0.0
     ok = bool(flattens) and improvement >= 0.3
     measured = (f"knee of edge Jaccard with the final circuit at step {knee}: slope {before:.3g} before, {after:.3g} "
                 f"after (per unit of log(step+1); {'flatter' if flattens else 'steeper'} after), "
@@ -116,15 +105,15 @@ def deep_finding(summary: dict, section: str, priority: int) -> Finding | None:
     stat, p, n = summary.get("deep_to_shallow_stat"), summary.get("deep_to_shallow_p"), summary.get("deep_to_shallow_n")
     if not surf and stat is None and n is None:
         return None
-    if not _num(n):
+    if not is_number(n):
         n = sum(1 for v in surf.values() if v is not None)
     layer = lambda key: int(key.rsplit("L", 1)[1])  # noqa: E731
     steps = ", ".join(f"L{layer(k)} {fmt(v)}" for k, v in sorted(surf.items(), key=lambda kv: layer(kv[0])))
     where = f" (surface steps: {steps})" if steps else ""
-    if n < 3 or not _num(stat):
+    if n < 3 or not is_number(stat):
         return Finding("deep_to_shallow", f"{n} layer(s) surface in the logit lens, fewer than 3{where}",
                        "inconclusive", section, priority)
-    ok = stat < 0 and _num(p) and p < 0.05
+    ok = stat < 0 and is_number(p) and p < 0.05
     return Finding("deep_to_shallow", f"Kendall tau {stat:.2f} between layer and surface step, one-sided p "
                    f"{fmt(p)}, {n} layers{where}", "reproduced" if ok else "not reproduced", section, priority)
 
@@ -142,10 +131,10 @@ def krel_finding(numbers: dict, section: str, priority: int = 1) -> Finding | No
            else "the run's own evaluation not available")
     measured = (f"half step K_rel {fmt(rel)} vs K_compl {fmt(compl)} at the checkpoints, {own}; accuracy averaged "
                 f"over training {fmt(m_rel)} vs {fmt(m_compl)}")
-    finer = _num(t_rel) and _num(t_compl) and t_rel < t_compl
-    if _num(rel) and _num(compl) and (rel < compl or (rel == compl and finer)):
+    finer = is_number(t_rel) and is_number(t_compl) and t_rel < t_compl
+    if is_number(rel) and is_number(compl) and (rel < compl or (rel == compl and finer)):
         verdict = "reproduced"
-    elif _num(m_rel) and _num(m_compl) and m_rel > m_compl:
+    elif is_number(m_rel) and is_number(m_compl) and m_rel > m_compl:
         verdict = "partly reproduced"
     else:
         verdict = "not reproduced"
@@ -162,7 +151,7 @@ def _step_axis(ax, label: str = "training step", steps: list | None = None) -> N
 
     horizontal = ax.get_yaxis_transform(which="grid")  # axhline's x is in axes units, not steps
     xs = [float(x) for line in ax.get_lines() if line.get_transform() != horizontal
-          for x in line.get_xdata() if _num(float(x))] + list(steps or [])
+          for x in line.get_xdata() if is_number(float(x))] + list(steps or [])
     xs += [float(p.get_x() + p.get_width()) for p in ax.patches]
     wide = bool(xs) and (min(xs) <= 0 or max(xs) / min(xs) >= 10)
     if wide:
@@ -178,7 +167,7 @@ def _step_axis(ax, label: str = "training step", steps: list | None = None) -> N
 
 
 def _vline(ax, step, label: str, color: str = "grey", ls: str = ":") -> None:
-    if _num(step):
+    if is_number(step):
         ax.axvline(step, color=color, ls=ls, lw=1.1, label=label)
 
 
@@ -189,7 +178,7 @@ def recall_figure(rows: list[dict], summary: dict) -> str:
     for key, label, x in (("recall.top1_accuracy", "recall top-1 (evolve's facts)", "step"),
                           ("recall.top10_accuracy", "recall top-10", "step"),
                           ("run.eval.attr_acc", "run's own eval accuracy", "run.step")):
-        s, v = series(rows, key, x)
+        s, v = series(rows, key, x=x)
         if s:
             ax.plot(s, v, marker="o", ms=3, label=label, ls="--" if key.startswith("run.") else "-")
     _vline(ax, summary.get("plateau_start_step"), f"plateau start ({fmt(summary.get('plateau_start_step'))})", "C7")
@@ -263,12 +252,12 @@ def _heat(ax, rows: list[dict], prefix: str, title: str, label: str, fig) -> boo
     import numpy as np
 
     bs = bands(rows, prefix)
-    used = [r for r in rows if any(_num(r.get(f"{prefix}.L{b}")) for b in bs)]
+    used = [r for r in rows if any(is_number(r.get(f"{prefix}.L{b}")) for b in bs)]
     if not bs or not used:
         ax.text(0.5, 0.5, f"no {prefix} columns", transform=ax.transAxes, ha="center")
         ax.set_axis_off()
         return False
-    m = np.array([[r.get(f"{prefix}.L{b}") if _num(r.get(f"{prefix}.L{b}")) else np.nan for r in used] for b in bs],
+    m = np.array([[r.get(f"{prefix}.L{b}") if is_number(r.get(f"{prefix}.L{b}")) else np.nan for r in used] for b in bs],
                  dtype=float)
     im = ax.imshow(m, aspect="auto", origin="lower", cmap="viridis", vmin=0, interpolation="nearest")
     fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
@@ -333,9 +322,9 @@ def lens_figure(rows: list[dict], summary: dict) -> str:
     fig, (ax, bx) = new_figure(2, 1, 11.0, 3.2)
     if surf:
         layers = [l for l, _ in surf]
-        ax.barh(layers, [v if _num(v) else 0 for _, v in surf], color=["C2" if _num(v) else "C7" for _, v in surf])
+        ax.barh(layers, [v if is_number(v) else 0 for _, v in surf], color=["C2" if is_number(v) else "C7" for _, v in surf])
         for l, v in surf:
-            ax.text(v if _num(v) else 0, l, f" {fmt(v)}" if _num(v) else " never", va="center", fontsize=7)
+            ax.text(v if is_number(v) else 0, l, f" {fmt(v)}" if is_number(v) else " never", va="center", fontsize=7)
         ax.set_yticks(layers)
         ax.set_ylabel("layer")
         _step_axis(ax, "step at which the answer surfaces")
@@ -372,7 +361,7 @@ def transplant_figure(run: RunView) -> str:
         return note("transplant.json holds no complete steps x steps matrix (an interrupted transplant).")
     fig, axes = new_figure(len(panels), 1, 5.5 * len(panels), 3.6)
     for ax, (key, title) in zip(axes, panels):
-        m = np.array([[v if _num(v) else np.nan for v in row] for row in doc[key]], dtype=float)
+        m = np.array([[v if is_number(v) else np.nan for v in row] for row in doc[key]], dtype=float)
         im = ax.imshow(m, origin="upper", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
         for i in range(m.shape[0]):
@@ -431,7 +420,7 @@ def dkn_figure(rows: list[dict], run: RunView) -> str:
             ax.plot(s, v, marker="o", ms=3, label=label)
     cfg = run.config.get("dkn") if isinstance(run.config.get("dkn"), dict) else {}
     for k, ls in (("t_low", ":"), ("t_high", "--")):
-        if _num(cfg.get(k)):
+        if is_number(cfg.get(k)):
             ax.axhline(cfg[k], color="grey", ls=ls, lw=0.9, label=f"{k} {fmt(cfg[k])}")
     ax.set_ylabel("rate / relative probability drop")
     ax.set_title("degenerate knowledge neurons over checkpoints", fontsize=10)
@@ -455,7 +444,7 @@ def circuit_slider(run: RunView, rows: list[dict], id_: str) -> str:
     one at a time; the final circuit is shown first."""
     from engramlab.locate.circuits.store import load_scores
 
-    found = [r["step"] for r in rows if _num(r.get("step"))
+    found = [r["step"] for r in rows if is_number(r.get("step"))
              and (run.path / f"step-{int(r['step']):07d}" / "circuit" / "scores.safetensors").is_file()]
     if not found:
         return note("No circuit was saved at any checkpoint (run evolve with --analysis circuit).")
@@ -549,13 +538,13 @@ def _group_panel(ax, rows: list[dict], prefix: str, groups: list[tuple[str, str]
                  x: str = "step", ylim: tuple[float, float] = (-0.02, 1.02)) -> bool:
     drawn = False
     for i, (label, name) in enumerate(groups):
-        s, v = series(rows, f"{prefix}.{label}", x)
+        s, v = series(rows, f"{prefix}.{label}", x=x)
         if not s:
             continue
         drawn = True
         ax.plot(s, v, marker="o", ms=2.5, color=f"C{i}", label=name)
         h = halves.get(label)
-        if _num(h):
+        if is_number(h):
             ax.axvline(h, color=f"C{i}", ls=":", lw=1.1, label=f"{name} half step {fmt(h)}")
     if not drawn:
         ax.text(0.5, 0.5, f"no {prefix}.<group> columns", transform=ax.transAxes, ha="center")
@@ -597,7 +586,7 @@ def continual_section(run: RunView, train: RunView | None, report: Report, rows:
               group_figure(rows, "recall.top1_accuracy", halves, "recall top-1",
                            "Recall top-1 of each group of the evolved facts at each checkpoint; dotted lines: the "
                            "group's half step.")]
-    metrics = [r for r in (train.jsonl("metrics.jsonl") if train is not None else []) if _num(r.get("step"))]
+    metrics = [r for r in (train.jsonl("metrics.jsonl") if train is not None else []) if is_number(r.get("step"))]
     if any(has(metrics, f"eval.attr_acc.{g}") for g, _ in KINDS + BUCKETS):
         parts += ["<h3>The training run's own evaluation</h3>",
                   group_figure(metrics, "eval.attr_acc", t_halves, "eval accuracy",
@@ -644,7 +633,7 @@ def render(runs: list[RunView], report: Report) -> list[Section]:
     sections = []
     evolves = [r for r in runs if r.command == "evolve"]
     for run in evolves:
-        rows = sorted((r for r in run.jsonl("evolution.jsonl") if _num(r.get("step"))), key=lambda r: r["step"])
+        rows = sorted((r for r in run.jsonl("evolution.jsonl") if is_number(r.get("step"))), key=lambda r: r["step"])
         train = report.find(run.config.get("run"))
         continual = is_continual(rows, train, report)
         sections.append(evolve_section(run, report, rows, continual))

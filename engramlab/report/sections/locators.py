@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import Counter
 from engramlab.report.page import (Finding, Section, anchor, details, esc, figure, fmt, kv_table, new_figure,
-                                   note, para, table)
+                                   note, para, shown_path, table)
 from engramlab.report.runs import Report, RunView
 from engramlab.report.sections import renderer
 
@@ -36,9 +36,9 @@ def model_name(run: RunView) -> str:
     """The model the run looked at: ``config.json``'s model facts, else the manifest's ``--model``."""
     m = _locator_config(run).get("model")
     if isinstance(m, dict) and m.get("model"):
-        return str(m["model"])
+        return shown_path(m["model"])
     if run.config.get("model"):
-        return str(run.config["model"])
+        return shown_path(run.config["model"])
     return "unknown model"
 
 
@@ -57,7 +57,7 @@ def _records(run: RunView, *aliases: str) -> list[dict] | None:
 
 def _header(run: RunView) -> str:
     facts = run.config.get("facts")
-    bits = [f"model {model_name(run)}"] + ([f"facts {facts}"] if facts else [])
+    bits = [f"model {model_name(run)}"] + ([f"facts {shown_path(facts)}"] if facts else [])
     if run.config.get("limit"):
         bits.append(f"limit {run.config['limit']}")
     out = para("Run " + run.name + ": " + ", ".join(bits) + ".")

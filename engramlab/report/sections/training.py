@@ -21,11 +21,10 @@ missing data gives a note (and an ``inconclusive`` verdict), never a crash.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
-from engramlab.report.page import (Finding, Section, anchor, figure, fmt, kv_table, new_figure, note, para,
-                                   table)
+from engramlab.report.page import (Finding, Section, anchor, figure, fmt, is_number, kv_table, new_figure, note,
+                                   para, series, table)
 from engramlab.report.runs import Report, RunView, collect
 from engramlab.report.sections import renderer
 
@@ -40,10 +39,6 @@ MAX_POINTS = 400
 # ---------------------------------------------------------------- data
 
 
-def _num(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def thin(rows: list[dict], limit: int = MAX_POINTS) -> list[dict]:
     """At most ``limit`` rows, evenly spaced, always keeping the first and the last."""
     if len(rows) <= limit:
@@ -52,23 +47,10 @@ def thin(rows: list[dict], limit: int = MAX_POINTS) -> list[dict]:
     return [rows[i] for i in idx]
 
 
-def series(rows: list[dict], key: str, index: int | None = None) -> tuple[list, list]:
-    """(steps, values) of ``key`` (element ``index`` of a list value) where it is a number."""
-    xs, ys = [], []
-    for r in rows:
-        v = r.get(key)
-        if index is not None:
-            v = v[index] if isinstance(v, list) and len(v) > index else None
-        if _num(v) and _num(r.get("step")):
-            xs.append(r["step"])
-            ys.append(v)
-    return xs, ys
-
-
 def baseline_of(run: RunView, rows: list[dict]):
     b = run.summary.get("baseline_loss")
-    if not _num(b):
-        b = next((r["baseline_loss"] for r in rows if _num(r.get("baseline_loss"))), None)
+    if not is_number(b):
+        b = next((r["baseline_loss"] for r in rows if is_number(r.get("baseline_loss"))), None)
     return b
 
 
@@ -92,7 +74,7 @@ def summary_of(run: RunView, rows: list[dict]) -> dict:
 
 def near_baseline(rows: list[dict], baseline, end) -> list[int]:
     """Steps of the evaluations whose eval loss is within ``NEAR`` of ``baseline`` before step ``end``."""
-    if not _num(baseline):
+    if not is_number(baseline):
         return []
     return [s for s, v in zip(*series(rows, "eval.attr_loss"))
             if abs(v - baseline) <= NEAR * baseline and (end is None or s < end)]
@@ -110,41 +92,8 @@ def _short(spec) -> str:
     return Path(str(spec or "")).name or str(spec)
 
 
-def follow(report: Report, recorded) -> RunView | None:
-    """The run a recorded path points to: a collected run, else the directory itself when it still
-    exists (``engram report`` on one run of a study), else None."""
-    if not recorded:
-        return None
-    found = report.find(recorded)
-    if found is not None:
-        return found
-    p = Path(str(recorded))
-    if (p / "manifest.json").is_file():
-        try:
-            return collect(p).runs[-1]
-        except Exception:  # an unreadable directory is as good as a missing one here
-            return None
-    return None
-
-
-def world_kind(run: RunView, report: Report) -> str:
-    """``kind`` of the run's world (``bio``, ``continual``), or "" when the world cannot be read."""
-    world = follow(report, run.config.get("world"))
-    header = world.json("world.json") if world is not None else None
-    if header is None and run.config.get("world"):
-        p = Path(str(run.config["world"])) / "world.json"
-        try:
-            import json
-
-            header = json.loads(p.read_text()) if p.is_file() else None
-        except (OSError, ValueError):
-            header = None
-    cfg = header.get("config") if isinstance(header, dict) else None
-    return str(cfg.get("kind", "")) if isinstance(cfg, dict) else ""
-
-
 def is_continual(run: RunView, report: Report) -> bool:
-    kind = world_kind(run, report)
+    kind = report.world_kind(run)
     if kind:
         return kind == "continual"
     names = (run.name, Path(str(run.config.get("world") or "")).name)
@@ -161,7 +110,7 @@ def classify(run: RunView, report: Report) -> str:
         return "scratch"
     if is_continual(run, report):
         return "continued"
-    parent = follow(report, split_spec(cfg["init"]))
+    parent = report.follow(split_spec(cfg["init"]))
     rows = run.jsonl("metrics.jsonl")
     if (parent is not None and parent.command == "train") or any("old.attr_acc" in r for r in rows[-1:]):
         return "finetune"
@@ -174,7 +123,7 @@ def classify(run: RunView, report: Report) -> str:
 def _mark_steps(ax, marks, ymax=None):
     """Vertical lines at (step, label, color) marks, labelled at the top of the axes."""
     for step, label, color in marks:
-        if _num(step):
+        if is_number(step):
             ax.axvline(step, color=color, ls=":", lw=1.2)
             ax.text(step, 0.98, f" {label}", rotation=90, va="top", ha="right", fontsize=7, color=color,
                     transform=ax.get_xaxis_transform())
@@ -188,7 +137,7 @@ def _finish(fig, axes):
 
 
 def _loss_ylim(ax, base, ys):
-    top = 2.5 * base if _num(base) else (1.05 * max(ys) if ys else 1.0)
+    top = 2.5 * base if is_number(base) else (1.05 * max(ys) if ys else 1.0)
     ax.set_ylim(0, top)
 
 
@@ -216,7 +165,7 @@ def learning_figure(run: RunView, rows: list[dict], s: dict) -> str:
             train = key == "train.attr_loss"
             ax.plot(xs, ys, lw=1.0 if train else 1.5, ls="--" if train else "-", label=label)
             all_y += ys
-    if _num(base):
+    if is_number(base):
         ax.axhline(base, color="k", ls="--", lw=0.9, label=f"no-knowledge baseline {base:.3g}")
         ax.axhspan(base * (1 - NEAR), base * (1 + NEAR), color="0.85", alpha=0.5, lw=0)
         near = set(near_baseline(rows, base, end))
@@ -255,13 +204,13 @@ def hallucination_figure(run: RunView, rows: list[dict], s: dict) -> str:
         xs, ys = series(rows, key)
         ax.plot(xs, ys, lw=1.3, color=c, label=label)
         all_y += ys
-    if _num(base):
+    if is_number(base):
         ax.axhline(base, color="k", ls="--", lw=0.9, label="no-knowledge baseline")
         ax.axhline(base * (1 + NEAR), color="C3", ls=":", lw=0.9, label=f"{1 + NEAR:.1f}x baseline")
     _mark_steps(ax, [(s.get("plateau_start_step"), "plateau start", "0.35"),
                      (s.get("heldout_rise_step"), "held-out rise", "C3")])
     top = max(all_y) if all_y else 1.0
-    ax.set_ylim(0, min(top * 1.05, max(4 * base, top * 0.3)) if _num(base) else top * 1.05)
+    ax.set_ylim(0, min(top * 1.05, max(4 * base, top * 0.3)) if is_number(base) else top * 1.05)
     ax.set(xlabel="training step", ylabel="attribute loss (nats)", title="Loss on people never trained on")
     for key, label, c in (("heldout.first_token_top1_prob", "never-seen people", "C3"),
                           ("eval.first_token_top1_prob", "trained people", "C0")):
@@ -333,7 +282,7 @@ def three_phases(s: dict, n_near: int, section: str, priority: int = 0) -> Findi
         verdict, measured = "inconclusive", "no learning curve to read (no metrics, no summary)"
     elif start is None or end is None:
         verdict = "not reproduced"
-    elif n_near >= 4 and _num(acc) and acc >= 0.5:
+    elif n_near >= 4 and is_number(acc) and acc >= 0.5:
         verdict = "reproduced"
     else:
         verdict = "partly reproduced"
@@ -343,11 +292,11 @@ def three_phases(s: dict, n_near: int, section: str, priority: int = 0) -> Findi
 def hallucination(s: dict, baseline, section: str, priority: int = 0) -> Finding:
     """The ``hallucination`` rule: rise above 1.1x baseline at/after the plateau start, end above it."""
     rise, start, final = s.get("heldout_rise_step"), s.get("plateau_start_step"), s.get("heldout_loss_final")
-    if not _num(final) or not _num(baseline):
+    if not is_number(final) or not is_number(baseline):
         return Finding("hallucination", "no held-out population loss in this run", "inconclusive", section, priority)
     measured = (f"held-out loss above {1 + NEAR:.1f}x baseline from step {fmt(rise)} (plateau start {fmt(start)}); "
                 f"final {fmt(final)} vs baseline {fmt(baseline)}")
-    ok = _num(rise) and _num(start) and rise >= start and final > baseline
+    ok = is_number(rise) and is_number(start) and rise >= start and final > baseline
     return Finding("hallucination", measured, "reproduced" if ok else "not reproduced", section, priority)
 
 
@@ -361,7 +310,7 @@ def run_section(run: RunView, report: Report, findings: bool = True) -> Section:
     if not findings:
         title = f"Continued training {run.name}"
         parts.append(para(f"Continued from {_short(run.config.get('init'))} on a "
-                          f"{world_kind(run, report) or 'different'} world: a continual pre-training run, not a "
+                          f"{report.world_kind(run) or 'different'} world: a continual pre-training run, not a "
                           "fine-tuning pair, so it measures no fine-tuning finding here (its knowledge-circuit "
                           "analysis has its own section)."))
     if not all_rows:
@@ -399,7 +348,7 @@ def old_acc(run: RunView, rows: list[dict]) -> dict:
     for key, fallback in (("initial", ys[0] if ys else None), ("min", min(ys) if ys else None),
                           ("final", ys[-1] if ys else None)):
         v = run.summary.get(f"old_acc_{key}")
-        out[key] = v if _num(v) else fallback
+        out[key] = v if is_number(v) else fallback
     return out
 
 
@@ -447,7 +396,7 @@ def finetune_section(parent_name: str, members: list[RunView]) -> Section:
             if xs:
                 ax2.plot(xs, ys, lw=1.4, color=f"C{i}", label=label, ls="-" if is_replay(r) else "--")
         first = old_acc(*data[0])["initial"]
-        if _num(first):
+        if is_number(first):
             ax.axhline(first, color="k", ls=":", lw=0.8, label="before fine-tuning")
             ax.axhline(first / 2, color="C3", ls=":", lw=0.8, label="half of it")
         ax.set(xlabel="fine-tuning step", ylabel="accuracy", ylim=(0, 1.02), title="Old population (forgetting)")
@@ -491,7 +440,7 @@ def attention_patching(twin_end, source_end, section: str, priority: int = 0, ca
 def patched_section(run: RunView, report: Report) -> Section:
     sid = anchor("patched", run.name)
     spec = run.config.get("patch_attention_from")
-    source = follow(report, split_spec(spec))
+    source = report.follow(split_spec(spec))
     rows = run.jsonl("metrics.jsonl")
     s = summary_of(run, rows)
     srows = source.jsonl("metrics.jsonl") if source is not None else []
@@ -516,7 +465,7 @@ def patched_section(run: RunView, report: Report) -> Section:
             if xs:
                 _mark_steps(ax, [(summ.get("plateau_end_step"), "plateau end", c)])
                 _mark_steps(ax2, [(summ.get("plateau_end_step"), "plateau end", c)])
-        if _num(base):
+        if is_number(base):
             ax.axhline(base, color="k", ls="--", lw=0.9, label="no-knowledge baseline")
         _loss_ylim(ax, base, all_y)
         ax.set(xlabel="training step", ylabel="attribute loss (nats)", title="Loss: twin vs source")
@@ -538,9 +487,9 @@ def patched_section(run: RunView, report: Report) -> Section:
                           else f"Patch window: {win}."))
     every = run.config.get("eval_every")
     cadence = (f" (evaluated every {every} vs {source.config.get('eval_every')} steps)"
-               if source is not None and _num(every) else "")
+               if source is not None and is_number(every) else "")
     f = attention_patching(s.get("plateau_end_step"), ss.get("plateau_end_step"), sid,
-                           -int(every) if _num(every) else 0, cadence)
+                           -int(every) if is_number(every) else 0, cadence)
     parts.insert(0, para(f"Attention patterns carry the plateau: {f.verdict} ({f.measured})."))
     return Section(sid, f"Attention patching: {run.name}", "".join(parts), order=25, findings=[f])
 
@@ -563,7 +512,7 @@ def scaling_finding(fits: dict, n_sizes: int, section: str) -> Finding | None:
     where = "" if name == "all" else f" ({name})"
     measured = (f"plateau_end = {fmt(a)}*N^{fmt(b)}, R^2 {fmt(r2)}, over {len(pts)} population sizes{where}; "
                 f"paper {PAPER_FIT[0]}*N^{PAPER_FIT[1]}")
-    ok = len({p[0] for p in pts}) >= 3 and _num(b) and b > 0.3 and _num(r2) and r2 >= 0.8
+    ok = len({p[0] for p in pts}) >= 3 and is_number(b) and b > 0.3 and is_number(r2) and r2 >= 0.8
     return Finding("plateau_scaling", measured, "reproduced" if ok else "not reproduced", section, len(pts))
 
 
@@ -607,7 +556,7 @@ def _plot_scaling(ax, fits: dict) -> bool:
         pts = np.array(fit["points"], dtype=float)
         xs_all += list(pts[:, 0])
         ax.loglog(pts[:, 0], pts[:, 1], "o", color=f"C{i}", label=f"{name}: plateau end")
-        if _num(fit.get("a")) and _num(fit.get("b")):
+        if is_number(fit.get("a")) and is_number(fit.get("b")):
             xs = np.geomspace(pts[:, 0].min(), pts[:, 0].max(), 50)
             ax.loglog(xs, fit["a"] * xs ** fit["b"], "-", color=f"C{i}",
                       label=f"fit {fit['a']:.3g}*N^{fit['b']:.2f} (R^2 {fmt(fit.get('r2'))})")
@@ -632,13 +581,13 @@ def _plot_curves(ax, sweep: RunView, rows: list[dict], keys: list[str]) -> list[
             metrics = []
         base = r.get("summary.baseline_loss")
         xs, ys = series(thin(metrics), "eval.attr_loss")
-        if not xs or not _num(base):
+        if not xs or not is_number(base):
             missing.append(str(r.get("run")))
             continue
         c = f"C{i % 10}"
         ax.plot(xs, [y / base for y in ys], lw=1.2, color=c, label=_label(r, keys))
         end = r.get("summary.plateau_end_step")
-        if _num(end) and end in xs:
+        if is_number(end) and end in xs:
             ax.plot([end], [ys[xs.index(end)] / base], "v", color=c, ms=5)
     ax.axhline(1.0, color="k", ls="--", lw=0.9, label="no-knowledge baseline")
     ax.set(xlabel="training step", ylabel="eval loss / baseline", ylim=(0, 2.5), title="Loss curves of the grid's runs")
@@ -651,8 +600,8 @@ def _plot_samplers(ax, rows: list[dict], keys: list[str]) -> None:
     for r in rows:
         labels.append(str(r.get("sampler")).replace(":", ":\n") + (f"\n{_label(r, others)}" if others else ""))
         u, d = r.get("summary.plateau_end_step"), r.get("summary.plateau_end_step_train_dist")
-        uni.append(u if _num(u) else 0)
-        dist.append(d if _num(d) else 0)
+        uni.append(u if is_number(u) else 0)
+        dist.append(d if is_number(d) else 0)
     x = list(range(len(rows)))
     ax.bar([i - 0.2 for i in x], uni, 0.4, label="on the uniform population")
     ax.bar([i + 0.2 for i in x], dist, 0.4, label="on the training distribution")
@@ -715,7 +664,7 @@ def sweep_section(sweep: RunView) -> Section:
             ("final loss", "summary.final_attr_loss"), ("final accuracy", "summary.final_attr_acc")]
     cols = [(h, k) for h, k in cols if any(r.get(k) is not None for r in rows)]
     parts.append(table([*keys, *(h for h, _ in cols)],
-                       [(*(r.get(k) if _num(r.get(k)) else str(r.get(k)) for k in keys), *(r.get(k) for _, k in cols))
+                       [(*(r.get(k) if is_number(r.get(k)) else str(r.get(k)) for k in keys), *(r.get(k) for _, k in cols))
                         for r in rows]))
     return Section(sid, f"Sweep {sweep.name}", "".join(parts), order=20, findings=found)
 
@@ -736,7 +685,7 @@ def render(runs: list[RunView], report: Report) -> list[Section]:
         if kind == "patched":
             sections.append(patched_section(run, report))
         elif kind == "finetune":
-            parent = follow(report, split_spec(run.config.get("init")))
+            parent = report.follow(split_spec(run.config.get("init")))
             parents.setdefault(parent.name if parent else split_spec(run.config.get("init")), []).append(run)
         else:
             sections.append(run_section(run, report, findings=kind == "scratch"))
