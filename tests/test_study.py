@@ -152,3 +152,20 @@ def test_a_killed_study_resumes_without_redoing_finished_stages(tmp_path):
     assert json.loads((out / "summary.json").read_text())["finding.three_phases"] in (
         "reproduced", "partly reproduced", "not reproduced")
     assert (out / "report.html").is_file()
+
+
+def test_every_packaged_stage_parses_as_its_verb(tmp_path):
+    """Each stage's flags exist and take values of the right type (parsed, not run), so a typo in
+    the paper preset, which CI never runs, is caught here."""
+    import typer
+
+    group = typer.main.get_command(app)
+    for preset in load_presets(PRESET_FILE).values():
+        for s in preset["stages"]:
+            verb, *args = s.argv(tmp_path)
+            command = group.get_command(group.context_class(group), verb)
+            try:
+                command.make_context(verb, list(args))
+            except Exception as e:  # typer's click raises its own UsageError types
+                message = e.format_message() if hasattr(e, "format_message") else str(e)
+                raise AssertionError(f"stage {s.name}: {message}") from None

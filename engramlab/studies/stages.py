@@ -4,7 +4,8 @@ A stage is (name, command line). ``run_stages(stages, root)`` runs ``engram <com
 ROOT/<name>`` for each, in order, in this process. A stage whose run directory is ``complete`` and
 was made by the same command line is skipped, so an interrupted study resumes at the first
 unfinished stage: an interrupted ``train`` continues from its last checkpoint (``--resume``), an
-``evolve`` from its finished checkpoints, anything else starts again. A complete stage made with
+``evolve`` from its finished checkpoints, a ``sweep`` from its finished runs, anything else starts
+again (as does an unfinished stage whose command line has changed since). A complete stage made with
 other settings is an error (the study's later stages were built on it).
 """
 
@@ -97,6 +98,25 @@ def _same(a: list[str], b: list[str]) -> bool:
     return [w for w in a if w not in _RESTART_FLAGS] == [w for w in b if w not in _RESTART_FLAGS]
 
 
+#: Verbs that pick up where an unfinished run of theirs stopped when simply run again.
+RESUME_BY_RERUN = ("evolve", "sweep", "continual", "study")
+
+
+def _restart_flags(stage: Stage, root: Path, argv: list[str]) -> list[str]:
+    """How to restart an unfinished stage: ``train`` from its last checkpoint that kept the
+    optimizer state (a kill before the first one leaves only step 0's weights: start again),
+    verbs that resume by being run again as they are, anything else afresh. An unfinished run of
+    an older command line is started afresh (only a verb with --overwrite can be)."""
+    verb = argv[0]
+    if not _same(_recorded_argv(stage, root), argv):
+        return [] if verb == "sweep" else ["--overwrite"]  # a sweep retrains the runs whose config differs
+    if verb in RESUME_BY_RERUN:
+        return []  # they redo only what is missing
+    if verb == "train" and any((root / stage.name / "checkpoints").glob("step-*/optimizer.pt")):
+        return ["--resume"]
+    return ["--overwrite"]
+
+
 def _recorded_argv(stage: Stage, root: Path) -> list[str]:
     from engramlab.runs import load_json
 
@@ -153,15 +173,8 @@ def run_stages(stages: list[Stage], root: str | Path, log: Callable[[str], None]
         if state == "complete":
             log(f"[{index + 1}/{len(stages)}] {stage.name}: done earlier, kept")
         else:
-            if state == "unfinished" and not _same(_recorded_argv(stage, root), argv):
-                argv = argv + ["--overwrite"]  # an unfinished run of an older command line: start afresh
-            elif state == "unfinished":
-                verb = argv[0]
-                # resumable: a checkpoint that kept its optimizer state (a kill before the first
-                # such checkpoint leaves only step 0's weights: start again)
-                has_ckpt = any((root / stage.name / "checkpoints").glob("step-*/optimizer.pt"))
-                argv = argv + (["--resume"] if verb == "train" and has_ckpt else [] if verb == "evolve"
-                               else ["--overwrite"])
+            if state == "unfinished":
+                argv = argv + _restart_flags(stage, root, argv)
             log(f"[{index + 1}/{len(stages)}] {stage.name}: engram {' '.join(argv)}")
             saved, sys.argv = sys.argv, ["engram", *argv]  # the stage's manifest records its own command
             try:
@@ -183,4 +196,4 @@ def run_stages(stages: list[Stage], root: str | Path, log: Callable[[str], None]
     return summaries
 
 
-__all__ = ["PRESET_KEYS", "STAGE_KEYS", "Stage", "load_study_file", "run_stages", "stage_state"]
+__all__ = ["PRESET_KEYS", "RESUME_BY_RERUN", "STAGE_KEYS", "Stage", "load_study_file", "run_stages", "stage_state"]
