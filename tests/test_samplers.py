@@ -135,3 +135,16 @@ def test_samplers_and_world_do_not_import_each_other():
     assert "engramlab.data.world" not in imported(samplers) | imported(frequencies)
     assert "engramlab.data.samplers" not in imported(world)
     assert "engramlab.data.frequencies" in imported(world)
+
+
+def test_a_config_accepts_a_subset_larger_than_ten_and_the_world_bounds_it():
+    """The config checks a spec before its world is known: a warm-up subset of 250 people is
+    valid there (it used to be checked against 10 people), and refused once the world has fewer."""
+    from engramlab.train.config import TrainConfig
+
+    assert TrainConfig(sampler="warmup:size=250,epochs=40").sampler == "warmup:size=250,epochs=40"
+    assert TrainConfig(sampler="celebrities:k=64,w=8").sampler == "celebrities:k=64,w=8"
+    with pytest.raises(EngramError, match=r"'size'=0 is out of range \(>= 1\)"):
+        TrainConfig(sampler="warmup:size=0,epochs=4")
+    with pytest.raises(EngramError, match=r"'size'=250 is out of range \(\[1, 100\]\)"):
+        make_sampler("warmup:size=250,epochs=4", 100)

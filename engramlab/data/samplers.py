@@ -67,8 +67,9 @@ def spec_number(spec, params, key, grammar, kind, cast=float, low=None, high=Non
         raise EngramError(f"{kind} spec {spec!r}: '{key}' must be a {cast.__name__}; "
                           f"grammar: {grammar}") from None
     if (low is not None and value < low) or (high is not None and value > high):
-        raise EngramError(f"{kind} spec {spec!r}: '{key}'={value} is out of range "
-                          f"[{low}, {high}]; grammar: {grammar}")
+        allowed = f"[{low}, {high}]" if low is not None and high is not None else \
+            f">= {low}" if low is not None else f"<= {high}"
+        raise EngramError(f"{kind} spec {spec!r}: '{key}'={value} is out of range ({allowed}); grammar: {grammar}")
     return value
 
 
@@ -221,11 +222,13 @@ def _count_world_people(spec: str, path: str) -> int:
     return n
 
 
-def make_sampler(spec: str, n_people: int, seed: int = 0) -> Sampler:
-    """Parse ``spec`` (see SAMPLER_GRAMMAR) into a sampler over ``n_people`` individuals."""
+def make_sampler(spec: str, n_people: int | None, seed: int = 0) -> Sampler | None:
+    """Parse ``spec`` (see SAMPLER_GRAMMAR) into a sampler over ``n_people`` individuals.
+    ``n_people=None`` only checks the spec (grammar, types, bounds that do not depend on the
+    population) and returns None: a config is checked before its world is known."""
     if not isinstance(seed, int) or seed < 0:
         raise EngramError(f"sampler seed must be a non-negative integer, got {seed!r}")
-    if n_people < 1:
+    if n_people is not None and n_people < 1:
         raise EngramError(f"sampler spec {spec!r}: need at least one individual, got {n_people}")
     name, params = parse_spec(spec, SAMPLER_GRAMMAR, "sampler")
     g = SAMPLER_GRAMMAR
@@ -234,28 +237,29 @@ def make_sampler(spec: str, n_people: int, seed: int = 0) -> Sampler:
         return spec_number(spec, params, key, g, "sampler", cast, low, high)
 
     if name == "uniform":
-        sampler = Sampler(spec, n_people, seed)
+        build = lambda: Sampler(spec, n_people, seed)  # noqa: E731
     elif name == "powerlaw":
-        sampler = PowerLawSampler(spec, n_people, seed, alpha=num("alpha", float, 0.0))
+        alpha = num("alpha", float, 0.0)
+        build = lambda: PowerLawSampler(spec, n_people, seed, alpha=alpha)  # noqa: E731
     elif name == "celebrities":
-        sampler = CelebritySampler(spec, n_people, seed, k=num("k", int, 1, n_people),
-                                   w=num("w", float, 0.0))
+        k, w = num("k", int, 1, n_people), num("w", float, 0.0)
+        build = lambda: CelebritySampler(spec, n_people, seed, k=k, w=w)  # noqa: E731
     elif name == "warmup":
-        sampler = WarmupSampler(spec, n_people, seed, size=num("size", int, 1, n_people),
-                                epochs=num("epochs", int, 0))
+        size, epochs = num("size", int, 1, n_people), num("epochs", int, 0)
+        build = lambda: WarmupSampler(spec, n_people, seed, size=size, epochs=epochs)  # noqa: E731
     elif name == "sequential":
-        sampler = SequentialSampler(spec, n_people, seed, groups=num("groups", int, 1, n_people),
-                                    steps=num("steps", int, 1))
+        groups, steps = num("groups", int, 1, n_people), num("steps", int, 1)
+        build = lambda: SequentialSampler(spec, n_people, seed, groups=groups, steps=steps)  # noqa: E731
     elif name == "replay":
         old = params.pop("old", None)
         if old is None:
             raise EngramError(f"sampler spec {spec!r} lacks 'old='; grammar: {g}")
         n_old = int(old) if old.isdigit() else _count_world_people(spec, old)
-        sampler = ReplaySampler(spec, n_people, seed, n_old=n_old,
-                                weight=num("weight", float, 0.0, 1.0 if n_old else 0.0))
+        weight = num("weight", float, 0.0, 1.0 if n_old else 0.0)
+        build = lambda: ReplaySampler(spec, n_people, seed, n_old=n_old, weight=weight)  # noqa: E731
     else:
         raise EngramError(f"unknown sampler spec {spec!r}; grammar: {g}")
     if params:
         raise EngramError(f"sampler spec {spec!r}: unknown key(s) {sorted(params)}; grammar: {g}")
-    return sampler
+    return None if n_people is None else build()
 

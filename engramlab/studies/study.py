@@ -55,7 +55,8 @@ def _describe(command: str, s: dict, config: dict) -> str:
     if command == "world":
         return f"{s.get('n_people', '?')} people, {s.get('n_heldout', '?')} held out"
     if command == "train":
-        text = f"{config.get('steps', '?')} steps"
+        steps = s.get("final_step", config.get("steps", "?"))  # a run stopped at its plateau end trained fewer
+        text = f"{steps} steps"
         if s.get("plateau_start_step") is not None:
             text += f", plateau {s.get('plateau_start_step')}\u2192{_num(s.get('plateau_end_step'))}"
         text += f", final acc {_num(s.get('final_attr_acc'))}"

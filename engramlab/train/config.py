@@ -107,6 +107,6 @@ class TrainConfig:
         # The mini-languages are parsed now, so a typo fails before anything is written.
         checkpoint_steps(self.checkpoints, max(self.steps, 1))
         if not self.sampler.startswith("replay"):
-            make_sampler(self.sampler, 10, seed=0)
+            make_sampler(self.sampler, None)  # the world's size bounds it when training starts
         # "A:B" (the command line), [A, B] (a manifest read back) or (A, B) -> (A, B).
         self.patch_window = parse_patch_window(self.patch_window, self.steps)
