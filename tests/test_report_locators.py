@@ -13,8 +13,10 @@ from typer.testing import CliRunner
 from conftest import word_tokenizer
 from engramlab.report.html import build_report
 from engramlab.report.runs import Report, RunView, collect
-from engramlab.report.sections.locators import (circuit_verdict, dkn_verdict, kn_verdict, render_circuit, render_dkn,
-                                                render_neurons, render_recall)
+from engramlab.report.sections.circuit import circuit_verdict, render_circuit
+from engramlab.report.sections.dkn import dkn_verdict, render_dkn
+from engramlab.report.sections.locators import render_recall
+from engramlab.report.sections.neurons import kn_verdict, render_neurons
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
