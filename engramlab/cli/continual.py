@@ -27,13 +27,9 @@ def continual(preset: str = typer.Option("demo", "--preset", help="demo (CPU, mi
     stage's run under --out and the findings in --out/summary.json. Re-running resumes."""
     from engramlab.runs import RunDir
     from engramlab.studies.continual import PRESET_FILE, continual_summary, load_presets
-    from engramlab.studies.stages import run_stages
+    from engramlab.studies.stages import choose_preset, run_stages
 
-    presets = load_presets(study_file or PRESET_FILE)
-    if preset not in presets:
-        raise EngramError(f"--preset {preset!r}: the study file {study_file or 'continual.toml'} has "
-                          f"{', '.join(presets)}")
-    stages = presets[preset]["stages"]
+    stages = choose_preset(load_presets(study_file or PRESET_FILE), preset, str(study_file or "continual.toml"))
     # the numbers come from the last evolve stage and the last training stage
     evolve_stage, train_stage = (next((s.name for s in reversed(stages) if s.command.split()[:1] == [verb]), None)
                                  for verb in ("evolve", "train"))

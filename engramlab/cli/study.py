@@ -9,13 +9,6 @@ from typing import Optional
 import typer
 
 from engramlab.cli.common import OutOpt, OverwriteOpt, app, console, user_errors
-from engramlab.errors import EngramError
-
-
-def _choose(presets: dict, preset: str, source: str) -> list:
-    if preset not in presets:
-        raise EngramError(f"--preset {preset!r}: unknown; {source} has {', '.join(presets)}")
-    return presets[preset]["stages"]
 
 
 def _findings_lines(summary: dict) -> list[str]:
@@ -40,11 +33,11 @@ def study(preset: str = typer.Option("demo", "--preset", help="demo (CPU, under 
     from engramlab.report.html import best_findings, render_sections, write_report
     from engramlab.report.runs import collect
     from engramlab.runs import RunDir
-    from engramlab.studies.stages import run_stages
+    from engramlab.studies.stages import choose_preset, run_stages
     from engramlab.studies.study import PRESET_FILE, load_presets, stage_line, study_summary
 
     presets = load_presets(study_file or PRESET_FILE)
-    stages = _choose(presets, preset, str(study_file or "study.toml"))
+    stages = choose_preset(presets, preset, str(study_file or "study.toml"))
     run_config = {"preset": preset, "description": presets[preset]["description"],
                   "study_file": str(study_file) if study_file else None,
                   "stages": [{"name": s.name, "command": s.command} for s in stages]}

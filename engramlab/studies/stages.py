@@ -94,6 +94,13 @@ def load_study_file(path: str | Path, example: str) -> dict[str, dict]:
     return presets
 
 
+def choose_preset(presets: dict, preset: str, source: str) -> list["Stage"]:
+    """The stages of ``preset``; an unknown one is an error listing the file's presets."""
+    if preset not in presets:
+        raise EngramError(f"--preset {preset!r}: unknown; {source} has {', '.join(presets)}")
+    return presets[preset]["stages"]
+
+
 def _same(a: list[str], b: list[str]) -> bool:
     return [w for w in a if w not in _RESTART_FLAGS] == [w for w in b if w not in _RESTART_FLAGS]
 
@@ -196,4 +203,5 @@ def run_stages(stages: list[Stage], root: str | Path, log: Callable[[str], None]
     return summaries
 
 
-__all__ = ["PRESET_KEYS", "RESUME_BY_RERUN", "STAGE_KEYS", "Stage", "load_study_file", "run_stages", "stage_state"]
+__all__ = ["PRESET_KEYS", "RESUME_BY_RERUN", "STAGE_KEYS", "Stage", "choose_preset", "load_study_file", "run_stages",
+           "stage_state"]

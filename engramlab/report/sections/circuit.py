@@ -8,7 +8,7 @@ from collections import Counter
 from engramlab.report.page import Finding, Section, details, figure, fmt, kv_table, new_figure, note, para, table
 from engramlab.report.runs import Report, RunView
 from engramlab.report.sections import renderer
-from engramlab.report.sections.locators import locator_config, n_layers_of, number, subsections, model_name
+from engramlab.report.sections.locators import verb_section, locator_config, n_layers_of, number, model_name
 
 
 def circuit_verdict(faithfulness, edge_fraction) -> str:
@@ -181,11 +181,10 @@ def circuit_body(run: RunView, sid: str) -> tuple[str, list[Finding]]:
 
 @renderer("circuit")
 def render_circuit(runs: list[RunView], report: Report) -> list[Section]:
-    body, found = subsections("circuit", runs, circuit_body)
-    intro = para("Knowledge circuits (EAP-IG; Yao et al. 2024, Ou et al. 2025): the edges between attention heads "
-                 "and MLPs that carry a fact from the subject to the answer, scored on discovery facts and checked "
-                 "on held-out ones (faithfulness: the circuit's share of the model's logit difference over the "
-                 "corrupted baseline).")
-    return [Section("circuit", "Knowledge circuits", intro + body, order=80, findings=found)]
+    return verb_section("circuit", "Knowledge circuits", 80, (
+        "Knowledge circuits (EAP-IG; Yao et al. 2024, Ou et al. 2025): the edges between "
+        "attention heads and MLPs that carry a fact from the subject to the answer, scored on "
+        "discovery facts and checked on held-out ones (faithfulness: the circuit's share of the "
+        "model's logit difference over the corrupted baseline)."), runs, circuit_body)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from engramlab.report.page import Finding, Section, details, esc, figure, fmt, new_figure, note, para, table
 from engramlab.report.runs import Report, RunView
 from engramlab.report.sections import renderer
-from engramlab.report.sections.locators import locator_config, number, records_of, subsections, model_name
+from engramlab.report.sections.locators import verb_section, locator_config, number, records_of, model_name
 
 
 def dkn_verdict(found_rate, n_evaluated) -> str:
@@ -167,11 +167,10 @@ def dkn_body(run: RunView, sid: str) -> tuple[str, list[Finding]]:
 
 @renderer("dkn")
 def render_dkn(runs: list[RunView], report: Report) -> list[Section]:
-    body, found = subsections("dkn", runs, dkn_body)
-    intro = para("Degenerate knowledge neurons (Chen et al. 2024): a fact's candidate neurons are clustered, then "
-                 "a set of clusters is searched whose suppression removes the answer while no proper part of it "
-                 "does (redundant storage).")
-    return [Section("dkn", "Degenerate knowledge neurons", intro + body, order=70, findings=found)]
+    return verb_section("dkn", "Degenerate knowledge neurons", 70, (
+        "Degenerate knowledge neurons (Chen et al. 2024): a fact's candidate neurons are "
+        "clustered, then a set of clusters is searched whose suppression removes the answer while "
+        "no proper part of it does (redundant storage)."), runs, dkn_body)
 
 
 # -- circuit --------------------------------------------------------------------------------------------

@@ -118,12 +118,17 @@ def recall_body(run: RunView, sid: str) -> tuple[str, list[Finding]]:
     return body, []
 
 
+def verb_section(verb: str, title: str, order: int, intro: str, runs: list[RunView], body) -> list[Section]:
+    """The one section of a locator verb: ``intro`` (plain text), then a subsection per run."""
+    html, found = subsections(verb, runs, body)
+    return [Section(verb, title, para(intro) + html, order=order, findings=found)]
+
+
 @renderer("recall")
 def render_recall(runs: list[RunView], report: Report) -> list[Section]:
-    body, found = subsections("recall", runs, recall_body)
-    intro = para("How well each model recalls the facts: the rank of the answer's first token after the prompt "
-                 "(teacher-forced), and whether greedy decoding reproduces the whole answer (exact match).")
-    return [Section("recall", "Recall", intro + body, order=90, findings=found)]
+    return verb_section("recall", "Recall", 90, "How well each model recalls the facts: the rank of the answer's "
+                        "first token after the prompt (teacher-forced), and whether greedy decoding reproduces the "
+                        "whole answer (exact match).", runs, recall_body)
 
 
 # -- neurons --------------------------------------------------------------------------------------------

@@ -3,10 +3,10 @@ the ``kn_suppression`` finding."""
 
 from __future__ import annotations
 
-from engramlab.report.page import Finding, Section, details, figure, fmt, kv_table, new_figure, note, para, table
+from engramlab.report.page import Finding, Section, details, figure, fmt, kv_table, new_figure, note, table
 from engramlab.report.runs import Report, RunView
 from engramlab.report.sections import renderer
-from engramlab.report.sections.locators import n_layers_of, number, records_of, short_name, subsections, model_name
+from engramlab.report.sections.locators import verb_section, n_layers_of, number, records_of, short_name, model_name
 
 
 KINDS = (("own", "own neurons"), ("same_relation", "same-relation control"),
@@ -172,10 +172,10 @@ def neurons_body(run: RunView, sid: str) -> tuple[str, list[Finding]]:
 
 @renderer("neurons")
 def render_neurons(runs: list[RunView], report: Report) -> list[Section]:
-    body, found = subsections("neurons", runs, neurons_body)
-    intro = para("Knowledge neurons (Dai et al. 2022): MLP neurons whose integrated-gradients attribution to the "
-                 "answer is high in most paraphrases of a fact, then tested by suppressing and enhancing them.")
-    return [Section("neurons", "Knowledge neurons", intro + body, order=60, findings=found)]
+    return verb_section("neurons", "Knowledge neurons", 60, (
+        "Knowledge neurons (Dai et al. 2022): MLP neurons whose integrated-gradients attribution "
+        "to the answer is high in most paraphrases of a fact, then tested by suppressing and "
+        "enhancing them."), runs, neurons_body)
 
 
 # -- dkn ------------------------------------------------------------------------------------------------
