@@ -50,6 +50,22 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
     return w if isinstance(module, Conv1D) else w.t()
 
 
+def weight_in_axis(module: nn.Module) -> int:
+    """The axis of ``module.weight`` that indexes input features: 1 for nn.Linear (stored (out,
+    in)), 0 for GPT-2's Conv1D (stored (in, out))."""
+    from transformers.pytorch_utils import Conv1D
+
+    return 0 if isinstance(module, Conv1D) else 1
+
+
+def d_model_axis(module: nn.Module, reads: bool) -> int:
+    """Axis of ``module.weight`` (as stored) that indexes d_model: the input axis for a projection
+    that reads the residual stream (``reads``), the output axis for one that writes it. nn.Linear
+    stores (out, in), GPT-2's Conv1D (in, out)."""
+    stored_in = weight_in_axis(module)
+    return stored_in if reads else 1 - stored_in
+
+
 # -- views of a tensor inside a module's output ---------------------------------------------------
 # A view is a pair (get, put): get(raw) is the site tensor inside the module's raw output; put(raw,
 # view) is the raw tensor with ``view`` written back, exactly (an unchanged view gives raw back bit
@@ -201,6 +217,20 @@ class ArchAdapter:
     def final_norm(self) -> nn.Module:
         raise NotImplementedError
 
+    def block_matrices(self, layer: int) -> dict[str, nn.Module]:
+        """The projections of decoder layer ``layer`` (path inside the layer -> module): every
+        nn.Linear or Conv1D in it, i.e. q/k/v/o and gate/up/down, GPT-2's c_attn/c_proj/c_fc, or a
+        family's fused projections, in registration order. Norms, biases and rotary tables are not
+        modules of these types; the embeddings and the unembedding sit outside the layers."""
+        from transformers.pytorch_utils import Conv1D
+
+        return {name: m for name, m in self.layers[layer].named_modules()
+                if isinstance(m, (nn.Linear, Conv1D)) and m.weight.dim() == 2}
+
+    def block_norms(self, layer: int) -> list[nn.Module]:
+        """The residual-stream norms of decoder layer ``layer``: attention norm, MLP norm."""
+        return [self.attn_norm(layer), self.mlp_norm(layer)]
+
     def qkv_site(self, layer: int, which: int) -> ModuleView:
         """Where q (which=0), k (1) or v (2) of ``layer`` sits: the projection module and the view
         of its output as (batch, pos, n_heads or n_kv_heads, d_head), before rotary or q/k norms."""
@@ -215,6 +245,15 @@ class ArchAdapter:
         """What ``norm`` (one of this model's norm modules) computes (``NormSpec``); kind None
         for a module the adapter does not know."""
         return _layer_norm_spec(norm) or NormSpec(None)
+
+    def residual_readers(self, layer: int) -> tuple[nn.Module, ...]:
+        """The projections of ``layer`` whose input is the (normed) residual stream, d_model wide:
+        q/k/v (or the fused qkv) and the MLP input projections (gate and up, or fc)."""
+        raise NotImplementedError
+
+    def residual_writers(self, layer: int) -> tuple[nn.Module, ...]:
+        """The projections of ``layer`` whose output is added to the residual stream, d_model wide."""
+        return self.attn_o_proj(layer), self.mlp_out_proj(layer)
 
     @property
     def embed(self) -> nn.Embedding:
@@ -359,6 +398,10 @@ class LlamaAdapter(ArchAdapter):
     def mlp_pre(self, layer):
         return ModuleView(self.mlp(layer).gate_proj, *whole())
 
+    def residual_readers(self, layer):
+        a, m = self.attn(layer), self.mlp(layer)
+        return a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj
+
     def _qkv_in_out(self, layer):
         a = self.attn(layer)
         return a.q_proj.weight.t(), a.k_proj.weight.t(), a.v_proj.weight.t()
@@ -391,6 +434,9 @@ class Phi3Adapter(LlamaAdapter):
 
     def mlp_pre(self, layer):  # the gate half of [gate | up]
         return ModuleView(self.mlp(layer).gate_up_proj, *chunk_last(0, self.d_mlp))
+
+    def residual_readers(self, layer):
+        return self.attn(layer).qkv_proj, self.mlp(layer).gate_up_proj
 
     def _qkv_in_out(self, layer):
         w = self.attn(layer).qkv_proj.weight.t()  # (d_model, q_end + 2 * n_kv_heads * d_head)
@@ -448,6 +494,9 @@ class GPT2Adapter(ArchAdapter):
     def mlp_pre(self, layer):
         return ModuleView(self.mlp(layer).c_fc, *whole())
 
+    def residual_readers(self, layer):
+        return self.attn(layer).c_attn, self.mlp(layer).c_fc
+
     def _qkv_in_out(self, layer):
         return self.attn(layer).c_attn.weight.split(self.d_model, dim=1)
 
@@ -496,6 +545,9 @@ class NeoXAdapter(ArchAdapter):
 
     def mlp_pre(self, layer):
         return ModuleView(self.mlp(layer).dense_h_to_4h, *whole())
+
+    def residual_readers(self, layer):
+        return self.attn(layer).query_key_value, self.mlp(layer).dense_h_to_4h
 
     def _fused_qkv(self, layer: int, which: int) -> torch.Tensor:
         # The fused output is laid out (n_heads, 3, d_head) per position: slice one of q/k/v per
