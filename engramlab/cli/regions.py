@@ -1,0 +1,78 @@
+"""``engram regions``: the core parameter region of a model over named corpora, its controls,
+language-specific regions, overlaps and the perplexity of every corpus with each region zeroed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List
+
+import typer
+
+from engramlab.cli.common import (DeviceOpt, DtypeOpt, ModelOpt, OutOpt, OverwriteOpt, SeedOpt, app,
+                                  check_model_options, console, print_summary, run_mode, user_errors)
+from engramlab.cli.options import configured
+from engramlab.errors import EngramError
+from engramlab.locate.regions.config import RegionConfig
+
+CorpusOpt = typer.Option(..., "--corpus", help="NAME=PATH (repeatable): a text file, a JSONL file with a 'text' "
+                         "field, or a directory of them; build some with `engram corpus`.")
+
+
+def check_corpus_specs(specs: list[str]) -> list[str]:
+    """The specs' names, checked before anything is loaded: NAME=PATH, each name once, a name
+    usable in file names and summary keys, the path there."""
+    from engramlab.data.corpora import parse_corpus_spec
+    from engramlab.locate.regions.find import check_corpus_name
+
+    seen: dict[str, Path] = {}
+    for spec in specs or []:
+        name, path = parse_corpus_spec(spec)
+        if name in seen:
+            raise EngramError(f"--corpus {name}: the name is given twice ({seen[name]} and {path}); give each "
+                              f"corpus its own NAME")
+        check_corpus_name(name)
+        if not path.exists():
+            raise EngramError(f"--corpus {name}: {path} does not exist; check the path")
+        seen[name] = path
+    if not seen:
+        raise EngramError("--corpus: give at least one NAME=PATH")
+    return list(seen)
+
+
+@app.command()
+@user_errors
+@configured(RegionConfig)
+def regions(model: str = ModelOpt,
+            corpus: List[str] = CorpusOpt,
+            out: Path = OutOpt, overwrite: bool = OverwriteOpt,
+            seed: int = SeedOpt, dtype: str = DtypeOpt, device: str = DeviceOpt, config: RegionConfig = None):
+    """Find the core region (top --ratio of the parameters by importance summed over the corpora),
+    bottom and random controls of the same size and language-specific regions; report each
+    corpus's perplexity on held-out chunks with each region zeroed (the weights are restored)."""
+    from engramlab.config import to_dict
+    from engramlab.data.corpora import load_corpora
+    from engramlab.locate.regions.find import find_regions
+    from engramlab.models import load_model
+    from engramlab.runs import RunDir, set_seed
+
+    check_model_options(model, dtype, device)
+    names = check_corpus_specs(corpus)
+    lm = load_model(model, dtype=dtype, device=device)
+    if lm.tokenizer is None:
+        raise EngramError(f"--model {model}: has no tokenizer to read the corpora with; give a model directory "
+                          f"with its tokenizer files")
+    # every chunk: the held-out ones are the last of each corpus, max_chunks caps the rest
+    corpora = load_corpora(list(corpus), lm.tokenizer, seq_len=config.seq_len, max_chunks=None)
+    run_config = {"model": model, "corpus": list(corpus), "dtype": dtype, "device": device,
+                  "regions": to_dict(config)}
+    with RunDir(out, "regions", run_config, seed=seed, mode=run_mode(overwrite)) as run:
+        set_seed(seed)
+        result = find_regions(lm, corpora, config, progress=True)
+        result.save(run.path)
+        summary = result.summary()
+        run.finish(summary)
+    keys = [f"{c}.{k}" for c in names for k in ("ppl_base", "ppl_top_ratio", "ppl_bottom_ratio", "ppl_random_ratio")]
+    print_summary(f"regions: {model}", out, summary, [*keys, "region_size", "region_fraction", "seconds"])
+    files = ["config.json", "records.jsonl", "summary.json", *(f"{r}.safetensors" for r in result.regions),
+             "overlap.json", *(f"importance_{c}.safetensors" for c in (result.importance or {})), "manifest.json"]
+    console.print(f"wrote {out}/{', '.join(files)}")
