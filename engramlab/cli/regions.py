@@ -51,7 +51,7 @@ def regions(model: str = ModelOpt,
     corpus's perplexity on held-out chunks with each region zeroed (the weights are restored)."""
     from engramlab.config import to_dict
     from engramlab.data.corpora import load_corpora
-    from engramlab.locate.regions.find import find_regions
+    from engramlab.locate.regions.find import check_inputs, find_regions
     from engramlab.models import load_model
     from engramlab.runs import RunDir, set_seed
 
@@ -63,6 +63,7 @@ def regions(model: str = ModelOpt,
                           f"with its tokenizer files")
     # every chunk: the held-out ones are the last of each corpus, max_chunks caps the rest
     corpora = load_corpora(list(corpus), lm.tokenizer, seq_len=config.seq_len, max_chunks=None)
+    check_inputs(lm, corpora, config)  # a corpus too short for --eval-chunks: refused before --out is made
     run_config = {"model": model, "corpus": list(corpus), "dtype": dtype, "device": device,
                   "regions": to_dict(config)}
     with RunDir(out, "regions", run_config, seed=seed, mode=run_mode(overwrite)) as run:

@@ -156,7 +156,9 @@ def check_corpus_name(name: str) -> None:
                           f"digits, _ and - only, starting with a letter or digit (e.g. --corpus de=...)")
 
 
-def _check(lm, corpora: Mapping, config: RegionConfig) -> None:
+def check_inputs(lm, corpora: Mapping, config: RegionConfig) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Refuse what ``find_regions`` cannot use (one line naming the corpus or option) before any
+    work; returns each corpus's (importance chunks, held-out chunks)."""
     if not corpora:
         raise EngramError("regions: no corpora given; pass --corpus NAME=PATH")
     for name, c in corpora.items():
@@ -168,6 +170,7 @@ def _check(lm, corpora: Mapping, config: RegionConfig) -> None:
     longest = max(int(c.chunks.shape[1]) for c in corpora.values())
     if limit is not None and longest > limit:
         raise EngramError(f"--seq-len {longest}: longer than the model's context of {limit} tokens; lower --seq-len")
+    return {name: split_chunks(c.chunks, config.eval_chunks, config.max_chunks, name) for name, c in corpora.items()}
 
 
 def find_regions(lm, corpora: Mapping, config: RegionConfig | None = None, *, progress: bool = False
@@ -177,8 +180,7 @@ def find_regions(lm, corpora: Mapping, config: RegionConfig | None = None, *, pr
     were when this returns or raises."""
     config = config or RegionConfig()
     t0 = time.time()
-    _check(lm, corpora, config)
-    splits = {name: split_chunks(c.chunks, config.eval_chunks, config.max_chunks, name) for name, c in corpora.items()}
+    splits = check_inputs(lm, corpora, config)
     params = region_tensors(lm, include_norms=config.include_norms)
 
     # importance per corpus, kept on the CPU (the masks are selected there)
