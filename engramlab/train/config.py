@@ -95,6 +95,13 @@ class TrainConfig:
     patch_attention_from: str | None = option(None, "RUN:STEP whose attention patterns the twin uses "
                                               "(stop-gradient).")
     patch_window: tuple[int, int] | None = option(None, "A:B: patch updates [A, B) (default: the whole run).")
+    freeze: str | None = option(None, "Hold a parameter region fixed while training: a masks file (.safetensors, as "
+                                "engram regions writes them) or an engram regions run directory (its core "
+                                "region).")
+    freeze_mode: str = option("grad_mask", "How --freeze holds the region: grad_mask (frozen gradients zeroed, "
+                              "and the entries written back after each step, so weight decay and moments cannot "
+                              "move them) | restore (the reference's: written back after each step only).",
+                              choices=("grad_mask", "restore"))
     world: str = ""
     extra: dict = field(default_factory=dict)
 

@@ -130,9 +130,27 @@ class Trainer:
                                                                 device=str(self.device), trained=self.lm)
         if resume:
             self._resume()
+        # built after a resume: the values it holds are the frozen entries' values, equal at every step
+        self.freezer = self._make_freezer()
         self.evalsets = self._build_evalsets()
 
     # -- set-up ---------------------------------------------------------------------------
+
+    def _make_freezer(self):
+        """The ``--freeze`` region as a ``Freezer`` (None without --freeze); masks are keyed by
+        parameter name, as ``engram regions`` saves them."""
+        if not self.cfg.freeze:
+            return None
+        from engramlab.models.param_masks import load_masks
+        from engramlab.train.freeze import Freezer
+
+        path = Path(self.cfg.freeze)
+        if path.is_dir():
+            path = path / "core.safetensors"
+        if not path.is_file():
+            raise EngramError(f"--freeze {self.cfg.freeze}: no masks file (give a .safetensors of masks or an engram "
+                              "regions run directory with core.safetensors)")
+        return Freezer(dict(self.model.named_parameters()), load_masks(path), self.cfg.freeze_mode)
     @property
     def model(self):
         return self.lm.model
@@ -289,9 +307,13 @@ class Trainer:
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.freezer is not None:
+            self.freezer.before_step()  # before clipping: frozen gradients do not count in the norm
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.optimizer.step()
+        if self.freezer is not None:
+            self.freezer.after_step()
         return float(loss.detach()), int(am.sum())
 
     def run(self, stop_after: int | None = None, show_progress: bool = True) -> dict:

@@ -15,7 +15,7 @@ from typing import Callable
 RENDERERS: dict[str, Callable] = {}
 
 #: Modules that register renderers (imported on first use).
-MODULES = ("training", "locators", "neurons", "dkn", "circuit", "evolve")
+MODULES = ("training", "locators", "neurons", "dkn", "circuit", "evolve", "regions")
 
 
 def renderer(*commands: str):

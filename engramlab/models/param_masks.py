@@ -1,0 +1,65 @@
+"""Parameter masks on disk: one bool mask per parameter, bit-packed in a safetensors file.
+
+Regions (``engramlab.locate.regions``) write them and training (``--freeze``) reads them, so they
+live here, below both.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engramlab.errors import EngramError
+from engramlab.runs import atomic_write_bytes
+
+Masks = dict[str, torch.Tensor]
+FORMAT = "engramlab-masks"
+
+
+def save_masks(path: str | Path, masks: Masks) -> None:
+    """Write a region as safetensors, atomically: one uint8 tensor per parameter holding its mask
+    flattened in row-major order and bit-packed (numpy.packbits, most significant bit first); the
+    shapes sit in the header's metadata."""
+    from safetensors.torch import save
+
+    packed, shapes = {}, {}
+    for n, m in masks.items():
+        if m.dtype != torch.bool:
+            raise EngramError(f"save_masks: mask {n!r} is {m.dtype}, not bool")
+        packed[n] = torch.from_numpy(np.packbits(m.detach().cpu().flatten().numpy()))
+        shapes[n] = list(m.shape)
+    atomic_write_bytes(path, save(packed, metadata={"format": FORMAT, "shapes": json.dumps(shapes)}))
+
+
+def load_masks(path: str | Path) -> Masks:
+    """Read a region written by ``save_masks``."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise EngramError(f"{path}: no such mask file; write it with save_masks (engram regions --out)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise EngramError(f"{path}: not an engramlab mask file (no format={FORMAT} in its header)")
+            shapes = json.loads(meta["shapes"])
+            out = {}
+            if set(shapes) != set(f.keys()):
+                raise EngramError(f"{path}: its header lists other masks than it holds; write it again")
+            for n in shapes:  # in the order they were saved
+                numel = int(np.prod(shapes[n]))
+                bits = np.unpackbits(f.get_tensor(n).numpy(), count=numel).astype(bool)
+                out[n] = torch.from_numpy(bits).view(shapes[n])
+            return out
+    except EngramError:
+        raise
+    except Exception as e:
+        raise EngramError(f"{path}: cannot read the masks ({' '.join(str(e).split())[:200]}); "
+                          "the file is damaged, write it again") from e
+
+
+__all__ = ["FORMAT", "load_masks", "save_masks"]
