@@ -28,7 +28,7 @@ table{border-collapse:collapse;margin:.6em 0;font-size:13.5px}th,td{border:1px s
 th{background:#f5f5f7}table.sortable th{cursor:pointer}td[data-v]{text-align:right;font-variant-numeric:tabular-nums}
 figure{margin:1em 0}figure svg,figure img{max-width:100%;height:auto;display:block}figcaption{font-size:13px;color:#555;margin-top:.3em}
 .note{background:#fff8e1;border-left:3px solid #f0b400;padding:.4em .7em}
-.verdict{font-weight:600;white-space:nowrap}.v-reproduced{color:#12733a}.v-partly-reproduced{color:#8a6d00}
+.verdict{font-weight:600}.v-reproduced{color:#12733a}.v-partly-reproduced{color:#8a6d00}
 .v-not-reproduced{color:#b3261e}.v-inconclusive{color:#6b5b00}.v-not-run{color:#777}
 #findings{width:100%;table-layout:fixed}#findings th:nth-child(1){width:17%}#findings th:nth-child(2){width:34%}#findings th:nth-child(3){width:34%}#findings th:nth-child(4){width:9.5%}#findings th:nth-child(5){width:5.5%}#findings td:nth-child(2){font-size:12.5px;color:#444}nav.toc{columns:2;font-size:14px}nav.toc a{display:block}
 .slider .frame-label{font-weight:600;margin:.8em 0 .2em}.slider input{width:60%}

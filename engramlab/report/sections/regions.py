@@ -217,6 +217,7 @@ def density_figure(dens: dict[str, float], ratio, title: str):
         grid[kinds.index(kind), layers.index(layer)] = d
     fig, (ax,) = new_figure(1, 1, 9.0, min(3.6, 1.4 + 0.3 * len(kinds)))
     hi = float(np.nanmax(grid)) if np.isfinite(grid).any() else 1.0
+    hi = max(hi, float(ratio) * 1.05) if is_number(ratio) else hi  # the ratio's mark stays on the colour bar
     im = ax.imshow(grid, aspect="auto", cmap="magma", vmin=0, vmax=max(hi, 1e-12), interpolation="nearest")
     step = max(1, len(layers) // 16)
     ax.set_xticks(range(0, len(layers), step))
@@ -275,11 +276,9 @@ def regions_body(run: RunView, sid: str) -> tuple[str, list[Finding]]:
 
     ratio = cfg.get("ratio")
     if run.has("core.safetensors"):
-        from engramlab.errors import EngramError
-
         try:
             dens = mask_densities(run.path / "core.safetensors")
-        except (EngramError, OSError, ValueError, KeyError) as e:
+        except Exception as e:  # a damaged or foreign file (safetensors raises its own errors): a note, not a crash
             dens = None
             body += note(f"core.safetensors cannot be read ({' '.join(str(e).split())[:160]}): no density map.")
         if dens:
