@@ -8,8 +8,8 @@ import pytest
 
 from engramlab.report.html import build_report
 from engramlab.report.runs import Report, RunView
-from engramlab.report.sections.regions import (core_verdict, mask_densities, measured_text, ratios, render_regions,
-                                               split_name)
+from engramlab.models.param_masks import mask_fractions
+from engramlab.report.sections.regions import core_verdict, measured_text, ratios, render_regions, split_name
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -67,7 +67,7 @@ def test_core_density_counts_the_packed_mask(run_dir):
     from engramlab.locate.regions.masks import load_masks
 
     masks = load_masks(run_dir / "core.safetensors")
-    dens = mask_densities(run_dir / "core.safetensors")
+    dens = mask_fractions(run_dir / "core.safetensors")
     assert list(dens) == list(masks)
     for n, m in masks.items():
         assert dens[n] == pytest.approx(float(m.float().mean()))

@@ -62,4 +62,24 @@ def load_masks(path: str | Path) -> Masks:
                           "the file is damaged, write it again") from e
 
 
-__all__ = ["FORMAT", "load_masks", "save_masks"]
+def mask_fractions(path: str | Path) -> dict[str, float]:
+    """{parameter name: fraction of its entries in the mask} of a ``save_masks`` file, counted on
+    the packed bytes (the bits past the last entry are zero), so a large model's masks are never
+    unpacked."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    ones = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
+    with safe_open(str(path), framework="numpy") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != FORMAT:
+            raise EngramError(f"{path.name}: not an engramlab mask file")
+        shapes = json.loads(meta["shapes"])
+        out = {}
+        for name, shape in shapes.items():
+            numel = int(np.prod(shape))
+            out[name] = float(ones[f.get_tensor(name)].sum()) / numel if numel else 0.0
+    return out
+
+
+__all__ = ["FORMAT", "load_masks", "mask_fractions", "save_masks"]

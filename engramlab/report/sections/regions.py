@@ -10,9 +10,9 @@ density per matrix is counted on the bit-packed mask bytes (a popcount; the padd
 
 from __future__ import annotations
 
-import json
 import re
 
+from engramlab.models.param_masks import mask_fractions
 from engramlab.report.page import (Finding, Section, figure, fmt, is_number, kv_table, new_figure, note, para, shown_path,
                                    table)
 from engramlab.report.runs import Report, RunView
@@ -115,28 +115,6 @@ def overlap_of(run: RunView) -> tuple[list[str], list[list[float | None]]] | Non
     labels = list(dict.fromkeys(x for pair in pairs for x in pair))
     matrix = [[1.0 if a == b else pairs.get((a, b), pairs.get((b, a))) for b in labels] for a in labels]
     return labels, matrix
-
-
-def mask_densities(path) -> dict[str, float]:
-    """{tensor name: fraction of its entries in the mask} of a ``save_masks`` file, from the packed
-    bytes (the bits past the last entry are zero, so the set bits are the mask's entries)."""
-    import numpy as np
-    from safetensors import safe_open
-
-    from engramlab.errors import EngramError
-    from engramlab.locate.regions.masks import FORMAT
-
-    bits = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
-    with safe_open(str(path), framework="numpy") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != FORMAT:
-            raise EngramError(f"{path.name}: not an engramlab mask file")
-        shapes = json.loads(meta["shapes"])
-        out = {}
-        for name, shape in shapes.items():
-            numel = int(np.prod(shape))
-            out[name] = float(bits[f.get_tensor(name)].sum()) / numel if numel else 0.0
-    return out
 
 
 def split_name(name: str) -> tuple[int, str] | None:
@@ -277,7 +255,7 @@ def regions_body(run: RunView, sid: str) -> tuple[str, list[Finding]]:
     ratio = cfg.get("ratio")
     if run.has("core.safetensors"):
         try:
-            dens = mask_densities(run.path / "core.safetensors")
+            dens = mask_fractions(run.path / "core.safetensors")
         except Exception as e:  # a damaged or foreign file (safetensors raises its own errors): a note, not a crash
             dens = None
             body += note(f"core.safetensors cannot be read ({' '.join(str(e).split())[:160]}): no density map.")
@@ -327,4 +305,4 @@ def render_regions(runs: list[RunView], report: Report) -> list[Section]:
                         "size (the least important parameters, and a random set), and what zeroing each does to "
                         "the perplexity of every corpus on held-out text.", runs, regions_body)
 
-__all__ = ["core_verdict", "mask_densities", "measured_text", "ratios", "render_regions", "split_name"]
+__all__ = ["core_verdict", "measured_text", "ratios", "render_regions", "split_name"]
