@@ -214,8 +214,23 @@ def _versions() -> dict[str, str]:
     return out
 
 
+#: How manifests write times (``start_time``, ``end_time``, ``heartbeat``).
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%S%z"
+
+
 def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    return time.strftime(TIME_FORMAT)
+
+
+def wall_seconds(manifest: dict) -> float | None:
+    """A run's wall time from its manifest's start and end time (None while unfinished)."""
+    from datetime import datetime
+
+    try:
+        return (datetime.strptime(manifest["end_time"], TIME_FORMAT)
+                - datetime.strptime(manifest["start_time"], TIME_FORMAT)).total_seconds()
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 # -- the run directory ------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -34,51 +35,49 @@ def save_masks(path: str | Path, masks: Masks) -> None:
     atomic_write_bytes(path, save(packed, metadata={"format": FORMAT, "shapes": json.dumps(shapes)}))
 
 
-def load_masks(path: str | Path) -> Masks:
-    """Read a region written by ``save_masks``."""
+def _packed(path: str | Path, framework: str) -> Iterator[tuple[str, list[int], object]]:
+    """(name, shape, packed bytes) of every mask in a ``save_masks`` file, in the order they were
+    saved; a missing, foreign or damaged file is a one-line error."""
     from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
         raise EngramError(f"{path}: no such mask file; write it with save_masks (engram regions --out)")
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework=framework) as f:
             meta = f.metadata() or {}
             if meta.get("format") != FORMAT:
                 raise EngramError(f"{path}: not an engramlab mask file (no format={FORMAT} in its header)")
             shapes = json.loads(meta["shapes"])
-            out = {}
             if set(shapes) != set(f.keys()):
                 raise EngramError(f"{path}: its header lists other masks than it holds; write it again")
-            for n in shapes:  # in the order they were saved
-                numel = int(np.prod(shapes[n]))
-                bits = np.unpackbits(f.get_tensor(n).numpy(), count=numel).astype(bool)
-                out[n] = torch.from_numpy(bits).view(shapes[n])
-            return out
+            items = [(n, shapes[n], f.get_tensor(n)) for n in shapes]
     except EngramError:
         raise
     except Exception as e:
         raise EngramError(f"{path}: cannot read the masks ({' '.join(str(e).split())[:200]}); "
                           "the file is damaged, write it again") from e
+    yield from items
+
+
+def load_masks(path: str | Path) -> Masks:
+    """Read a region written by ``save_masks``."""
+    out = {}
+    for name, shape, packed in _packed(path, "numpy"):
+        bits = np.unpackbits(packed, count=int(np.prod(shape))).astype(bool)
+        out[name] = torch.from_numpy(bits).view(shape)
+    return out
 
 
 def mask_fractions(path: str | Path) -> dict[str, float]:
     """{parameter name: fraction of its entries in the mask} of a ``save_masks`` file, counted on
     the packed bytes (the bits past the last entry are zero), so a large model's masks are never
     unpacked."""
-    from safetensors import safe_open
-
-    path = Path(path)
     ones = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
-    with safe_open(str(path), framework="numpy") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != FORMAT:
-            raise EngramError(f"{path.name}: not an engramlab mask file")
-        shapes = json.loads(meta["shapes"])
-        out = {}
-        for name, shape in shapes.items():
-            numel = int(np.prod(shape))
-            out[name] = float(ones[f.get_tensor(name)].sum()) / numel if numel else 0.0
+    out = {}
+    for name, shape, packed in _packed(path, "numpy"):
+        numel = int(np.prod(shape))
+        out[name] = float(ones[packed].sum()) / numel if numel else 0.0
     return out
 
 

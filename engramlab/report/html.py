@@ -119,14 +119,12 @@ def findings_table(found: dict[str, Finding]) -> str:
 
 
 def _wall(run: RunView) -> str:
-    from datetime import datetime
+    from engramlab.runs import wall_seconds
 
-    a, b = run.manifest.get("start_time"), run.manifest.get("end_time")
-    try:
-        fmt = "%Y-%m-%dT%H:%M:%S%z"
-        secs = int((datetime.strptime(b, fmt) - datetime.strptime(a, fmt)).total_seconds())
-    except (TypeError, ValueError):
+    secs = wall_seconds(run.manifest)
+    if secs is None:
         return "—"
+    secs = int(secs)
     return f"{secs // 60}m{secs % 60:02d}s"
 
 

@@ -13,9 +13,9 @@ When the stages are done, ``report.html`` is written from them (``report.html.wr
 
 from __future__ import annotations
 
-from datetime import datetime
 from pathlib import Path
 
+from engramlab.runs import wall_seconds
 from engramlab.studies.stages import load_study_file
 
 PRESET_FILE = Path(__file__).with_name("study.toml")
@@ -24,15 +24,6 @@ PRESET_FILE = Path(__file__).with_name("study.toml")
 def load_presets(path: str | Path = PRESET_FILE) -> dict[str, dict]:
     """{preset: {"description", "stages": [Stage]}} from a study file (``study.toml``'s shape)."""
     return load_study_file(path, "study.toml")
-
-
-def wall_seconds(manifest: dict) -> float | None:
-    """A run's wall time from its manifest's start and end time (None while unfinished)."""
-    try:
-        fmt = "%Y-%m-%dT%H:%M:%S%z"
-        return (datetime.strptime(manifest["end_time"], fmt) - datetime.strptime(manifest["start_time"], fmt)).total_seconds()
-    except (KeyError, TypeError, ValueError):
-        return None
 
 
 def clock(seconds: float | None) -> str:
