@@ -8,7 +8,7 @@ from collections import Counter
 from engramlab.report.page import Finding, Section, details, figure, fmt, kv_table, new_figure, note, para, table
 from engramlab.report.runs import Report, RunView
 from engramlab.report.sections import renderer
-from engramlab.report.sections.locators import verb_section, locator_config, n_layers_of, number, model_name
+from engramlab.report.sections.locators import left_out, verb_section, locator_config, n_layers_of, number, model_name
 
 
 def circuit_verdict(faithfulness, edge_fraction) -> str:
@@ -168,10 +168,7 @@ def circuit_body(run: RunView, sid: str) -> tuple[str, list[Finding]]:
                        "the final norm and unembedding.")
     else:
         body += note("No logit lens (components.json missing or without it).")
-    skipped = run.jsonl("skipped.jsonl")
-    if skipped:
-        body += details(f"{len(skipped)} fact(s) left out", table(["relation", "subject", "reason"],
-                        [(r.get("relation"), r.get("subject"), r.get("reason")) for r in skipped]))
+    body += left_out(run.jsonl("skipped.jsonl"), "reason", "left out")
     verdict = circuit_verdict(faith, frac)
     words = (f"{name}: held-out faithfulness {fmt(faith)} with {fmt(kept)} of {fmt(total)} edges "
              f"({fmt(100 * frac if frac is not None else None)}%)")

@@ -3,10 +3,10 @@ evolvability; the ``dkn_partial_full`` finding."""
 
 from __future__ import annotations
 
-from engramlab.report.page import Finding, Section, details, esc, figure, fmt, new_figure, note, para, table
+from engramlab.report.page import Finding, Section, esc, figure, fmt, new_figure, note, para, table
 from engramlab.report.runs import Report, RunView
 from engramlab.report.sections import renderer
-from engramlab.report.sections.locators import verb_section, locator_config, number, records_of, model_name
+from engramlab.report.sections.locators import left_out, verb_section, locator_config, number, records_of, model_name
 
 
 def dkn_verdict(found_rate, n_evaluated) -> str:
@@ -158,10 +158,7 @@ def dkn_body(run: RunView, sid: str) -> tuple[str, list[Finding]]:
     others = [f"{m} {fmt(s.get(f'{m}.dkn_found_rate'))}" for m in methods if m != default]
     if others:
         words += "; other methods: " + ", ".join(others)
-    skipped = [r for r in records if r.get("skipped")]
-    if skipped:
-        body += details(f"{len(skipped)} fact(s) skipped", table(["relation", "subject", "reason"],
-                        [(r["relation"], r["subject"], r["skipped"]) for r in skipped]))
+    body += left_out([r for r in records if r.get("skipped")], "skipped")
     return body, [Finding("dkn_partial_full", words, verdict, sid, priority=n_eval)]
 
 

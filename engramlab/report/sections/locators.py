@@ -15,7 +15,7 @@ each decided by its rule in ``engramlab.report.findings``.
 
 from __future__ import annotations
 
-from engramlab.report.page import Finding, Section, anchor, esc, figure, fmt, new_figure, note, para, shown_path, table
+from engramlab.report.page import Finding, Section, anchor, details, esc, figure, fmt, new_figure, note, para, shown_path, table
 from engramlab.report.runs import Report, RunView
 from engramlab.report.sections import renderer
 
@@ -116,6 +116,15 @@ def recall_body(run: RunView, sid: str) -> tuple[str, list[Finding]]:
         body += figure(fig, "Share of facts whose answer's first token ranks 1 (top-1) or within 10 (top-10), "
                             "per relation; the dashed line is top-1 over all facts.")
     return body, []
+
+
+def left_out(rows: list[dict], reason: str, what: str = "skipped") -> str:
+    """A collapsed table of the facts a run left out (``reason``: the rows' key holding why); ""
+    when there are none."""
+    if not rows:
+        return ""
+    return details(f"{len(rows)} fact(s) {what}", table(["relation", "subject", "reason"],
+                   [(r.get("relation"), r.get("subject"), r.get(reason)) for r in rows]))
 
 
 def verb_section(verb: str, title: str, order: int, intro: str, runs: list[RunView], body) -> list[Section]:

@@ -3,10 +3,10 @@ the ``kn_suppression`` finding."""
 
 from __future__ import annotations
 
-from engramlab.report.page import Finding, Section, details, figure, fmt, kv_table, new_figure, note, table
+from engramlab.report.page import Finding, Section, figure, fmt, kv_table, new_figure, note, table
 from engramlab.report.runs import Report, RunView
 from engramlab.report.sections import renderer
-from engramlab.report.sections.locators import verb_section, n_layers_of, number, records_of, short_name, model_name
+from engramlab.report.sections.locators import left_out, verb_section, n_layers_of, number, records_of, short_name, model_name
 
 
 KINDS = (("own", "own neurons"), ("same_relation", "same-relation control"),
@@ -163,10 +163,7 @@ def neurons_body(run: RunView, sid: str) -> tuple[str, list[Finding]]:
     else:
         body += note("No intervention effects were recorded (no fact kept neurons, or the run stopped early).")
     body += "<h4>Most shared neurons</h4>" + _shared_neurons(run, done)
-    skipped = [r for r in records if r.get("skipped") is not None]
-    if skipped:
-        body += details(f"{len(skipped)} fact(s) skipped", table(["relation", "subject", "reason"],
-                        [(r["relation"], r["subject"], r["skipped"]) for r in skipped]))
+    body += left_out([r for r in records if r.get("skipped") is not None], "skipped")
     return body, findings
 
 
