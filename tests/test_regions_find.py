@@ -95,8 +95,9 @@ def test_summary_keys_sizes_and_perplexities(lm):
                                                   "ppl_bottom_ratio", "ppl_random_ratio", "specific_size")]
     labels = ["core", "bottom", "random", "top_de", "top_fr", "specific_de", "specific_fr"]
     overlaps = [f"overlap.{a}.{b}" for i, a in enumerate(labels) for b in labels[i + 1:]]
-    assert set(s) == {*per, *overlaps, "region_size", "region_fraction", "n_tensors", "n_corpora", "method",
-                      "seconds"}
+    without = [f"{c}.ppl_without_top_{o}{r}" for c in corpora for o in corpora for r in ("", "_ratio")]
+    assert set(s) == {*per, *overlaps, *without, "region_size", "region_fraction", "n_tensors", "n_corpora",
+                      "method", "seconds"}
 
     params = region_tensors(lm)
     assert s["n_tensors"] == len(params) == 14  # 7 matrices x 2 layers
@@ -120,6 +121,21 @@ def test_summary_keys_sizes_and_perplexities(lm):
                     p[res.core[n]] = 0
         assert s[f"{c}.ppl_top"] == pytest.approx(plain_ppl(zeroed, held), rel=1e-5)
         assert s[f"{c}.ppl_top_ratio"] == pytest.approx(s[f"{c}.ppl_top"] / s[f"{c}.ppl_base"])
+    # each corpus's own top region zeroed (recomputed here from its importance, by hand)
+    from engramlab.locate.regions.importance import importance
+
+    de_top = {}
+    for n, sc in importance(lm, corpora["de"].chunks[:3], "snip", 2).items():
+        k = int(0.05 * sc.numel())
+        flat = torch.zeros(sc.numel(), dtype=torch.bool)
+        flat[torch.topk(sc.flatten(), k).indices] = True
+        de_top[n] = flat.view(sc.shape)
+    zeroed = copy.deepcopy(reference)
+    with torch.no_grad():
+        for n, p in zeroed.named_parameters():
+            if n in de_top:
+                p[de_top[n]] = 0
+    assert s["fr.ppl_without_top_de"] == pytest.approx(plain_ppl(zeroed, corpora["fr"].chunks[-2:]), rel=1e-5)
     rows = res.records()
     assert [r["corpus"] for r in rows] == ["de", "fr"]
     assert [(r["importance_chunks"], r["eval_chunks"], r["n_chunks"]) for r in rows] == [(3, 2, 7)] * 2
@@ -193,7 +209,8 @@ def test_save_and_load_round_trip(lm, tmp_path):
     res = find_regions(lm, two_corpora(), RegionConfig(**SMALL, save_importance=True))
     res.save(tmp_path / "run")
     names = {p.name for p in (tmp_path / "run").iterdir()}
-    assert {"config.json", "records.jsonl", "summary.json", "overlap.json", "core.safetensors", "bottom.safetensors",
+    assert {"config.json", "records.jsonl", "corpora.jsonl", "summary.json", "overlap.json", "core.safetensors",
+            "bottom.safetensors",
             "random.safetensors", "specific_de.safetensors", "specific_fr.safetensors",
             "importance_de.safetensors", "importance_fr.safetensors"} == names
     back = RegionResult.load(tmp_path / "run")

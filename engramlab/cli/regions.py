@@ -4,18 +4,21 @@ language-specific regions, overlaps and the perplexity of every corpus with each
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import typer
 
-from engramlab.cli.common import (DeviceOpt, DtypeOpt, ModelOpt, OutOpt, OverwriteOpt, SeedOpt, app,
-                                  check_model_options, console, print_summary, run_mode, user_errors)
+from engramlab.cli.common import (DeviceOpt, DtypeOpt, LimitOpt, ModelOpt, OutOpt, OverwriteOpt, RelationOpt, SeedOpt,
+                                  app, check_model_options, console, print_summary, run_locator, run_mode, user_errors)
 from engramlab.cli.options import configured
 from engramlab.errors import EngramError
 from engramlab.locate.regions.config import RegionConfig
 
-CorpusOpt = typer.Option(..., "--corpus", help="NAME=PATH (repeatable): a text file, a JSONL file with a 'text' "
+CorpusOpt = typer.Option(None, "--corpus", help="NAME=PATH (repeatable): a text file, a JSONL file with a 'text' "
                          "field, or a directory of them; build some with `engram corpus`.")
+FactsOrNoneOpt = typer.Option(None, "--facts", "-f", help="Instead of --corpus: facts (a fact file, directory or "
+                              "bundled names), read as two corpora of their sentences, the template tokens and "
+                              "the answer tokens; each fact is also scored with each region zeroed.")
 
 
 def check_corpus_specs(specs: list[str]) -> list[str]:
@@ -43,12 +46,26 @@ def check_corpus_specs(specs: list[str]) -> list[str]:
 @user_errors
 @configured(RegionConfig)
 def regions(model: str = ModelOpt,
-            corpus: List[str] = CorpusOpt,
+            corpus: Optional[List[str]] = CorpusOpt,
+            facts: Optional[str] = FactsOrNoneOpt,
+            relation: Optional[List[str]] = RelationOpt,
+            limit: Optional[int] = LimitOpt,
             out: Path = OutOpt, overwrite: bool = OverwriteOpt,
             seed: int = SeedOpt, dtype: str = DtypeOpt, device: str = DeviceOpt, config: RegionConfig = None):
     """Find the core region (top --ratio of the parameters by importance summed over the corpora),
     bottom and random controls of the same size and language-specific regions; report each
-    corpus's perplexity on held-out chunks with each region zeroed (the weights are restored)."""
+    corpus's perplexity on held-out chunks with each region zeroed (the weights are restored).
+    With --facts the corpora are the facts' template tokens and answer tokens (language vs
+    knowledge), and every fact's answer is scored with each region zeroed."""
+    if bool(corpus) == bool(facts):
+        raise EngramError("regions: give either --corpus NAME=PATH (repeatable) or --facts FACTS, not both"
+                          if corpus else "regions: give --corpus NAME=PATH (repeatable) or --facts FACTS")
+    if corpus and (relation or limit is not None):
+        raise EngramError("--relation/--limit choose facts: use them with --facts, not with --corpus")
+    if facts:
+        run_locator("regions", config, model=model, facts=facts, relation=relation, limit=limit, out=out,
+                    overwrite=overwrite, seed=seed, dtype=dtype, device=device)
+        return
     from engramlab.config import to_dict
     from engramlab.data.corpora import load_corpora
     from engramlab.locate.regions.find import check_inputs, find_regions

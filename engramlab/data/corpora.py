@@ -49,13 +49,20 @@ if TYPE_CHECKING:  # torch only when chunks are made
 @dataclass
 class Corpus:
     """One named corpus as token chunks: ``chunks`` is a LongTensor (n_chunks, seq_len);
-    ``n_tokens`` counts the whole token stream (before the tail and ``max_chunks`` cuts)."""
+    ``n_tokens`` counts the whole token stream (before the tail and ``max_chunks`` cuts).
+
+    ``targets`` (bool, the shape of ``chunks``, optional) marks the tokens that count as
+    next-token targets: position t True means token t, predicted from the tokens before it, is
+    scored (position 0 never is). None scores every token but the first; a corpus made of
+    sentences of facts (``engramlab.locate.regions.facts``) scores only its template or only its
+    answer tokens, over the same rows, right-padded (the padding is never a target)."""
 
     name: str
     path: str
     chunks: "torch.Tensor"
     n_tokens: int
     n_documents: int
+    targets: "torch.Tensor | None" = None
 
     @property
     def n_chunks(self) -> int:

@@ -10,9 +10,10 @@ from __future__ import annotations
 from engramlab.locate.circuits.config import CircuitConfig
 from engramlab.locate.dkn.config import DKNConfig
 from engramlab.locate.neurons.config import NeuronConfig
+from engramlab.locate.regions.config import RegionConfig
 from engramlab.recall import RecallConfig
 
 LOCATOR_CONFIGS: dict[str, type] = {"recall": RecallConfig, "neurons": NeuronConfig, "dkn": DKNConfig,
-                                    "circuit": CircuitConfig}
+                                    "circuit": CircuitConfig, "regions": RegionConfig}
 
 __all__ = ["LOCATOR_CONFIGS"]

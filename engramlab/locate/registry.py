@@ -11,6 +11,7 @@ from engramlab.locate.base import Locator
 from engramlab.locate.circuits.find import CircuitConfig, CircuitResult, find_circuit
 from engramlab.locate.dkn.find import DKNConfig, DKNResult, find_degenerate_neurons
 from engramlab.locate.neurons.find import NeuronConfig, NeuronResult, find_knowledge_neurons
+from engramlab.locate.regions.find import RegionConfig, RegionResult, find_regions
 from engramlab.recall import RecallConfig, RecallResult, score_recall
 
 LOCATORS: dict[str, Locator] = {}
@@ -60,5 +61,15 @@ register(Locator(
                   "n_wrong", "n_skipped", "n_mover_heads", "n_relation_heads", "n_mixture_heads", "seconds"),
     files=("scores.safetensors", "circuit.json", "evaluation.json", "components.json", "pairs.json", "skipped.jsonl"),
     quick={"steps": 2, "require_correct": False, "top_n": 20}))
+
+register(Locator(
+    "regions", RegionConfig, find_regions, RegionResult,
+    help="Parameter regions: the top --ratio of the block weights by importance (snip / wanda) over the facts' "
+         "template tokens and answer tokens (or over corpora), what zeroing each does, and their overlap.",
+    summary_keys=("n_facts", "accuracy.base", "accuracy.core", "accuracy.top_template", "accuracy.top_value",
+                  "accuracy.random", "template.ppl_top_ratio", "value.ppl_top_ratio", "overlap.top_template.top_value",
+                  "region_size", "seconds"),
+    files=("corpora.jsonl", "core.safetensors", "bottom.safetensors", "random.safetensors", "overlap.json"),
+    quick={"ratio": 0.05, "batch_size": 4}))
 
 __all__ = ["LOCATORS", "Locator", "get_locator", "register"]

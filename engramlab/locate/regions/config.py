@@ -44,6 +44,8 @@ class RegionConfig:
                                "difference).", range=(0, 1), open_low=True, open_high=True)
     ppl_mode: str = option("token", "Perplexity: token (exp of the token-weighted mean loss) | batch_mean (exp of "
                            "the mean of per-batch mean losses, the reference's).", choices=PPL_MODES)
+    zero_tops: bool = option(True, "Also measure every corpus with each corpus's own top region zeroed "
+                             "(<corpus>.ppl_without_top_<other>): does one language's region serve the others?")
     save_importance: bool = option(False, "Also write each corpus's importance scores "
                                    "(importance_<corpus>.safetensors, float32: 4 bytes per parameter).")
     seed: int = 0  # the random control region

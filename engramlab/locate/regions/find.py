@@ -2,7 +2,8 @@
 its bottom and random controls, language-specific regions, their overlaps, and what zeroing each
 does to perplexity.
 
-``find_regions(lm, corpora, config)``, with ``corpora`` {name: ``Corpus``} (``load_corpora``):
+``find_regions(lm, data, config)``, with ``data`` {name: ``Corpus``} (``load_corpora``) or a
+FactSet (then the corpora are its sentences' template and answer tokens, ``regions.facts``):
 
 1. split each corpus's chunks: the *last* ``eval_chunks`` are held out for perplexity, the first
    ``max_chunks`` of the rest are the importance chunks (the two never share a chunk);
@@ -15,16 +16,27 @@ does to perplexity.
    (with two corpora or more);
 4. the Jaccard overlap of every two of those regions;
 5. perplexity of every corpus on its held-out chunks with nothing, the core, the bottom and the
-   random region zeroed (``perturb.zeroed``: the weights are written back bit-identically on
-   leaving, Ctrl-C included).
+   random region zeroed, and (``zero_tops``) with each corpus's own top region zeroed
+   (``perturb.zeroed``: the weights are written back bit-identically on leaving, Ctrl-C included);
+6. with facts: every fact scored (``score_recall``, its first template) with nothing and with
+   each of those regions zeroed.
+
+With facts there is no held-out split: importance and perplexity both use every fact sentence
+(the question is which parameters hold *these* facts and their sentences' language), and
+``max_chunks`` / ``eval_chunks`` are not used.
 
 Summary keys: ``<corpus>.ppl_base`` / ``_top`` / ``_bottom`` / ``_random`` and their ratios to
 base ``<corpus>.ppl_top_ratio`` / ``_bottom_ratio`` / ``_random_ratio``, ``<corpus>.specific_size``,
+``<corpus>.ppl_without_top_<other>`` (and ``_ratio``) with each corpus's top region zeroed,
 ``region_size`` (entries in the core region), ``region_fraction``, ``n_tensors``, ``n_corpora``,
-``overlap.<a>.<b>`` for every two regions, ``seconds``. Records: one row per corpus.
+``overlap.<a>.<b>`` for every two regions, ``seconds``; with facts also ``n_facts`` and
+``accuracy.<region>`` / ``mean_prob.<region>`` (top-1 accuracy and mean probability of the answer's
+first token) for ``base`` and each zeroed region. Records: one row per fact with facts (its rank
+and probability under each region), else one row per corpus; the corpus rows are ``corpus_rows``
+(``corpora.jsonl``) either way.
 
-Run directory (``save``): the shared ``config.json`` / ``records.jsonl`` / ``summary.json``, the
-masks ``core.safetensors``, ``bottom.safetensors``, ``random.safetensors``,
+Run directory (``save``): the shared ``config.json`` / ``records.jsonl`` / ``summary.json``,
+``corpora.jsonl``, the masks ``core.safetensors``, ``bottom.safetensors``, ``random.safetensors``,
 ``specific_<corpus>.safetensors`` (``masks.save_masks``, bit-packed), ``overlap.json`` (labels and
 matrix) and, with ``save_importance``, ``importance_<corpus>.safetensors`` (float32 scores). The
 per-corpus top regions are not written (one more file the size of a mask per corpus); their
@@ -45,15 +57,16 @@ import torch
 
 from engramlab.config import to_dict
 from engramlab.errors import EngramError
-from engramlab.locate.base import model_facts, read_result, write_result
+from engramlab.locate.base import model_facts, read_result, short, write_result
 from engramlab.locate.regions.config import METHODS, NORMALIZE, PPL_MODES, SCOPES, RegionConfig  # noqa: F401
+from engramlab.locate.regions.facts import fact_corpora, is_fact_set
 from engramlab.locate.regions.importance import importance, region_tensors
 from engramlab.locate.regions.masks import (bottom_masks, core_scores, load_masks, overlap_matrix, random_masks,
                                             region_size, save_masks, specific_region, top_masks)
 from engramlab.locate.regions.perplexity import perplexity
 from engramlab.locate.regions.perturb import zeroed
 from engramlab.models.context import context_length
-from engramlab.runs import atomic_write_json, load_json
+from engramlab.runs import atomic_write_json, atomic_write_jsonl, load_json, read_jsonl
 
 NAME = "regions"
 CONTROLS = ("core", "bottom", "random")  # the regions every corpus's perplexity is measured under
@@ -67,8 +80,9 @@ class RegionResult:
 
     ``rows``: one dict per corpus (name, sizes, chunk split, perplexities); ``regions``: the saved
     masks by name (core, bottom, random, specific_<corpus>); ``overlap``: (labels, Jaccard matrix)
-    over those and the per-corpus top regions; ``importance``: {corpus: scores}, kept only with
-    ``save_importance``."""
+    over those and the per-corpus top regions; ``fact_rows``: with facts, one dict per fact (rank
+    and probability of its answer under each zeroed region); ``importance``: {corpus: scores},
+    kept only with ``save_importance``."""
 
     rows: list[dict]
     regions: dict[str, dict[str, torch.Tensor]]
@@ -77,6 +91,7 @@ class RegionResult:
     stats: dict = field(default_factory=dict)
     model: dict = field(default_factory=dict)
     importance: dict[str, dict[str, torch.Tensor]] | None = None
+    fact_rows: list[dict] | None = None
 
     @property
     def corpora(self) -> list[str]:
@@ -86,8 +101,12 @@ class RegionResult:
     def core(self) -> dict[str, torch.Tensor]:
         return self.regions["core"]
 
-    def records(self) -> list[dict]:
+    @property
+    def corpus_rows(self) -> list[dict]:
         return self.rows
+
+    def records(self) -> list[dict]:
+        return self.fact_rows if self.fact_rows is not None else self.rows
 
     def summary(self) -> dict:
         out: dict = {}
@@ -96,6 +115,9 @@ class RegionResult:
             for key in ("ppl_base", "ppl_top", "ppl_bottom", "ppl_random", "ppl_top_ratio", "ppl_bottom_ratio",
                         "ppl_random_ratio", "specific_size"):
                 out[f"{c}.{key}"] = r.get(key)
+            for key, value in r.items():
+                if key.startswith("ppl_without_top_"):
+                    out[f"{c}.{key}"] = value
         out["region_size"] = region_size(self.core)
         out["region_fraction"] = out["region_size"] / max(1, self.stats.get("n_entries", 0))
         out["n_tensors"] = len(self.core)
@@ -104,12 +126,20 @@ class RegionResult:
         for i, a in enumerate(labels):
             for j in range(i + 1, len(labels)):
                 out[f"overlap.{a}.{labels[j]}"] = matrix[i][j]
+        if self.fact_rows is not None:
+            out["n_facts"] = len(self.fact_rows)
+            for region in fact_regions(self.fact_rows):
+                ranks = [r[f"rank_{region}"] for r in self.fact_rows]
+                out[f"accuracy.{region}"] = sum(k == 1 for k in ranks) / len(ranks) if ranks else None
+                probs = [r[f"prob_{region}"] for r in self.fact_rows]
+                out[f"mean_prob.{region}"] = sum(probs) / len(probs) if probs else None
         out["method"] = self.config.get("method")
         out["seconds"] = self.stats.get("seconds")
         return out
 
     def save(self, directory: str | Path) -> None:
         d = write_result(directory, NAME, self)
+        atomic_write_jsonl(d / "corpora.jsonl", self.rows)
         for name, masks in self.regions.items():
             save_masks(d / f"{name}.safetensors", masks)
         atomic_write_json(d / "overlap.json", {"labels": self.overlap[0], "matrix": self.overlap[1]})
@@ -124,7 +154,12 @@ class RegionResult:
     def load(cls, directory: str | Path) -> "RegionResult":
         d = Path(directory)
         got = read_result(d, NAME)
-        corpora = [r["corpus"] for r in got.records]
+        fact_rows = None
+        rows = got.records
+        if (d / "corpora.jsonl").is_file():  # before 2026-12 records.jsonl held the corpus rows
+            rows = read_jsonl(d / "corpora.jsonl")
+            fact_rows = got.records if got.records and "corpus" not in got.records[0] else None
+        corpora = [r["corpus"] for r in rows]
         names = [*CONTROLS, *(f"specific_{c}" for c in corpora if (d / f"specific_{c}.safetensors").is_file())]
         regions = {n: load_masks(d / f"{n}.safetensors") for n in names}
         ov = load_json(d / "overlap.json", "regions overlap")
@@ -133,7 +168,12 @@ class RegionResult:
             from safetensors.torch import load_file
 
             scores = {c: load_file(str(d / f"importance_{c}.safetensors")) for c in corpora}
-        return cls(got.records, regions, (ov["labels"], ov["matrix"]), got.config, got.stats, got.model, scores)
+        return cls(rows, regions, (ov["labels"], ov["matrix"]), got.config, got.stats, got.model, scores, fact_rows)
+
+
+def fact_regions(fact_rows: list[dict]) -> list[str]:
+    """The regions a fact was scored under ("base" first), from a fact row's ``rank_<region>`` keys."""
+    return [k[len("rank_"):] for k in (fact_rows[0] if fact_rows else {}) if k.startswith("rank_")]
 
 
 def split_chunks(chunks: torch.Tensor, eval_chunks: int, max_chunks: int | None, name: str = "corpus"
@@ -156,9 +196,20 @@ def check_corpus_name(name: str) -> None:
                           f"digits, _ and - only, starting with a letter or digit (e.g. --corpus de=...)")
 
 
-def check_inputs(lm, corpora: Mapping, config: RegionConfig) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+@dataclass
+class Split:
+    """One corpus's importance rows and held-out rows, each (n, seq_len), with their target masks
+    (None: every token)."""
+
+    ids: torch.Tensor
+    targets: torch.Tensor | None
+    held_out: torch.Tensor
+    held_out_targets: torch.Tensor | None
+
+
+def check_inputs(lm, corpora: Mapping, config: RegionConfig, *, hold_out: bool = True) -> dict[str, Split]:
     """Refuse what ``find_regions`` cannot use (one line naming the corpus or option) before any
-    work; returns each corpus's (importance chunks, held-out chunks)."""
+    work; returns each corpus's ``Split`` (``hold_out=False``: every row for both, as for facts)."""
     if not corpora:
         raise EngramError("regions: no corpora given; pass --corpus NAME=PATH")
     for name, c in corpora.items():
@@ -170,23 +221,33 @@ def check_inputs(lm, corpora: Mapping, config: RegionConfig) -> dict[str, tuple[
     longest = max(int(c.chunks.shape[1]) for c in corpora.values())
     if limit is not None and longest > limit:
         raise EngramError(f"--seq-len {longest}: longer than the model's context of {limit} tokens; lower --seq-len")
-    return {name: split_chunks(c.chunks, config.eval_chunks, config.max_chunks, name) for name, c in corpora.items()}
+    out = {}
+    for name, c in corpora.items():
+        if not hold_out:
+            out[name] = Split(c.chunks, c.targets, c.chunks, c.targets)
+            continue
+        imp, held = split_chunks(c.chunks, config.eval_chunks, config.max_chunks, name)
+        t = c.targets
+        out[name] = Split(imp, None if t is None else t[: len(imp)], held, None if t is None else t[len(t) - len(held):])
+    return out
 
 
-def find_regions(lm, corpora: Mapping, config: RegionConfig | None = None, *, progress: bool = False
-                 ) -> RegionResult:
-    """Regions of ``lm`` over ``corpora`` {name: Corpus} (see the module docstring). The model is
-    only read: its weights, ``requires_grad`` flags, ``.grad`` and train/eval mode are as they
-    were when this returns or raises."""
+def find_regions(lm, data, config: RegionConfig | None = None, *, progress: bool = False) -> RegionResult:
+    """Regions of ``lm`` over ``data``: {name: Corpus}, or a FactSet (see the module docstring).
+    The model is only read: its weights, ``requires_grad`` flags, ``.grad`` and train/eval mode are
+    as they were when this returns or raises."""
     config = config or RegionConfig()
     t0 = time.time()
-    splits = check_inputs(lm, corpora, config)
+    facts = data if is_fact_set(data) else None
+    corpora = fact_corpora(lm, facts) if facts is not None else data
+    splits = check_inputs(lm, corpora, config, hold_out=facts is None)
     params = region_tensors(lm, include_norms=config.include_norms)
 
     # importance per corpus, kept on the CPU (the masks are selected there)
     per_corpus = {}
-    for name, (imp, _) in splits.items():
-        scores = importance(lm, imp, config.method, config.batch_size, params, progress=progress)
+    for name, sp in splits.items():
+        scores = importance(lm, sp.ids, config.method, config.batch_size, params, progress=progress,
+                            targets=sp.targets)
         per_corpus[name] = {n: s.float().cpu() for n, s in scores.items()}
     t_importance = time.time() - t0
 
@@ -203,31 +264,57 @@ def find_regions(lm, corpora: Mapping, config: RegionConfig | None = None, *, pr
     regions.update(specific)
     overlap = overlap_matrix({**{k: regions[k] for k in CONTROLS}, **tops, **specific})
 
-    # perplexity on the held-out chunks, with nothing and with each region zeroed
+    # perplexity (and, with facts, each fact's answer) with nothing and with each region zeroed
     t1 = time.time()
+    zeroed_regions = {**{k: regions[k] for k in CONTROLS}, **(tops if config.zero_tops else {})}
     ppl = {name: {} for name in corpora}
-    for region in (None, *CONTROLS):
-        key = "base" if region is None else PPL_KEYS[region]
-        with zeroed(params, regions[region]) if region else nullcontext():
-            for name, (_, held_out) in splits.items():
-                ppl[name][key] = perplexity(lm, held_out, config.batch_size, config.ppl_mode)
+    fact_scores = {}
+    for region in (None, *zeroed_regions):
+        key = "base" if region is None else PPL_KEYS.get(region, f"without_{region}")
+        with zeroed(params, zeroed_regions[region]) if region else nullcontext():
+            for name, sp in splits.items():
+                ppl[name][key] = perplexity(lm, sp.held_out, config.batch_size, config.ppl_mode, sp.held_out_targets)
+            if facts is not None:
+                fact_scores[region or "base"] = _recall_rows(lm, facts, config.batch_size)
     t_ppl = time.time() - t1
 
     rows = []
     for name, c in corpora.items():
-        imp, held_out = splits[name]
+        sp = splits[name]
         p = ppl[name]
         row = {"corpus": name, "path": c.path, "n_tokens": c.n_tokens, "n_documents": c.n_documents,
                "seq_len": int(c.chunks.shape[1]), "n_chunks": int(c.chunks.shape[0]),
-               "importance_chunks": int(imp.shape[0]), "eval_chunks": int(held_out.shape[0]),
+               "importance_chunks": int(sp.ids.shape[0]), "eval_chunks": int(sp.held_out.shape[0]),
                **{f"ppl_{k}": p[k] for k in ("base", "top", "bottom", "random")},
                **{f"ppl_{k}_ratio": _ratio(p[k], p["base"]) for k in ("top", "bottom", "random")},
                "specific_size": region_size(specific[f"specific_{name}"]) if specific else None}
+        for k in p:
+            if k.startswith("without_"):
+                row[f"ppl_{k}"], row[f"ppl_{k}_ratio"] = p[k], _ratio(p[k], p["base"])
         rows.append(row)
     stats = {"n_entries": sum(p.numel() for p in params.values()), "seconds_importance": round(t_importance, 3),
              "seconds_perplexity": round(t_ppl, 3), "seconds": round(time.time() - t0, 3)}
     return RegionResult(rows, regions, overlap, to_dict(config), stats, model_facts(lm),
-                        per_corpus if config.save_importance else None)
+                        per_corpus if config.save_importance else None,
+                        _fact_rows(facts, fact_scores) if facts is not None else None)
+
+
+def _recall_rows(lm, facts, batch_size: int) -> list[dict]:
+    from engramlab.recall import RecallConfig, score_recall
+
+    return score_recall(lm, facts, RecallConfig(batch_size=batch_size)).records()
+
+
+def _fact_rows(facts, scores: dict[str, list[dict]]) -> list[dict]:
+    """One row per fact: relation, subject, object, then rank_<region> / prob_<region>."""
+    rows = []
+    for i, fact in enumerate(facts):
+        row = {"relation": fact.relation, "subject": fact.subject, "object": fact.object}
+        for region, recs in scores.items():
+            row[f"rank_{region}"] = int(recs[i]["target_rank"])
+            row[f"prob_{region}"] = short(float(recs[i]["target_prob"]))
+        rows.append(row)
+    return rows
 
 
 def _ratio(x: float, base: float) -> float | None:

@@ -18,6 +18,11 @@ wanda       |W| · ‖X_j‖₂ (Sun et al. 2023, locuslab/wanda), for the weigh
             constant per matrix; it changes no ranking within a matrix.)
 ==========  =====================================================================================
 
+With ``targets`` (bool (n_chunks, seq_len), ``Corpus.targets``) only the marked tokens are scored:
+L_b is the mean cross-entropy over the batch's marked targets (a batch with none is skipped), and
+wanda's ‖X_j‖₂ runs over the positions that predict a marked target (position t - 1 for target t),
+so template tokens and answer tokens of the same sentences get separate importances.
+
 Streaming: the gradient methods keep one float32 accumulator per tensor (for a float32 model the
 parameter's own ``.grad``) and never store a batch's gradients; wanda keeps one float32 vector of
 squared norms per linear layer, filled by forward pre-hooks. During a pass only the region tensors
@@ -66,25 +71,39 @@ def region_tensors(lm, include_norms: bool = False) -> dict[str, nn.Parameter]:
 
 def importance(lm, chunks: torch.Tensor, method: str = "snip", batch_size: int = 8,
                tensors: Mapping[str, nn.Parameter] | Iterable[str] | None = None,
-               progress: bool = False) -> dict[str, torch.Tensor]:
+               progress: bool = False, targets: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Scores of ``method`` (see the module docstring) for ``tensors`` (default ``region_tensors``;
-    a name -> parameter dict or parameter names), float32 and on the parameters' device."""
+    a name -> parameter dict or parameter names), float32 and on the parameters' device.
+    ``targets``: the tokens that count (module docstring); None: all."""
     if method not in METHODS:
         raise EngramError(f"importance method {method!r}: choose one of {', '.join(METHODS)}")
     chunks = _check_chunks(lm, chunks, batch_size)
+    targets = check_targets(chunks, targets)
     params = _resolve(lm, tensors)
-    batches = progress_bar(_batches(chunks, batch_size, lm.device), f"importance ({method})", enabled=progress,
-                           total=-(-len(chunks) // batch_size))
+    batches = progress_bar(_batches(chunks, batch_size, lm.device, targets), f"importance ({method})",
+                           enabled=progress, total=-(-len(chunks) // batch_size))
     with _preserved(lm.model, params.values()):
         if method == "wanda":
             return _wanda(lm, batches, params)
         return _gradient_scores(lm.model, batches, params, per_batch_abs=method == "snip-abs")
 
 
-def next_token_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of a batch of full chunks (b, seq_len): b * (seq_len - 1) tokens."""
-    logits = model(input_ids=ids, use_cache=False).logits
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+def next_token_loss(model: nn.Module, ids: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy of a batch of chunks (b, seq_len): over its b * (seq_len - 1)
+    targets, or over the marked ones (``targets`` bool (b, seq_len), position 0 ignored)."""
+    logits = model(input_ids=ids, use_cache=False).logits  # (b, seq_len, vocab)
+    labels = ids[:, 1:] if targets is None else ids[:, 1:].masked_fill(~targets[:, 1:], -100)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+
+
+def check_targets(chunks: torch.Tensor, targets) -> torch.Tensor | None:
+    """``targets`` as a bool tensor shaped like ``chunks`` (None stays None)."""
+    if targets is None:
+        return None
+    if not isinstance(targets, torch.Tensor) or targets.shape != chunks.shape:
+        raise EngramError(f"targets: a bool mask shaped like the chunks {tuple(chunks.shape)} is needed, got "
+                          f"{tuple(getattr(targets, 'shape', ()))}; build the corpus with its targets")
+    return targets.bool()
 
 
 def _gradient_scores(model, batches, params, per_batch_abs: bool) -> dict[str, torch.Tensor]:
@@ -94,8 +113,10 @@ def _gradient_scores(model, batches, params, per_batch_abs: bool) -> dict[str, t
     acc = {n: None if in_grad[n] else torch.zeros(p.shape, dtype=torch.float32, device=p.device)
            for n, p in params.items()}
     with torch.enable_grad():
-        for ids in batches:
-            next_token_loss(model, ids).backward()
+        for ids, targets in batches:
+            if targets is not None and not bool(targets[:, 1:].any()):
+                continue  # no marked target in this batch: it adds nothing
+            next_token_loss(model, ids, targets).backward()
             for n, p in params.items():
                 if in_grad[n] or p.grad is None:
                     continue
@@ -125,12 +146,13 @@ def _wanda(lm, batches, params) -> dict[str, torch.Tensor]:
     sq: dict[str, torch.Tensor] = {}
     handles = []
     last: list = [None, None]  # (input, its column sums of squares): q/k/v, gate/up read one tensor
+    rows: list = [None]  # the batch's positions that predict a marked target, (b, seq_len) bool (None: all)
 
     def hook_for(name):
         def hook(module, args):
-            x = args[0]
+            x = args[0]  # (b, seq_len, d_in)
             if x is not last[0]:
-                flat = x.detach().reshape(-1, x.shape[-1]).float()
+                flat = (x.detach() if rows[0] is None else x.detach()[rows[0]]).reshape(-1, x.shape[-1]).float()
                 last[:] = [x, (flat * flat).sum(0)]
             sq[name].add_(last[1])
         return hook
@@ -141,7 +163,9 @@ def _wanda(lm, batches, params) -> dict[str, torch.Tensor]:
             sq[n] = torch.zeros(p.shape[weight_in_axis(m)], dtype=torch.float32, device=p.device)
             handles.append(m.register_forward_pre_hook(hook_for(n)))
         with torch.no_grad():
-            for ids in batches:
+            for ids, targets in batches:
+                if targets is not None:  # position t - 1 predicts target t
+                    rows[0] = torch.cat([targets[:, 1:], torch.zeros_like(targets[:, :1])], 1)
                 lm.model(input_ids=ids, use_cache=False)
     finally:
         last.clear()
@@ -179,9 +203,12 @@ def _preserved(model: nn.Module, params: Iterable[nn.Parameter]) -> Iterator[Non
         model.train(training)
 
 
-def _batches(chunks: torch.Tensor, batch_size: int, device) -> Iterator[torch.Tensor]:
+def _batches(chunks: torch.Tensor, batch_size: int, device, targets: torch.Tensor | None = None
+             ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """(ids (b, seq_len), targets (b, seq_len) or None) per batch, on ``device``."""
     for start in range(0, len(chunks), batch_size):
-        yield chunks[start: start + batch_size].to(device)
+        part = None if targets is None else targets[start: start + batch_size].to(device)
+        yield chunks[start: start + batch_size].to(device), part
 
 
 def _check_chunks(lm, chunks, batch_size) -> torch.Tensor:
