@@ -245,3 +245,36 @@ def test_each_analysis_takes_its_own_settings(trained, tmp_path):
     r = CliRunner().invoke(app, ["evolve", "--run", str(trained / "run"), "--out", str(tmp_path / "f"),
                                  "--set", "circuit.stepz=2"])
     assert r.exit_code == 2 and "stepz" in r.output
+
+
+def test_regions_over_checkpoints_follow_the_saved_masks(trained, tmp_path):
+    """``--analysis regions`` on a world run: each row's Jaccard columns are those of the saved
+    step masks, computed here by hand; the value and template regions are followed too."""
+    from engramlab.models.param_masks import load_masks
+
+    out = tmp_path / "ev"
+    r = CliRunner().invoke(app, ["evolve", "--run", str(trained / "run"), "--analysis", "regions", "--limit", "2",
+                                 "--set", "regions.ratio=0.05", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    rows = _rows(out)
+    steps = [row["step"] for row in rows]
+
+    def masks(step, name):
+        return load_masks(out / f"step-{step:07d}" / "regions" / f"{name}.safetensors")
+
+    def jac(a, b):
+        inter = sum(int((a[n] & b[n]).sum()) for n in a)
+        union = sum(int((a[n] | b[n]).sum()) for n in a)
+        return 1.0 if union == 0 else inter / union
+
+    for name in ("core", "top_template", "top_value"):
+        final = masks(steps[-1], name)
+        for i, row in enumerate(rows):
+            here = masks(row["step"], name)
+            assert row[f"regions.{name}_jaccard_final"] == pytest.approx(jac(here, final))
+            prev = None if i == 0 else jac(here, masks(steps[i - 1], name))
+            assert row[f"regions.{name}_jaccard_prev"] == (None if prev is None else pytest.approx(prev))
+    assert rows[-1]["regions.core_jaccard_final"] == 1.0
+    shares = [rows[0][k] for k in rows[0] if k.startswith("regions.core_share.L")]
+    assert len(shares) == 2 and sum(shares) == pytest.approx(1.0)
+    assert all(f"regions.accuracy.{r}" in rows[-1] for r in ("base", "core", "top_template", "top_value"))

@@ -39,8 +39,9 @@ Run directory (``save``): the shared ``config.json`` / ``records.jsonl`` / ``sum
 ``corpora.jsonl``, the masks ``core.safetensors``, ``bottom.safetensors``, ``random.safetensors``,
 ``specific_<corpus>.safetensors`` (``masks.save_masks``, bit-packed), ``overlap.json`` (labels and
 matrix) and, with ``save_importance``, ``importance_<corpus>.safetensors`` (float32 scores). The
-per-corpus top regions are not written (one more file the size of a mask per corpus); their
-overlaps are.
+per-corpus top regions are written only for facts (``top_template`` / ``top_value``, which
+``engram evolve`` follows over checkpoints); for corpora only their overlaps are (one file the size
+of a mask per corpus saved).
 """
 
 from __future__ import annotations
@@ -160,7 +161,8 @@ class RegionResult:
             rows = read_jsonl(d / "corpora.jsonl")
             fact_rows = got.records if got.records and "corpus" not in got.records[0] else None
         corpora = [r["corpus"] for r in rows]
-        names = [*CONTROLS, *(f"specific_{c}" for c in corpora if (d / f"specific_{c}.safetensors").is_file())]
+        names = [*CONTROLS, *(f"{kind}_{c}" for kind in ("specific", "top") for c in corpora
+                              if (d / f"{kind}_{c}.safetensors").is_file())]
         regions = {n: load_masks(d / f"{n}.safetensors") for n in names}
         ov = load_json(d / "overlap.json", "regions overlap")
         scores = None
@@ -262,6 +264,8 @@ def find_regions(lm, data, config: RegionConfig | None = None, *, progress: bool
         specific = {f"specific_{c}": specific_region(per_corpus, c, config.specific_q, config.specific_p,
                                                      config.scope) for c in per_corpus}
     regions.update(specific)
+    if facts is not None:  # two small tops (template, value): kept, so evolve can follow them
+        regions.update(tops)
     overlap = overlap_matrix({**{k: regions[k] for k in CONTROLS}, **tops, **specific})
 
     # perplexity (and, with facts, each fact's answer) with nothing and with each region zeroed
