@@ -119,7 +119,7 @@ def test_every_verb_option_that_sets_a_config_field_is_generated():
     """The flags of the config-backed verbs are the declared options plus the verb's own, listed here."""
     own = {"--model", "-m", "--facts", "-f", "--relation", "-r", "--limit", "-n", "--out", "-o", "--overwrite",
            "--seed", "--dtype", "--device", "--config", "--set", "--help", "--paraphrases", "--evolvability",
-           "--eapig-json", "--draw", "--world", "-w", "--resume", "--grid", "-g", "--preset", "-p"}
+           "--eapig-json", "--draw", "--world", "-w", "--resume", "--grid", "-g", "--preset", "-p", "--corpus"}
     for verb, classes in VERBS.items():
         generated = {f for c in classes for o in declared_options(c) for f in (o.flag or o.cli_flag).split("/")}
         extra = _flags(verb) - generated - own

@@ -96,7 +96,9 @@ def test_summary_keys_sizes_and_perplexities(lm):
     labels = ["core", "bottom", "random", "top_de", "top_fr", "specific_de", "specific_fr"]
     overlaps = [f"overlap.{a}.{b}" for i, a in enumerate(labels) for b in labels[i + 1:]]
     without = [f"{c}.ppl_without_top_{o}{r}" for c in corpora for o in corpora for r in ("", "_ratio")]
-    assert set(s) == {*per, *overlaps, *without, "region_size", "region_fraction", "n_tensors", "n_corpora",
+    dims = ["dimensions.top", "dimensions.massive", "dimensions.jaccard", "dimensions.n_breaking",
+            "dimensions.max_ratio", "dimensions.max_control_ratio", "super_weight"]
+    assert set(s) == {*per, *overlaps, *without, *dims, "region_size", "region_fraction", "n_tensors", "n_corpora",
                       "method", "seconds"}
 
     params = region_tensors(lm)
@@ -209,7 +211,8 @@ def test_save_and_load_round_trip(lm, tmp_path):
     res = find_regions(lm, two_corpora(), RegionConfig(**SMALL, save_importance=True))
     res.save(tmp_path / "run")
     names = {p.name for p in (tmp_path / "run").iterdir()}
-    assert {"config.json", "records.jsonl", "corpora.jsonl", "summary.json", "overlap.json", "core.safetensors",
+    assert {"config.json", "records.jsonl", "corpora.jsonl", "dimensions.json", "summary.json", "overlap.json",
+            "core.safetensors",
             "bottom.safetensors",
             "random.safetensors", "specific_de.safetensors", "specific_fr.safetensors",
             "importance_de.safetensors", "importance_fr.safetensors"} == names
@@ -302,3 +305,29 @@ def test_the_verb_refuses_bad_input_in_one_line(tiny_hf_dir, tmp_path, case):
     errors = [line for line in res.output.splitlines() if line.startswith("error:")]  # besides "loading model"
     assert len(errors) == 1 and want in errors[0], res.output
     assert not out.exists()
+
+
+def test_dimension_dependency_in_the_result_is_the_library_call_on_the_core_region(lm, tmp_path):
+    """find_regions' dimensions.json: the same rows dimension_dependency gives on the result's
+    core region and core score, and its summary keys read off those rows."""
+    from engramlab.locate.regions.dimensions import dimension_dependency, massive_activations
+    from engramlab.locate.regions.masks import core_scores
+
+    corpora = two_corpora()
+    res = find_regions(lm, corpora, RegionConfig(**SMALL, dimensions=3, save_importance=True))
+    held = {c: corp.chunks[-2:] for c, corp in corpora.items()}
+    massive = massive_activations(lm, torch.cat(list(held.values())), 2, 100.0)
+    want = dimension_dependency(lm, region_tensors(lm), res.core, core_scores(res.importance, "total"), held, top=3,
+                                batch_size=2, avoid=massive["dims"])
+    assert json.loads(json.dumps(res.dimensions["dependency"])) == json.loads(json.dumps(want))
+    s = res.summary()
+    assert s["dimensions.top"] == ",".join(str(r["dim"]) for r in want) and len(want) == 3
+    least = [min(r["ppl_ratio"].values()) for r in want]
+    assert s["dimensions.max_ratio"] == pytest.approx(max(least))
+    assert s["dimensions.n_breaking"] == sum(v >= 10 for v in least)
+    res.save(tmp_path)
+    assert RegionResult.load(tmp_path).summary() == s
+    off = find_regions(lm, corpora, RegionConfig(**SMALL, dimensions=0))
+    assert off.dimensions is None and "dimensions.top" not in off.summary()
+    with pytest.raises(EngramError, match="dimension_op.*scale:C"):
+        RegionConfig(dimension_op="scale:x")

@@ -46,11 +46,30 @@ class RegionConfig:
                            "the mean of per-batch mean losses, the reference's).", choices=PPL_MODES)
     zero_tops: bool = option(True, "Also measure every corpus with each corpus's own top region zeroed "
                              "(<corpus>.ppl_without_top_<other>): does one language's region serve the others?")
+    dimensions: int = option(8, "Dimension dependency (corpora only): perturb the single most important core "
+                             "parameter on each of this many most core-dense hidden dimensions, and cross-check "
+                             "them with the massive activations (0: skip).", range=(0, None))
+    dimension_op: str = option("zero", "How that one parameter is perturbed: zero | scale:C (multiply by C, "
+                               "e.g. scale:-10).")
+    massive_ratio: float = option(100.0, "A hidden dimension's activations are massive when their largest "
+                                  "magnitude exceeds this many times the median dimension's.", range=(1, None),
+                                  open_low=True)
     save_importance: bool = option(False, "Also write each corpus's importance scores "
                                    "(importance_<corpus>.safetensors, float32: 4 bytes per parameter).")
     seed: int = 0  # the random control region
 
     def __post_init__(self):
         validate(self)
+        op = self.dimension_op
+        scale = op.startswith("scale:") and _is_float(op[len("scale:"):])
+        check(self, "dimension_op", op == "zero" or scale, "use zero or scale:C with C a number, e.g. scale:-10")
         check(self, "include_norms", not (self.include_norms and self.method == "wanda"),
               "wanda scores weight matrices only (norms have no input columns); leave norms out or use snip")
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

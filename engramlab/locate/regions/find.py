@@ -18,7 +18,11 @@ FactSet (then the corpora are its sentences' template and answer tokens, ``regio
 5. perplexity of every corpus on its held-out chunks with nothing, the core, the bottom and the
    random region zeroed, and (``zero_tops``) with each corpus's own top region zeroed
    (``perturb.zeroed``: the weights are written back bit-identically on leaving, Ctrl-C included);
-6. with facts: every fact scored (``score_recall``, its first template) with nothing and with
+6. dimension dependency (corpora, ``dimensions`` > 0; ``regions.dimensions``): the massive
+   activations and candidate super weights from one pass over the held-out chunks, then one core
+   parameter perturbed at a time on each of the ``dimensions`` most core-dense hidden dimensions,
+   against a same-matrix control off those and off the massive dimensions;
+7. with facts: every fact scored (``score_recall``, its first template) with nothing and with
    each of those regions zeroed.
 
 With facts there is no held-out split: importance and perplexity both use every fact sentence
@@ -29,14 +33,19 @@ Summary keys: ``<corpus>.ppl_base`` / ``_top`` / ``_bottom`` / ``_random`` and t
 base ``<corpus>.ppl_top_ratio`` / ``_bottom_ratio`` / ``_random_ratio``, ``<corpus>.specific_size``,
 ``<corpus>.ppl_without_top_<other>`` (and ``_ratio``) with each corpus's top region zeroed,
 ``region_size`` (entries in the core region), ``region_fraction``, ``n_tensors``, ``n_corpora``,
-``overlap.<a>.<b>`` for every two regions, ``seconds``; with facts also ``n_facts`` and
+``overlap.<a>.<b>`` for every two regions, ``seconds``; with dimension dependency
+``dimensions.top`` / ``dimensions.massive`` (comma-separated dimensions), ``dimensions.jaccard``
+(``coincide``), ``dimensions.n_breaking`` (top dimensions where one perturbed parameter raises every
+corpus's perplexity at least ``BREAKS`` times), ``dimensions.max_ratio`` / ``max_control_ratio``
+(the largest over the top dimensions of the smallest ratio over the corpora) and ``super_weight``
+(parameter[index] of the first candidate); with facts also ``n_facts`` and
 ``accuracy.<region>`` / ``mean_prob.<region>`` (top-1 accuracy and mean probability of the answer's
 first token) for ``base`` and each zeroed region. Records: one row per fact with facts (its rank
 and probability under each region), else one row per corpus; the corpus rows are ``corpus_rows``
 (``corpora.jsonl``) either way.
 
 Run directory (``save``): the shared ``config.json`` / ``records.jsonl`` / ``summary.json``,
-``corpora.jsonl``, the masks ``core.safetensors``, ``bottom.safetensors``, ``random.safetensors``,
+``corpora.jsonl``, ``dimensions.json`` (with dimension dependency), the masks ``core.safetensors``, ``bottom.safetensors``, ``random.safetensors``,
 ``specific_<corpus>.safetensors`` (``masks.save_masks``, bit-packed), ``overlap.json`` (labels and
 matrix) and, with ``save_importance``, ``importance_<corpus>.safetensors`` (float32 scores). The
 per-corpus top regions are written only for facts (``top_template`` / ``top_value``, which
@@ -72,6 +81,7 @@ from engramlab.runs import atomic_write_json, atomic_write_jsonl, load_json, rea
 NAME = "regions"
 CONTROLS = ("core", "bottom", "random")  # the regions every corpus's perplexity is measured under
 PPL_KEYS = {"core": "top", "bottom": "bottom", "random": "random"}  # region -> summary key suffix
+BREAKS = 10.0  # one perturbed parameter "breaks" the model: every corpus's perplexity x10 or more
 _CORPUS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
 
@@ -93,6 +103,7 @@ class RegionResult:
     model: dict = field(default_factory=dict)
     importance: dict[str, dict[str, torch.Tensor]] | None = None
     fact_rows: list[dict] | None = None
+    dimensions: dict | None = None
 
     @property
     def corpora(self) -> list[str]:
@@ -127,6 +138,8 @@ class RegionResult:
         for i, a in enumerate(labels):
             for j in range(i + 1, len(labels)):
                 out[f"overlap.{a}.{labels[j]}"] = matrix[i][j]
+        if self.dimensions is not None:
+            out.update(dimension_summary(self.dimensions))
         if self.fact_rows is not None:
             out["n_facts"] = len(self.fact_rows)
             for region in fact_regions(self.fact_rows):
@@ -141,6 +154,8 @@ class RegionResult:
     def save(self, directory: str | Path) -> None:
         d = write_result(directory, NAME, self)
         atomic_write_jsonl(d / "corpora.jsonl", self.rows)
+        if self.dimensions is not None:
+            atomic_write_json(d / "dimensions.json", self.dimensions)
         for name, masks in self.regions.items():
             save_masks(d / f"{name}.safetensors", masks)
         atomic_write_json(d / "overlap.json", {"labels": self.overlap[0], "matrix": self.overlap[1]})
@@ -170,7 +185,9 @@ class RegionResult:
             from safetensors.torch import load_file
 
             scores = {c: load_file(str(d / f"importance_{c}.safetensors")) for c in corpora}
-        return cls(rows, regions, (ov["labels"], ov["matrix"]), got.config, got.stats, got.model, scores, fact_rows)
+        dims = load_json(d / "dimensions.json", "regions dimensions") if (d / "dimensions.json").is_file() else None
+        return cls(rows, regions, (ov["labels"], ov["matrix"]), got.config, got.stats, got.model, scores, fact_rows,
+                   dims)
 
 
 def fact_regions(fact_rows: list[dict]) -> list[str]:
@@ -281,6 +298,10 @@ def find_regions(lm, data, config: RegionConfig | None = None, *, progress: bool
             if facts is not None:
                 fact_scores[region or "base"] = _recall_rows(lm, facts, config.batch_size)
     t_ppl = time.time() - t1
+    dims = None
+    if facts is None and config.dimensions:
+        dims = dimension_study(lm, params, regions["core"], score, splits, {c: p["base"] for c, p in ppl.items()},
+                               config)
 
     rows = []
     for name, c in corpora.items():
@@ -300,7 +321,46 @@ def find_regions(lm, data, config: RegionConfig | None = None, *, progress: bool
              "seconds_perplexity": round(t_ppl, 3), "seconds": round(time.time() - t0, 3)}
     return RegionResult(rows, regions, overlap, to_dict(config), stats, model_facts(lm),
                         per_corpus if config.save_importance else None,
-                        _fact_rows(facts, fact_scores) if facts is not None else None)
+                        _fact_rows(facts, fact_scores) if facts is not None else None, dims)
+
+
+def dimension_study(lm, params, core, score, splits: Mapping[str, Split], base: dict, config: RegionConfig) -> dict:
+    """Massive activations, super-weight candidates and dimension dependency (``regions.dimensions``)
+    on the held-out chunks; what ``dimensions.json`` holds."""
+    from engramlab.locate.regions.dimensions import (coincide, dimension_dependency, massive_activations,
+                                                     super_weight_candidates)
+
+    sample = torch.cat([sp.held_out for sp in splits.values()])  # (n_corpora * eval_chunks, seq_len)
+    massive = massive_activations(lm, sample, config.batch_size, config.massive_ratio)
+    supers = super_weight_candidates(lm, sample, top=3, batch_size=config.batch_size)
+    held_out = {c: sp.held_out for c, sp in splits.items()}
+    dep = dimension_dependency(lm, params, core, score, held_out, top=config.dimensions, op=config.dimension_op,
+                               batch_size=config.batch_size, ppl_mode=config.ppl_mode, base_ppl=base,
+                               avoid=massive["dims"])
+    massive = {k: v for k, v in massive.items() if k != "layer_max"}  # (n_layers, d_model): not kept
+    return {"dependency": dep, "massive": massive, "super_weights": supers,
+            "coincide": coincide([r["dim"] for r in dep], massive["dims"])}
+
+
+def dimension_summary(dims: dict) -> dict:
+    """The ``dimensions.*`` summary keys of a ``dimensions.json`` (see the module docstring)."""
+    dep = dims.get("dependency") or []
+
+    def worst(ratios) -> float | None:  # the smallest ratio over the corpora: "breaks every corpus"
+        vals = [v for v in (ratios or {}).values() if v is not None]
+        return min(vals) if vals else None
+
+    least = [worst(r["ppl_ratio"]) for r in dep]
+    control = [worst(r["control_ppl_ratio"]) for r in dep]
+    supers = dims.get("super_weights") or []
+    first = supers[0] if supers else None
+    return {"dimensions.top": ",".join(str(r["dim"]) for r in dep),
+            "dimensions.massive": ",".join(str(d) for d in (dims.get("massive") or {}).get("dims", [])),
+            "dimensions.jaccard": (dims.get("coincide") or {}).get("jaccard"),
+            "dimensions.n_breaking": sum(v is not None and v >= BREAKS for v in least),
+            "dimensions.max_ratio": max((v for v in least if v is not None), default=None),
+            "dimensions.max_control_ratio": max((v for v in control if v is not None), default=None),
+            "super_weight": None if first is None else f"{first['param']}[{','.join(map(str, first['index']))}]"}
 
 
 def _recall_rows(lm, facts, batch_size: int) -> list[dict]:

@@ -23,6 +23,7 @@ from engramlab.errors import EngramError
 from engramlab.report.page import (Finding, Section, anchor, details, figure, fmt, is_number, kv_table, new_figure,
                                    note, para, series, slider, table)
 from engramlab.report.runs import Report, RunView
+from engramlab.report.sections import knowledge_regions as knowledge
 from engramlab.report.sections import renderer
 
 ROLE_COLUMNS = (("circuit.mover_fraction", "mover"), ("circuit.relation_fraction", "relation"),
@@ -504,9 +505,16 @@ def evolve_section(run: RunView, report: Report, rows: list[dict], continual: bo
             parts += ["<h3>Knowledge neurons over checkpoints</h3>", neurons_figure(rows)]
         if has(rows, "dkn.found_rate"):
             parts += ["<h3>Degenerate knowledge neurons over checkpoints</h3>", dkn_figure(rows, run)]
+        if has(rows, "regions.core_jaccard_final"):
+            lk = knowledge.numbers(rows[-1], "regions.")
+            parts += ["<h3>Parameter regions over checkpoints</h3>", knowledge.over_time_figure(rows)]
+            if lk is not None:
+                parts += [f"<h4>Language vs knowledge at the final checkpoint (step {fmt(rows[-1].get('step'))})</h4>",
+                          knowledge.zeroed_table(lk)]
     parts.append(details("summary.json: change points", summary_table(s)))
     priority = 1 if continual else 0
-    findings = [f for f in (formation_finding(s, rows, sid, priority), deep_finding(s, sid, priority)) if f]
+    findings = [f for f in (formation_finding(s, rows, sid, priority), deep_finding(s, sid, priority),
+                            knowledge.finding(rows[-1], sid, "regions.") if rows else None) if f]
     return Section(sid, f"Circuits over checkpoints: {run.name}", "".join(parts), order=40, findings=findings)
 
 

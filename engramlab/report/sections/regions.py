@@ -16,6 +16,7 @@ from engramlab.models.param_masks import mask_fractions
 from engramlab.report.page import (Finding, Section, figure, fmt, is_number, kv_table, new_figure, note, para, shown_path,
                                    table)
 from engramlab.report.runs import Report, RunView
+from engramlab.report.sections import knowledge_regions as knowledge
 from engramlab.report.sections import renderer
 from engramlab.report.sections.locators import locator_config, model_name, records_of, verb_section
 
@@ -290,6 +291,14 @@ def regions_body(run: RunView, sid: str) -> tuple[str, list[Finding]]:
     settings += [(k, run.config.get(k)) for k in ("dtype", "device") if run.config.get(k)]
     body += "<h4>Settings</h4>" + kv_table(settings)
 
+    lk = knowledge.numbers(s)
+    if lk is not None:  # a run on facts: language vs knowledge, not languages
+        found = knowledge.finding(s, sid, priority=1)
+        body = ("<h4>Language vs knowledge</h4>" + knowledge.zeroed_table(lk)
+                + para(f"{fmt(lk.get('n_facts'))} facts; the template corpus scores the prompt tokens, the answer "
+                       "corpus the answer tokens of the same sentences. Jaccard of the two top regions: "
+                       f"{fmt(lk.get('overlap'))}.") + body)
+        return para(f"Finding language_knowledge: {found.verdict} ({found.measured}).") + body, [found]
     from_records = {f"{c}.{k}": v for c, r in rows.items() for k, v in r.items() if k.endswith("_ratio")}
     measured = ratios({**from_records, **s}, corpora)
     finding = Finding("core_region", measured_text(measured, corpora), core_verdict(measured), sid,
