@@ -327,8 +327,8 @@ def find_regions(lm, data, config: RegionConfig | None = None, *, progress: bool
 def dimension_study(lm, params, core, score, splits: Mapping[str, Split], base: dict, config: RegionConfig) -> dict:
     """Massive activations, super-weight candidates and dimension dependency (``regions.dimensions``)
     on the held-out chunks; what ``dimensions.json`` holds."""
-    from engramlab.locate.regions.dimensions import (coincide, dimension_dependency, massive_activations,
-                                                     super_weight_candidates)
+    from engramlab.locate.regions.dimensions import (coincide, dimension_counts, dimension_dependency,
+                                                     massive_activations, super_weight_candidates)
 
     sample = torch.cat([sp.held_out for sp in splits.values()])  # (n_corpora * eval_chunks, seq_len)
     massive = massive_activations(lm, sample, config.batch_size, config.massive_ratio)
@@ -339,7 +339,8 @@ def dimension_study(lm, params, core, score, splits: Mapping[str, Split], base: 
                                avoid=massive["dims"])
     massive = {k: v for k, v in massive.items() if k != "layer_max"}  # (n_layers, d_model): not kept
     return {"dependency": dep, "massive": massive, "super_weights": supers,
-            "coincide": coincide([r["dim"] for r in dep], massive["dims"])}
+            "coincide": coincide([r["dim"] for r in dep], massive["dims"]),
+            "core_counts": dimension_counts(lm, core).tolist()}  # (d_model,): the core entries per dimension
 
 
 def dimension_summary(dims: dict) -> dict:

@@ -16,6 +16,7 @@ from engramlab.models.param_masks import mask_fractions
 from engramlab.report.page import (Finding, Section, figure, fmt, is_number, kv_table, new_figure, note, para, shown_path,
                                    table)
 from engramlab.report.runs import Report, RunView
+from engramlab.report.sections import dimension_regions as dimensions
 from engramlab.report.sections import knowledge_regions as knowledge
 from engramlab.report.sections import renderer
 from engramlab.report.sections.locators import locator_config, model_name, records_of, verb_section
@@ -276,6 +277,10 @@ def regions_body(run: RunView, sid: str) -> tuple[str, list[Finding]]:
     else:
         body += note("No core.safetensors (the core mask): no map of where the core region sits.")
 
+    dims = run.json("dimensions.json") if run.has("dimensions.json") else None
+    if isinstance(dims, dict):
+        body += ("<h4>Dimension dependency</h4>" + dimensions.dims_figure(dims, f"hidden dimensions ({name})")
+                 + dimensions.dims_tables(dims))
     sizes = [("entries in the core (= bottom = random) region", s.get("region_size")),
              ("share of the region tensors' entries", s.get("region_fraction")),
              ("region tensors", s.get("n_tensors")),
@@ -303,7 +308,9 @@ def regions_body(run: RunView, sid: str) -> tuple[str, list[Finding]]:
     measured = ratios({**from_records, **s}, corpora)
     finding = Finding("core_region", measured_text(measured, corpora), core_verdict(measured), sid,
                       priority=len(measured))
-    return para(f"Finding core_region: {finding.verdict} ({finding.measured}).") + body, [finding]
+    found = [finding, *([dimensions.finding(dims, sid)] if isinstance(dims, dict) else [])]
+    head = "".join(para(f"Finding {f.key}: {f.verdict} ({f.measured}).") for f in found)
+    return head + body, found
 
 
 @renderer("regions")
