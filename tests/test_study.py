@@ -123,6 +123,17 @@ def test_stage_line_reads_the_stage_summary(tmp_path):
                                                   "final_attr_acc": 0.9712}))
     assert stage_line("train", run) == "train: 2000 steps, plateau 150\u2192400, final acc 0.97, 3m12s"
 
+    regions = tmp_path / "regions"
+    regions.mkdir()
+    (regions / "manifest.json").write_text(json.dumps({
+        "command": "regions", "config": {}, "status": "complete",
+        "start_time": "2026-12-01T10:00:00+0000", "end_time": "2026-12-01T10:00:42+0000"}))
+    (regions / "summary.json").write_text(json.dumps({
+        "de.ppl_top_ratio": 187000.0, "de.ppl_random_ratio": 1.764, "fr.ppl_top_ratio": 6.0e5,
+        "fr.ppl_random_ratio": 1.72, "dimensions.top": "5,9", "dimensions.n_breaking": 1, "dimensions.massive": "9"}))
+    assert stage_line("regions", regions) == ("regions: de core x1.87e+05 random x1.76; fr core x6e+05 random x1.72; "
+                                              "1 breaking dimension(s), massive 9, 42s")
+
 
 def test_a_killed_study_resumes_without_redoing_finished_stages(tmp_path):
     """SIGKILL during the training stage; the second run keeps the world and finishes."""

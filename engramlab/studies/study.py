@@ -41,6 +41,11 @@ def _num(x, digits: int = 2) -> str:
     return str(x)
 
 
+def _times(x) -> str:
+    """A ratio in 3 significant digits (1.9e+05, 1.48)."""
+    return f"{x:.3g}" if isinstance(x, (int, float)) and not isinstance(x, bool) else "—"
+
+
 def _describe(command: str, s: dict, config: dict) -> str:
     """The headline of one verb's summary, in words."""
     if command == "world":
@@ -77,6 +82,22 @@ def _describe(command: str, s: dict, config: dict) -> str:
     if command == "circuit":
         return (f"{s.get('n_edges_kept', '?')}/{s.get('n_edges_total', '?')} edges, held-out faithfulness "
                 f"{_num(s.get('faithfulness'))}")
+    if command == "regions":
+        if s.get("accuracy.base") is not None:
+            return (f"{s.get('n_facts', '?')} facts, accuracy {_num(s.get('accuracy.base'))}, with the answer tokens' "
+                    f"region zeroed {_num(s.get('accuracy.top_value'))}, the template tokens' "
+                    f"{_num(s.get('accuracy.top_template'))}")
+        corpora = [k[: -len(".ppl_top_ratio")] for k in s if k.endswith(".ppl_top_ratio")]
+        parts = [f"{c} core x{_times(s.get(f'{c}.ppl_top_ratio'))} random x{_times(s.get(f'{c}.ppl_random_ratio'))}"
+                 for c in corpora]
+        if s.get("dimensions.top"):
+            parts.append(f"{s.get('dimensions.n_breaking')} breaking dimension(s), massive {s.get('dimensions.massive') or 'none'}")
+        return "; ".join(parts) or "no corpora"
+    if command == "freeze":
+        arms = [k[: -len(".forgetting")] for k in s if k.endswith(".forgetting")]
+        return ", ".join(f"{a} forgetting x{_times(s.get(f'{a}.forgetting'))}" for a in arms) or "no arms"
+    if command == "corpus":
+        return ", ".join(f"{k} {_num(v)}" for k, v in list(s.items())[:4] if isinstance(v, (int, float)))
     if command == "continual":
         return f"K_rel half step {_num(s.get('k_rel_half_step'))} vs K_compl {_num(s.get('k_compl_half_step'))}"
     return ", ".join(f"{k} {_num(v)}" for k, v in list(s.items())[:3] if isinstance(v, (int, float)))
