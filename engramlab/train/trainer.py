@@ -101,40 +101,31 @@ def _dropout_seed(seed: int, step: int) -> int:
     return random.Random(f"engramlab-dropout-{seed}-{step}").getrandbits(63)
 
 
-class Trainer:
-    """One training run. ``Trainer(cfg, world, out).run()``; see ``train()`` for the API."""
+class TrainLoop:
+    """What every training loop here shares, whatever it trains on: the AdamW groups (weight decay
+    on matrices only), ``train_step`` on a batch dict, the ``--freeze`` region, checkpoints with
+    optimizer.pt and ``--resume`` from them, and the next batch built in a background thread.
 
-    def __init__(self, cfg: TrainConfig, world: World, out: Path, resume: bool = False):
-        self.cfg, self.world, self.out = cfg, world, Path(out)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.device = resolve_device(cfg.device)
-        self.old_world = World.load(cfg.old_world) if cfg.old_world else None
-        self.lm: LoadedModel = self._build_model()  # the model being trained, its tokenizer and hook sites
-        is_replay = cfg.sampler.startswith("replay")
-        self.population = Population(world, self.old_world if is_replay else None)
-        if is_replay and self.old_world is None:
-            raise EngramError("sampler replay needs the old population: pass --old-world DIR "
-                              "(or --init a run trained on it)")
-        spec = cfg.sampler
-        if is_replay:  # the replay index space is (old, new): give it the old population's size
-            spec = re.sub(r"old=[^,]*", f"old={self.population.n_old}", spec)
-            if "old=" not in spec:
-                spec = spec.replace("replay:", f"replay:old={self.population.n_old},", 1)
-        self.sampler = make_sampler(spec, self.population.n_new, seed=cfg.seed)
-        self.baseline = baseline_loss(world)
-        self.ckpt_steps = set(checkpoint_steps(cfg.checkpoints, cfg.steps))
-        self.start_step = 0
-        self.optimizer = self._make_optimizer()
-        window = patch_window(cfg)
-        self.patch = None if window is None else AttentionPatch(cfg.patch_attention_from, window,
-                                                                device=str(self.device), trained=self.lm)
-        if resume:
-            self._resume()
-        # built after a resume: the values it holds are the frozen entries' values, equal at every step
-        self.freezer = self._make_freezer()
-        self.evalsets = self._build_evalsets()
+    A subclass sets ``cfg`` (a ``TrainConfig``: the optimizer, schedule, clipping and freezing
+    fields), ``lm``, ``device``, ``out`` and ``start_step``, and defines ``make_batch(step)``, a
+    pure function of (seed, step), so a resumed run ends bit-identical to an uninterrupted one.
+    ``Trainer`` (synthetic worlds) and ``engramlab.train.corpus_train.CorpusTrainer`` (text
+    corpora) are the two.
+    """
 
-    # -- set-up ---------------------------------------------------------------------------
+    cfg: TrainConfig
+    lm: LoadedModel
+    out: Path
+    start_step: int = 0
+    freezer = None
+
+    @property
+    def model(self):
+        return self.lm.model
+
+    @property
+    def tokenizer(self):
+        return self.lm.tokenizer
 
     def _make_freezer(self):
         """The ``--freeze`` region as a ``Freezer`` (None without --freeze); masks are keyed by
@@ -151,46 +142,6 @@ class Trainer:
             raise EngramError(f"--freeze {self.cfg.freeze}: no masks file (give a .safetensors of masks or an engram "
                               "regions run directory with core.safetensors)")
         return Freezer(dict(self.model.named_parameters()), load_masks(path), self.cfg.freeze_mode)
-    @property
-    def model(self):
-        return self.lm.model
-
-    @property
-    def tokenizer(self):
-        return self.lm.tokenizer
-
-    def _build_model(self) -> LoadedModel:
-        """The model to train: --init's (with its own tokenizer, which must cover the world), or
-        fresh weights of --model-config with the world's word tokenizer (or --tokenizer's)."""
-        cfg = self.cfg
-        if cfg.init:
-            lm = load_model(cfg.init, device=str(self.device) if cfg.device != "auto" else "auto", trainable=True)
-            lm.model.train()
-            if self.old_world is None:
-                self.old_world = _world_of_run(cfg.init)
-            origin = f"--init {cfg.init}"
-        else:
-            tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else build_word_tokenizer(self.world)
-            model = build_model(cfg.model_config, len(tokenizer), self._max_len(tokenizer), cfg.seed, tokenizer,
-                                dropout=cfg.dropout)
-            lm = wrap_model(model.to(self.device), tokenizer)
-            origin = f"--tokenizer {cfg.tokenizer}" if cfg.tokenizer else None
-        if origin is not None:  # a tokenizer not made from this world: an unknown word would train as <unk>
-            check_covers(lm.tokenizer, self.world, f"{origin} on world {cfg.world or '(in memory)'}")
-            if self.old_world is not None:
-                check_covers(lm.tokenizer, self.old_world, f"{origin} on the old world")
-        lm.model.requires_grad_(True)
-        if lm.tokenizer.pad_token_id is None:  # GPT-2-style tokenizers: pad with eos
-            lm.tokenizer.pad_token = lm.tokenizer.eos_token
-        self.dropout_hooks = set_dropout(lm.model, lm.adapter, cfg.dropout)
-        return lm
-
-    def _max_len(self, tokenizer) -> int:
-        # The longest biography: every template at its longest value plus <bos>/<eos>, rounded up.
-        rng = random.Random(0)
-        bios = [self.world.biography(i % len(self.world.people), rng) for i in range(256)]
-        longest = int(encode_biographies(tokenizer, bios)["attention_mask"].sum(1).max())
-        return 2 ** math.ceil(math.log2(longest * 1.5))
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2]
@@ -198,27 +149,6 @@ class Trainer:
         groups = [{"params": decay, "weight_decay": self.cfg.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2))
-
-    def _build_evalsets(self) -> list[EvalSet]:
-        c, tok = self.cfg, self.tokenizer
-        how = dict(context=c.eval_context, template_choice=c.eval_template_choice)
-        sets = [EvalSet.build("eval", self.world, "heldout_templates", tok, c.eval_people, c.eval_templates, **how),
-                EvalSet.build("train", self.world, "train_templates", tok, c.eval_people, c.eval_templates, **how)]
-        p = self.sampler.probabilities()[self.population.n_old:]
-        if self.world.config.kind == "bio" and not np.allclose(p, p[0]):
-            # A non-uniform sampler: also measure knowledge on the training distribution itself,
-            # people drawn (with repeats) as often as the sampler shows them.
-            rng = np.random.default_rng([c.seed, 7])
-            drawn = sorted(rng.choice(len(p), size=c.eval_people, p=p / p.sum()).tolist())
-            sets.append(EvalSet.build("dist", self.world, "heldout_templates", tok, None, c.eval_templates,
-                                      people=drawn, **how))
-        if self.world.heldout_people:
-            sets.append(EvalSet.build("heldout", self.world, "heldout_people", tok, c.eval_people, c.eval_templates,
-                                      **how))
-        if self.old_world is not None:
-            sets.append(EvalSet.build("old", self.old_world, "heldout_templates", tok, c.eval_people,
-                                      c.eval_templates, **how))
-        return sets
 
     # -- checkpoints and resume -------------------------------------------------------------
     def _save_checkpoint(self, step: int) -> None:
@@ -256,6 +186,147 @@ class Trainer:
             atomic_write_jsonl(metrics, [r for r in read_jsonl(metrics) if r["step"] <= step])
 
     # -- the loop -----------------------------------------------------------------------------
+    def make_batch(self, step: int) -> dict:
+        raise NotImplementedError
+
+    def batches(self, first: int, last: int):
+        """Yield (step, batch) for steps [first, last), building the next batch in a background
+        thread while the current step computes (torch releases the GIL in its kernels)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(self.make_batch, first) if first < last else None
+            for step in range(first, last):
+                batch = pending.result()
+                pending = pool.submit(self.make_batch, step + 1) if step + 1 < last else None
+                yield step, batch
+
+    def train_step(self, step: int, batch: dict | None = None) -> tuple[float, int]:
+        """One optimizer step on ``batch`` {input_ids, attention_mask: (batch, seq)} (default:
+        ``make_batch(step)``): lr of ``step``, cross-entropy of next tokens (padding ignored),
+        backward, the freezer, gradient clipping, AdamW; returns (loss, tokens in the
+        batch = the attention mask's sum)."""
+        cfg = self.cfg
+        batch = self.make_batch(step) if batch is None else batch
+        ids, am = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+        self._before_update(step)
+        for g in self.optimizer.param_groups:
+            g["lr"] = learning_rate(cfg, step)
+        if cfg.dropout:  # dropout masks, like batches, a pure function of (seed, step): resume stays exact
+            torch.manual_seed(_dropout_seed(cfg.seed, step))
+        with self._forward_context(step, ids, am):
+            logits = self.model(input_ids=ids, attention_mask=am).logits
+        targets = ids[:, 1:].masked_fill(am[:, 1:] == 0, -100)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.freezer is not None:
+            self.freezer.before_step()  # before clipping: frozen gradients do not count in the norm
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        if self.freezer is not None:
+            self.freezer.after_step()
+        return float(loss.detach()), int(am.sum())
+
+    def _before_update(self, step: int) -> None:
+        """Called first in ``train_step`` (a subclass's hook; nothing here)."""
+
+    def _forward_context(self, step: int, ids: torch.Tensor, am: torch.Tensor):
+        """The context the training forward pass runs in (a subclass's hook; none here)."""
+        return nullcontext()
+
+
+class Trainer(TrainLoop):
+    """One training run. ``Trainer(cfg, world, out).run()``; see ``train()`` for the API."""
+
+    def __init__(self, cfg: TrainConfig, world: World, out: Path, resume: bool = False):
+        self.cfg, self.world, self.out = cfg, world, Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.device = resolve_device(cfg.device)
+        self.old_world = World.load(cfg.old_world) if cfg.old_world else None
+        self.lm: LoadedModel = self._build_model()  # the model being trained, its tokenizer and hook sites
+        is_replay = cfg.sampler.startswith("replay")
+        self.population = Population(world, self.old_world if is_replay else None)
+        if is_replay and self.old_world is None:
+            raise EngramError("sampler replay needs the old population: pass --old-world DIR "
+                              "(or --init a run trained on it)")
+        spec = cfg.sampler
+        if is_replay:  # the replay index space is (old, new): give it the old population's size
+            spec = re.sub(r"old=[^,]*", f"old={self.population.n_old}", spec)
+            if "old=" not in spec:
+                spec = spec.replace("replay:", f"replay:old={self.population.n_old},", 1)
+        self.sampler = make_sampler(spec, self.population.n_new, seed=cfg.seed)
+        self.baseline = baseline_loss(world)
+        self.ckpt_steps = set(checkpoint_steps(cfg.checkpoints, cfg.steps))
+        self.start_step = 0
+        self.optimizer = self._make_optimizer()
+        window = patch_window(cfg)
+        self.patch = None if window is None else AttentionPatch(cfg.patch_attention_from, window,
+                                                                device=str(self.device), trained=self.lm)
+        if resume:
+            self._resume()
+        # built after a resume: the values it holds are the frozen entries' values, equal at every step
+        self.freezer = self._make_freezer()
+        self.evalsets = self._build_evalsets()
+
+    # -- set-up ---------------------------------------------------------------------------
+
+    def _build_model(self) -> LoadedModel:
+        """The model to train: --init's (with its own tokenizer, which must cover the world), or
+        fresh weights of --model-config with the world's word tokenizer (or --tokenizer's)."""
+        cfg = self.cfg
+        if cfg.init:
+            lm = load_model(cfg.init, device=str(self.device) if cfg.device != "auto" else "auto", trainable=True)
+            lm.model.train()
+            if self.old_world is None:
+                self.old_world = _world_of_run(cfg.init)
+            origin = f"--init {cfg.init}"
+        else:
+            tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else build_word_tokenizer(self.world)
+            model = build_model(cfg.model_config, len(tokenizer), self._max_len(tokenizer), cfg.seed, tokenizer,
+                                dropout=cfg.dropout)
+            lm = wrap_model(model.to(self.device), tokenizer)
+            origin = f"--tokenizer {cfg.tokenizer}" if cfg.tokenizer else None
+        if origin is not None:  # a tokenizer not made from this world: an unknown word would train as <unk>
+            check_covers(lm.tokenizer, self.world, f"{origin} on world {cfg.world or '(in memory)'}")
+            if self.old_world is not None:
+                check_covers(lm.tokenizer, self.old_world, f"{origin} on the old world")
+        lm.model.requires_grad_(True)
+        if lm.tokenizer.pad_token_id is None:  # GPT-2-style tokenizers: pad with eos
+            lm.tokenizer.pad_token = lm.tokenizer.eos_token
+        self.dropout_hooks = set_dropout(lm.model, lm.adapter, cfg.dropout)
+        return lm
+
+    def _max_len(self, tokenizer) -> int:
+        # The longest biography: every template at its longest value plus <bos>/<eos>, rounded up.
+        rng = random.Random(0)
+        bios = [self.world.biography(i % len(self.world.people), rng) for i in range(256)]
+        longest = int(encode_biographies(tokenizer, bios)["attention_mask"].sum(1).max())
+        return 2 ** math.ceil(math.log2(longest * 1.5))
+
+    def _build_evalsets(self) -> list[EvalSet]:
+        c, tok = self.cfg, self.tokenizer
+        how = dict(context=c.eval_context, template_choice=c.eval_template_choice)
+        sets = [EvalSet.build("eval", self.world, "heldout_templates", tok, c.eval_people, c.eval_templates, **how),
+                EvalSet.build("train", self.world, "train_templates", tok, c.eval_people, c.eval_templates, **how)]
+        p = self.sampler.probabilities()[self.population.n_old:]
+        if self.world.config.kind == "bio" and not np.allclose(p, p[0]):
+            # A non-uniform sampler: also measure knowledge on the training distribution itself,
+            # people drawn (with repeats) as often as the sampler shows them.
+            rng = np.random.default_rng([c.seed, 7])
+            drawn = sorted(rng.choice(len(p), size=c.eval_people, p=p / p.sum()).tolist())
+            sets.append(EvalSet.build("dist", self.world, "heldout_templates", tok, None, c.eval_templates,
+                                      people=drawn, **how))
+        if self.world.heldout_people:
+            sets.append(EvalSet.build("heldout", self.world, "heldout_people", tok, c.eval_people, c.eval_templates,
+                                      **how))
+        if self.old_world is not None:
+            sets.append(EvalSet.build("old", self.old_world, "heldout_templates", tok, c.eval_people,
+                                      c.eval_templates, **how))
+        return sets
+
+    # -- the loop -----------------------------------------------------------------------------
     def _patched(self, step: int) -> bool:
         """Whether update ``step`` (0-based) trains with the reference's attention patterns."""
         return self.patch is not None and self.patch.active(step)
@@ -278,43 +349,12 @@ class Trainer:
         indices = self.sampler.indices(step, self.cfg.batch_size)
         return encode_biographies(self.tokenizer, self.population.batch(indices, _batch_rng(self.cfg.seed, step)))
 
-    def batches(self, first: int, last: int):
-        """Yield (step, batch) for steps [first, last), building the next batch in a background
-        thread while the current step computes (torch releases the GIL in its kernels)."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(self.make_batch, first) if first < last else None
-            for step in range(first, last):
-                batch = pending.result()
-                pending = pool.submit(self.make_batch, step + 1) if step + 1 < last else None
-                yield step, batch
-
-    def train_step(self, step: int, batch: dict | None = None) -> tuple[float, int]:
-        """One optimizer step on ``batch`` (default: ``make_batch(step)``); returns (loss, tokens)."""
-        cfg = self.cfg
-        batch = self.make_batch(step) if batch is None else batch
-        ids, am = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+    def _before_update(self, step: int) -> None:
         if self.patch is not None and self.patch.starts_at(step):
             self.optimizer.state.clear()  # patching starts: forget moments shaped by free attention
-        for g in self.optimizer.param_groups:
-            g["lr"] = learning_rate(cfg, step)
-        if cfg.dropout:  # dropout masks, like batches, a pure function of (seed, step): resume stays exact
-            torch.manual_seed(_dropout_seed(cfg.seed, step))
-        with self.patch.replacing(self.lm.hooks, ids, am) if self._patched(step) else nullcontext():
-            logits = self.model(input_ids=ids, attention_mask=am).logits
-        targets = ids[:, 1:].masked_fill(am[:, 1:] == 0, -100)
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.freezer is not None:
-            self.freezer.before_step()  # before clipping: frozen gradients do not count in the norm
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        self.optimizer.step()
-        if self.freezer is not None:
-            self.freezer.after_step()
-        return float(loss.detach()), int(am.sum())
+
+    def _forward_context(self, step: int, ids: torch.Tensor, am: torch.Tensor):
+        return self.patch.replacing(self.lm.hooks, ids, am) if self._patched(step) else nullcontext()
 
     def run(self, stop_after: int | None = None, show_progress: bool = True) -> dict:
         """Train to ``cfg.steps``; ``stop_after`` ends early after that step (tests of resume)."""
