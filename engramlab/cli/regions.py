@@ -90,7 +90,11 @@ def regions(model: str = ModelOpt,
         summary = result.summary()
         run.finish(summary)
     keys = [f"{c}.{k}" for c in names for k in ("ppl_base", "ppl_top_ratio", "ppl_bottom_ratio", "ppl_random_ratio")]
-    print_summary(f"regions: {model}", out, summary, [*keys, "region_size", "region_fraction", "seconds"])
-    files = ["config.json", "records.jsonl", "summary.json", *(f"{r}.safetensors" for r in result.regions),
+    print_summary(f"regions: {model}", out, summary, [*keys, "region_size", "region_fraction", "dimensions.top",
+                                                      "dimensions.massive", "dimensions.n_breaking", "super_weight",
+                                                      "seconds"])
+    files = ["config.json", "records.jsonl", "corpora.jsonl", "summary.json",
+             *(["dimensions.json"] if result.dimensions is not None else []),
+             *(f"{r}.safetensors" for r in result.regions),
              "overlap.json", *(f"importance_{c}.safetensors" for c in (result.importance or {})), "manifest.json"]
     console.print(f"wrote {out}/{', '.join(files)}")

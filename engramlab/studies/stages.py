@@ -112,7 +112,8 @@ RESUME_BY_RERUN = ("evolve", "sweep", "continual", "study")
 def _restart_flags(stage: Stage, root: Path, argv: list[str]) -> list[str]:
     """How to restart an unfinished stage: ``train`` from its last checkpoint that kept the
     optimizer state (a kill before the first one leaves only step 0's weights: start again),
-    verbs that resume by being run again as they are, anything else afresh. An unfinished run of
+    ``freeze`` with --resume (its finished arms kept), verbs that resume by being run again as they
+    are, anything else afresh. An unfinished run of
     an older command line is started afresh (only a verb with --overwrite can be)."""
     verb = argv[0]
     if not _same(_recorded_argv(stage, root), argv):
@@ -120,6 +121,8 @@ def _restart_flags(stage: Stage, root: Path, argv: list[str]) -> list[str]:
     if verb in RESUME_BY_RERUN:
         return []  # they redo only what is missing
     if verb == "train" and any((root / stage.name / "checkpoints").glob("step-*/optimizer.pt")):
+        return ["--resume"]
+    if verb == "freeze":  # finished arms are kept, an unfinished one continues from its checkpoint
         return ["--resume"]
     return ["--overwrite"]
 
