@@ -331,3 +331,17 @@ def test_dimension_dependency_in_the_result_is_the_library_call_on_the_core_regi
     assert off.dimensions is None and "dimensions.top" not in off.summary()
     with pytest.raises(EngramError, match="dimension_op.*scale:C"):
         RegionConfig(dimension_op="scale:x")
+
+
+def test_several_random_regions_give_the_range_of_the_control(lm):
+    corpora = two_corpora()
+    one = find_regions(lm, corpora, RegionConfig(**SMALL, dimensions=0)).summary()
+    three = find_regions(lm, corpora, RegionConfig(**SMALL, dimensions=0, random_repeats=3)).summary()
+    assert "de.ppl_random_ratio_min" not in one
+    assert three["de.ppl_random_ratio"] == pytest.approx(one["de.ppl_random_ratio"])  # seed 0 is the saved one
+    draws = []
+    for seed in (0, 1, 2):  # each seed's random region zeroed by hand
+        alone = find_regions(lm, corpora, RegionConfig(**SMALL, dimensions=0, seed=seed)).summary()
+        draws.append(alone["de.ppl_random_ratio"])
+    assert three["de.ppl_random_ratio_min"] == pytest.approx(min(draws))
+    assert three["de.ppl_random_ratio_max"] == pytest.approx(max(draws)) and len(set(draws)) == 3

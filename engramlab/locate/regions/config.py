@@ -46,6 +46,8 @@ class RegionConfig:
                            "the mean of per-batch mean losses, the reference's).", choices=PPL_MODES)
     zero_tops: bool = option(True, "Also measure every corpus with each corpus's own top region zeroed "
                              "(<corpus>.ppl_without_top_<other>): does one language's region serve the others?")
+    random_repeats: int = option(1, "Random control regions to measure (seeds seed, seed+1, ...): the summary "
+                                 "gives the min and max of their perplexity ratios.", range=(1, None))
     dimensions: int = option(8, "Dimension dependency (corpora only): perturb the single most important core "
                              "parameter on each of this many most core-dense hidden dimensions, and cross-check "
                              "them with the massive activations (0: skip).", range=(0, None))

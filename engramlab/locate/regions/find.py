@@ -32,6 +32,8 @@ With facts there is no held-out split: importance and perplexity both use every 
 Summary keys: ``<corpus>.ppl_base`` / ``_top`` / ``_bottom`` / ``_random`` and their ratios to
 base ``<corpus>.ppl_top_ratio`` / ``_bottom_ratio`` / ``_random_ratio``, ``<corpus>.specific_size``,
 ``<corpus>.ppl_without_top_<other>`` (and ``_ratio``) with each corpus's top region zeroed,
+``<corpus>.ppl_random_ratio_min`` / ``_max`` over ``random_repeats`` random regions (seeds seed,
+seed + 1, ...; only the first is saved as a mask) when there are several,
 ``region_size`` (entries in the core region), ``region_fraction``, ``n_tensors``, ``n_corpora``,
 ``overlap.<a>.<b>`` for every two regions, ``seconds``; with dimension dependency
 ``dimensions.top`` / ``dimensions.massive`` (comma-separated dimensions), ``dimensions.jaccard``
@@ -128,7 +130,7 @@ class RegionResult:
                         "ppl_random_ratio", "specific_size"):
                 out[f"{c}.{key}"] = r.get(key)
             for key, value in r.items():
-                if key.startswith("ppl_without_top_"):
+                if key.startswith(("ppl_without_top_", "ppl_random_ratio_")):
                     out[f"{c}.{key}"] = value
         out["region_size"] = region_size(self.core)
         out["region_fraction"] = out["region_size"] / max(1, self.stats.get("n_entries", 0))
@@ -297,6 +299,12 @@ def find_regions(lm, data, config: RegionConfig | None = None, *, progress: bool
                 ppl[name][key] = perplexity(lm, sp.held_out, config.batch_size, config.ppl_mode, sp.held_out_targets)
             if facts is not None:
                 fact_scores[region or "base"] = _recall_rows(lm, facts, config.batch_size)
+    for extra in range(1, config.random_repeats):  # more random regions: how much the control varies
+        shapes = {n: p.shape for n, p in params.items()}
+        with zeroed(params, random_masks(shapes, config.ratio, config.seed + extra, config.scope)):
+            for name, sp in splits.items():
+                ppl[name][f"random_{extra}"] = perplexity(lm, sp.held_out, config.batch_size, config.ppl_mode,
+                                                          sp.held_out_targets)
     t_ppl = time.time() - t1
     dims = None
     if facts is None and config.dimensions:
@@ -316,6 +324,11 @@ def find_regions(lm, data, config: RegionConfig | None = None, *, progress: bool
         for k in p:
             if k.startswith("without_"):
                 row[f"ppl_{k}"], row[f"ppl_{k}_ratio"] = p[k], _ratio(p[k], p["base"])
+        if config.random_repeats > 1:
+            draws = [_ratio(p[k], p["base"]) for k in p if k == "random" or k.startswith("random_")]
+            draws = [d for d in draws if d is not None]
+            row["ppl_random_ratio_min"] = min(draws) if draws else None
+            row["ppl_random_ratio_max"] = max(draws) if draws else None
         rows.append(row)
     stats = {"n_entries": sum(p.numel() for p in params.values()), "seconds_importance": round(t_importance, 3),
              "seconds_perplexity": round(t_ppl, 3), "seconds": round(time.time() - t0, 3)}
