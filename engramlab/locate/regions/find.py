@@ -38,8 +38,9 @@ seed + 1, ...; only the first is saved as a mask) when there are several,
 ``overlap.<a>.<b>`` for every two regions, ``seconds``; with dimension dependency
 ``dimensions.top`` / ``dimensions.massive`` (comma-separated dimensions), ``dimensions.jaccard``
 (``coincide``), ``dimensions.n_breaking`` (top dimensions where one perturbed parameter raises every
-corpus's perplexity at least ``BREAKS`` times), ``dimensions.max_ratio`` / ``max_control_ratio``
-(the largest over the top dimensions of the smallest ratio over the corpora) and ``super_weight``
+corpus's perplexity at least ``BREAKS`` times), ``dimensions.max_ratio`` (the largest over the top
+dimensions of the smallest ratio over the corpora), ``dimensions.max_control_ratio`` (the largest
+ratio any control reaches on any corpus) and ``super_weight``
 (parameter[index] of the first candidate); with facts also ``n_facts`` and
 ``accuracy.<region>`` / ``mean_prob.<region>`` (top-1 accuracy and mean probability of the answer's
 first token) for ``base`` and each zeroed region. Records: one row per fact with facts (its rank
@@ -365,7 +366,8 @@ def dimension_summary(dims: dict) -> dict:
         return min(vals) if vals else None
 
     least = [worst(r["ppl_ratio"]) for r in dep]
-    control = [worst(r["control_ppl_ratio"]) for r in dep]
+    # a control's largest move on any corpus: how far a parameter off those dimensions gets
+    control = [max((v for v in (r["control_ppl_ratio"] or {}).values() if v is not None), default=None) for r in dep]
     supers = dims.get("super_weights") or []
     first = supers[0] if supers else None
     return {"dimensions.top": ",".join(str(r["dim"]) for r in dep),
