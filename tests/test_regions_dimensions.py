@@ -162,7 +162,7 @@ def test_super_weight_candidates_match_neurons_times_the_down_weight(tiny_lm):
         w = module.weight.detach()
         w_in_out = w if isinstance(module, Conv1D) else w.t()  # (d_mlp, d_model)
         x = cache[f"blocks.{l}.mlp.neurons"].flatten(0, 1)
-        y = x @ w_in_out + (module.bias if module.bias is not None else 0)
+        y = x @ w_in_out + (module.bias.detach() if module.bias is not None else 0)
         j, i = int(x.abs().amax(0).argmax()), int(y.abs().amax(0).argmax())
         spikes.append((float(y.abs().max()), l, j, i, float(w_in_out[j, i])))
     spikes.sort(key=lambda s: -s[0])

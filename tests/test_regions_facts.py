@@ -18,7 +18,7 @@ from engramlab.locate.regions.config import RegionConfig
 from engramlab.locate.regions.facts import fact_corpora
 from engramlab.locate.regions.find import RegionResult, find_regions
 from engramlab.locate.regions.importance import importance, region_tensors
-from engramlab.locate.regions.perplexity import perplexity
+from engramlab.models.perplexity import perplexity
 from engramlab.models import tiny_model, wrap_model
 
 from conftest import word_tokenizer

@@ -60,7 +60,8 @@ def plain_ppl(model, chunks):
 
 
 def test_the_config_choices_are_the_ones_the_modules_accept():
-    from engramlab.locate.regions import masks, perplexity
+    from engramlab.locate.regions import masks
+    from engramlab.models import perplexity
     from engramlab.locate.regions.importance import METHODS as IMPORTANCE_METHODS
 
     assert (METHODS, SCOPES, NORMALIZE, PPL_MODES) == (IMPORTANCE_METHODS, masks.SCOPES, masks.NORMALIZE,

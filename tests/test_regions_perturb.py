@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from engramlab.errors import EngramError
-from engramlab.locate.regions.perplexity import perplexity
+from engramlab.models.perplexity import perplexity
 from engramlab.locate.regions.perturb import (Noise, Op, Scale, as_op, hidden_dimension, noised, perturbed,
                                               scaled, single, zeroed)
 from engramlab.models import tiny_model, wrap_model

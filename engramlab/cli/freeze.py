@@ -29,7 +29,7 @@ def freeze(regions: Path = typer.Option(..., "--regions", help="An engram region
     size); perplexity of every corpus's held-out chunks over steps, forgetting per arm, a plot."""
     from engramlab.config import to_dict
     from engramlab.runs import RunDir
-    from engramlab.train.corpus_train import freeze_study, read_regions_run
+    from engramlab.dynamics.freezing import freeze_study, read_regions_run
 
     info = read_regions_run(regions)
     if train not in info["names"]:

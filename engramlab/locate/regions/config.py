@@ -14,7 +14,7 @@ from engramlab.config import check, option, validate
 METHODS = ("snip", "snip-abs", "wanda")   # engramlab.locate.regions.importance.METHODS
 SCOPES = ("tensor", "global")             # engramlab.locate.regions.masks.SCOPES
 NORMALIZE = ("total", "none")             # engramlab.locate.regions.masks.NORMALIZE
-PPL_MODES = ("token", "batch_mean")       # engramlab.locate.regions.perplexity.MODES
+PPL_MODES = ("token", "batch_mean")       # engramlab.models.perplexity.MODES
 
 
 @dataclass

@@ -35,7 +35,7 @@ from typing import Mapping, Sequence
 import torch
 
 from engramlab.errors import EngramError
-from engramlab.locate.regions.perplexity import perplexity
+from engramlab.models.perplexity import perplexity
 from engramlab.locate.regions.perturb import Op, Scale, Zero, as_op, hidden_dimension_entries, single
 from engramlab.models.adapters import weight_in_axis
 from engramlab.models.hooks import site_name

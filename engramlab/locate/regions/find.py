@@ -76,7 +76,7 @@ from engramlab.locate.regions.facts import fact_corpora, is_fact_set
 from engramlab.locate.regions.importance import importance, region_tensors
 from engramlab.locate.regions.masks import (bottom_masks, core_scores, load_masks, overlap_matrix, random_masks,
                                             region_size, save_masks, specific_region, top_masks)
-from engramlab.locate.regions.perplexity import perplexity
+from engramlab.models.perplexity import perplexity
 from engramlab.locate.regions.perturb import zeroed
 from engramlab.models.context import context_length
 from engramlab.runs import atomic_write_json, atomic_write_jsonl, load_json, read_jsonl
