@@ -26,6 +26,8 @@ EXPECTED_SECTIONS = {
     "dkn": "degenerate knowledge neurons",
     "circuit": "the circuit",
     "recall": "recall",
+    "regions": "parameter regions",
+    "freeze": "freezing a region during further training",
     "metadata": "runs and versions",
 }
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from engramlab.errors import EngramError
 
-RULES = ("right", "left", "trapezoid")
+RULES = ("right", "left", "trapezoid", "midpoint", "gauss-legendre")
 
 
 def check_rule(rule: str) -> None:
