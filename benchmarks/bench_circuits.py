@@ -4,16 +4,18 @@
         [--facts country_capital_city] [--steps 5] [--ig-rule right] [--ablation corrupted] [--repeats 3]
         [--threads 1] [--device cpu] [--json out.json] [--parts attribution,circuit]
         [--circuit-facts person_mother] [--circuit-limit 200] [--top-n 5000]
+        [--completeness-rules right,left,trapezoid,midpoint,gauss-legendre] [--completeness-target 0.01]
 
 For each model, on one batch of clean/corrupted pairs of real prompts (the first ``--batch`` pairs
 ``corrupted_pairs`` makes from ``--facts``, SmolLM2's tokenizer for both models, right-padded):
 
 * time: EAP-IG with m = ``--steps`` (``attribute_batch``: one forward+backward pass per point of
   ``--ig-rule`` (m; m + 1 for trapezoid) with the per-head gradient hooks, one no-grad forward of
-  the prompts, the scores; ``--ablation`` as in ``engram circuit``) against as many plain passes of
-  the same batch (forward from input embeddings that require grad, metric at the last token,
-  gradient w.r.t. the embeddings).
-  Target: ratio < 1.5.
+  the corrupted prompts (the clean ones too when the rule has no alpha = 1 point), the scores;
+  under corrupted ablation the batch's shared prompt prefix runs once; ``--ablation`` as in
+  ``engram circuit``) against as many plain passes of the same batch (forward from input
+  embeddings that require grad over every position, metric at the last token, gradient w.r.t.
+  the embeddings). Target: ratio < 1.5 (issue 14's goal: <= 1.2).
 * peak memory: the extra memory one EAP-IG call needs over the loaded model, against one plain
   forward+backward. Target: ratio < 1.5. On CPU it is the peak resident set (VmHWM, reset through
   /proc/self/clear_refs) minus the resident set before the call, with glibc told to return large
@@ -23,6 +25,10 @@ For each model, on one batch of clean/corrupted pairs of real prompts (the first
 ``gpt2-small`` is GPT-2 small's shape (12 x 12 heads, d_model 768) with random weights, built from
 ``GPT2Config()``: no download. Each model runs in its own process so one cannot inflate the
 other's memory figures. Wall times on a shared machine vary; the ratios are what to compare.
+
+``--parts completeness`` (not run by default) measures, on the same batch, the EAP-IG completeness
+error (``attribute.completeness_errors``, mean over the pairs) of each ``--completeness-rules`` rule
+for growing m, and reports the first m reaching ``--completeness-target`` (1%).
 
 ``--parts circuit`` (run by default after ``attribution``) times the whole locator, ``find_circuit``,
 as ``engram circuit`` runs it: SmolLM2-135M on the first ``--circuit-limit`` (200) facts of
@@ -153,6 +159,56 @@ def measure(name: str, batch: int, facts: str, steps: int, repeats: int, device:
             "memory_ratio": mem_eap / mem_plain}
 
 
+COMPLETENESS_STEPS = {"right": (1, 2, 4, 8, 16, 32, 64), "left": (1, 2, 4, 8, 16, 32, 64),
+                      "trapezoid": (1, 2, 3, 4, 6, 8, 12, 16), "midpoint": (1, 2, 3, 4, 6, 8, 12, 16),
+                      "gauss-legendre": (1, 2, 3, 4, 5, 6, 8, 10, 12, 16)}
+
+
+def completeness(name: str, batch: int, facts: str, rules: list[str], target: float, device: str) -> list[dict]:
+    """Per rule, the EAP-IG completeness error (``attribute.completeness_errors``: |sum of the
+    input's edge scores - (M(corrupted) - M(clean))| / |M(corrupted) - M(clean)|, mean and max
+    over the pairs) for growing m (``COMPLETENESS_STEPS``), stopping at the first m whose mean
+    error is at most ``target``; that m is the rule's ``steps_needed`` (None: not reached)."""
+    from engramlab.locate.circuits import CircuitGraph, attribute_batch
+    from engramlab.locate.circuits.attribute import completeness_errors
+    from engramlab.locate.integration import integration_points
+
+    lm = _load(name, device)
+    graph = CircuitGraph.from_model(lm)
+    b = _batch(lm, batch, facts)
+    rows = []
+    for rule in rules:
+        needed = None
+        for m in COMPLETENESS_STEPS[rule]:
+            terms: list = []
+            t0 = time.perf_counter()
+            attribute_batch(lm, graph, b, "eap-ig", m, rule=rule, completeness=terms)
+            seconds = time.perf_counter() - t0
+            errors = [e for e in completeness_errors(terms) if e is not None]
+            mean = sum(errors) / len(errors)
+            rows.append({"model": name, "facts": facts, "batch": batch, "rule": rule, "steps": m,
+                         "passes": len(integration_points(rule, m)), "mean_completeness_error": mean,
+                         "median_completeness_error": statistics.median(errors),
+                         "max_completeness_error": max(errors), "seconds": seconds})
+            if mean <= target:
+                needed = m
+                break
+        for r in rows:
+            if r["rule"] == rule:
+                r["steps_needed"] = needed
+    return rows
+
+
+def _print_completeness(rows: list[dict], target: float) -> None:
+    for rule in dict.fromkeys(r["rule"] for r in rows):
+        mine = [r for r in rows if r["rule"] == rule]
+        sweep = ", ".join(f"m={r['steps']} {100 * r['mean_completeness_error']:.2f}%" for r in mine)
+        need = mine[-1]["steps_needed"]
+        print(f"{mine[0]['model']} completeness ({mine[0]['facts']}, {mine[0]['batch']} pairs) {rule:>14}: {sweep} "
+              f"-> {'m = ' + str(need) if need else 'not reached'} for <= {100 * target:g}% "
+              f"({mine[-1]['passes'] if need else '-'} passes)")
+
+
 STAGES = ("filter", "attribute", "search", "heads", "lens", "evaluate", "curve")
 
 
@@ -199,7 +255,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--parts", default="attribution,circuit", help="attribution | circuit (comma-separated)")
+    ap.add_argument("--parts", default="attribution,circuit",
+                    help="attribution | circuit | completeness (comma-separated)")
+    ap.add_argument("--completeness-rules", dest="completeness_rules", default=",".join(COMPLETENESS_STEPS))
+    ap.add_argument("--completeness-target", dest="completeness_target", type=float, default=0.01)
     ap.add_argument("--circuit-facts", dest="circuit_facts", default="person_mother")
     ap.add_argument("--circuit-limit", dest="circuit_limit", type=int, default=200)
     ap.add_argument("--top-n", dest="top_n", default="5000", help="Ns besides the automatic one (comma-separated)")
@@ -216,6 +275,12 @@ def main() -> None:
         rows = _attribution(args)
     else:
         rows = []
+    if "completeness" in parts:
+        for name in args.models.split(","):
+            found = completeness(name, args.batch, args.facts, args.completeness_rules.split(","),
+                                 args.completeness_target, args.device)
+            _print_completeness(found, args.completeness_target)
+            rows = rows + found
     if "circuit" in parts:
         top_ns = [None] + [int(n) for n in args.top_n.split(",") if n]
         circuit_rows = end_to_end(args.circuit_facts, args.circuit_limit, args.steps, top_ns, args.circuit_repeats,

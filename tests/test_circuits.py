@@ -158,7 +158,9 @@ def test_methods_match_their_definitions():
 
 # alphas and weights written out by hand, not taken from engramlab.locate.integration
 RULE_POINTS = {"right": ([0.2, 0.4, 0.6, 0.8, 1.0], None, 5), "left": ([0.0, 0.2, 0.4, 0.6, 0.8], None, 5),
-               "trapezoid": ([0.0, 0.5, 1.0], [0.25, 0.5, 0.25], 2)}
+               "trapezoid": ([0.0, 0.5, 1.0], [0.25, 0.5, 0.25], 2),
+               "midpoint": ([0.25, 0.75], [0.5, 0.5], 2),  # Gauss-Legendre: (1 -+ 1/sqrt 3)/2, half weights
+               "gauss-legendre": ([0.5 - 0.5 / 3 ** 0.5, 0.5 + 0.5 / 3 ** 0.5], [0.5, 0.5], 2)}
 
 
 @pytest.mark.parametrize("rule", sorted(RULE_POINTS))

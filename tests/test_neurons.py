@@ -158,7 +158,7 @@ def test_pre_site_matches_plain(tiny_lm):
 
 
 def test_bad_options_name_the_flag(tiny_lm):
-    for kwargs, flag in ((dict(rule="midpoint"), "--ig-rule"), (dict(baseline="masked"), "--baseline"),
+    for kwargs, flag in ((dict(rule="simpson"), "--ig-rule"), (dict(baseline="masked"), "--baseline"),
                          (dict(objective="p"), "--objective"), (dict(steps=0), "--steps")):
         with pytest.raises(EngramError, match=flag):
             integrated_gradients(tiny_lm, PROMPT, [7], **kwargs)

@@ -18,13 +18,14 @@ from engramlab.locate.dkn.evolvability import EvolveConfig
 from engramlab.locate.neurons import NeuronConfig
 from engramlab.locate.dkn.clustering import ClusterConfig
 from engramlab.locate.regions.config import RegionConfig
+from engramlab.locate.trace.config import TraceConfig
 from engramlab.recall import RecallConfig
 from engramlab.train.trainer import TrainConfig
 
 CONFIGS = [TrainConfig, RecallConfig, NeuronConfig, CircuitConfig, DKNConfig, ClusterConfig, EvolveConfig]
 # verb -> the configs whose fields it exposes as flags
 VERBS = {"train": [TrainConfig], "sweep": [TrainConfig], "recall": [RecallConfig], "neurons": [NeuronConfig], "circuit": [CircuitConfig], "dkn": [DKNConfig, ClusterConfig, EvolveConfig],
-         "regions": [RegionConfig]}
+         "regions": [RegionConfig], "trace": [TraceConfig]}
 
 CASES = [(cls, opt) for cls in CONFIGS for opt in declared_options(cls) if opt.bad_value() is not None]
 

@@ -26,6 +26,7 @@ EXPECTED_SECTIONS = {
     "dkn": "degenerate knowledge neurons",
     "circuit": "the circuit",
     "recall": "recall",
+    "trace": "causal tracing",
     "regions": "parameter regions",
     "freeze": "freezing a region during further training",
     "metadata": "runs and versions",

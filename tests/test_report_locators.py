@@ -114,7 +114,7 @@ def test_sparse_circuit_rule_reaches_every_verdict():
 
 def test_each_verb_has_its_section_subsection_figures_and_model(runs, sections):
     expect = {"recall": (1, None), "neurons": (2, "kn_suppression"), "dkn": (2, "dkn_partial_full"),
-              "circuit": (4, "sparse_circuits")}
+              "circuit": (5, "sparse_circuits")}  # drawing, curve, MIB curve, roles, lens
     for verb, (n_figures, key) in expect.items():
         s = sections[verb]
         assert s.id == verb and f'id="{verb}-{verb}"' in s.body
@@ -166,10 +166,11 @@ def test_dkn_robustness_and_evolvability_tables_when_recorded(runs, sections):
 
 
 def test_missing_optional_files_give_notes(runs, tmp_path):
-    c = copy(runs, "circuit", tmp_path, drop=("scores.safetensors", "components.json", "evaluation.json"))
+    c = copy(runs, "circuit", tmp_path, drop=("scores.safetensors", "components.json", "evaluation.json", "mib.json"))
     s = render(render_circuit, view(c))
     assert s.body.count("<figure") == 0
-    for text in ("No scores.safetensors", "No faithfulness-vs-N curve", "No head roles", "No logit lens"):
+    for text in ("No scores.safetensors", "No faithfulness-vs-N curve", "No MIB CPR/CMD curve", "No head roles",
+                 "No logit lens"):
         assert text in s.body
     n = copy(runs, "neurons", tmp_path, drop=("relation_neurons.json",))
     s = render(render_neurons, view(n))
@@ -191,7 +192,7 @@ def test_an_unfinished_run_says_so(runs, sections, tmp_path):
 def test_a_result_directory_without_manifest_renders(runs, tmp_path):
     c = copy(runs, "circuit", tmp_path, drop=("manifest.json",))
     s = render(render_circuit, view(c))
-    assert f"{runs.name}/model" in s.body and s.body.count("<figure") == 4  # model from config.json
+    assert f"{runs.name}/model" in s.body and s.body.count("<figure") == 5  # model from config.json
 
 
 def test_pages_are_deterministic(runs, sections):

@@ -134,6 +134,22 @@ def test_stage_line_reads_the_stage_summary(tmp_path):
     assert stage_line("regions", regions) == ("regions: de core x1.87e+05 random x1.76; fr core x6e+05 random x1.72; "
                                               "1 breaking dimension(s), massive 9, 42s")
 
+    for verb, summary, line in [
+            ("trace", {"n_facts": 8, "trace.peak_mlp_layer": 5, "trace.mean_max_indirect_effect": 0.3791},
+             "trace: 8 facts, MLP effect at the last subject token peaks at layer 5, mean max indirect effect 0.38, 42s"),
+            ("doctor", {"doctor.n_checks": 6, "doctor.n_failed": 0}, "doctor: 6 adapter checks, all pass, 42s"),
+            ("doctor", {"doctor.n_checks": 6, "doctor.n_failed": 2}, "doctor: 6 adapter checks, 2 failed, 42s"),
+            ("circuit", {"n_edges_kept": 508, "n_edges_total": 70651, "faithfulness": 0.871, "cpr": 0.983,
+                         "cmd": 0.0161, "mib_ranking": "absolute"},
+             "circuit: 508/70651 edges, held-out faithfulness 0.87, CPR 0.98 CMD 0.02 (absolute), 42s")]:
+        run = tmp_path / verb
+        run.mkdir(exist_ok=True)
+        (run / "manifest.json").write_text(json.dumps({
+            "command": verb, "config": {}, "status": "complete",
+            "start_time": "2026-12-01T10:00:00+0000", "end_time": "2026-12-01T10:00:42+0000"}))
+        (run / "summary.json").write_text(json.dumps(summary))
+        assert stage_line(verb, run) == line
+
 
 def test_a_killed_study_resumes_without_redoing_finished_stages(tmp_path):
     """SIGKILL during the training stage; the second run keeps the world and finishes."""

@@ -36,7 +36,7 @@ def evolve(run: Path = typer.Option(..., "--run", help="Run directory written by
            out: Path = OutOpt, overwrite: bool = OverwriteOpt,
            seed: int = SeedOpt, dtype: str = DtypeOpt, device: str = DeviceOpt, config: Settings = None,
            recall: Settings = None, neurons: Settings = None, dkn: Settings = None, circuit: Settings = None,
-           regions: Settings = None):
+           regions: Settings = None, trace: Settings = None):
     """Run locators (--analysis) on every chosen checkpoint of a run: one result per checkpoint under
     OUT/step-NNNNNNN/<analysis>/, their numbers and comparisons over time in evolution.jsonl, change
     points in summary.json. Each analysis (one parameter per registered locator below) takes its settings as --set ANALYSIS.FIELD=VALUE (or a
@@ -51,7 +51,7 @@ def evolve(run: Path = typer.Option(..., "--run", help="Run directory written by
     for name in config.analysis:
         get_locator(name)  # an unknown name fails here, listing the registered ones
     configs = locator_settings({"recall": recall, "neurons": neurons, "dkn": dkn, "circuit": circuit,
-                                "regions": regions})
+                                "regions": regions, "trace": trace})
     command = load_json(run / "manifest.json", "run manifest").get("command") if (run / "manifest.json").is_file() \
         else None
     if command != "train":

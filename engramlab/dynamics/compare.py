@@ -3,7 +3,8 @@
 ``compare_over_time(rows, results, run_summary)`` adds to each ``evolution.jsonl`` row the
 comparisons with the final (and previous) checkpoint of every analysis that has them
 (``circuit_metrics.circuit_series`` -> ``circuit.*``, ``neuron_metrics.neuron_series`` ->
-``neurons.*``, ``dkn_series`` -> ``dkn.*``, ``region_metrics.region_series`` -> ``regions.*``) and returns the change points, each as a step with
+``neurons.*``, ``dkn_series`` -> ``dkn.*``, ``region_metrics.region_series`` -> ``regions.*``,
+``trace_metrics.trace_series`` -> ``trace.*``) and returns the change points, each as a step with
 its evidence:
 
 * the plateau: ``plateau_start_step`` / ``plateau_end_step`` come from the training run itself
@@ -72,9 +73,11 @@ def compare_over_time(rows: list[dict], results: dict[str, list], run_summary: d
     from engramlab.dynamics.circuit_metrics import circuit_series
     from engramlab.dynamics.neuron_metrics import dkn_series, neuron_series
     from engramlab.dynamics.region_metrics import region_series
+    from engramlab.dynamics.trace_metrics import trace_series
 
     by_step = {r["step"]: r for r in rows}
-    makers = {"circuit": circuit_series, "neurons": neuron_series, "dkn": dkn_series, "regions": region_series}
+    makers = {"circuit": circuit_series, "neurons": neuron_series, "dkn": dkn_series, "regions": region_series,
+              "trace": trace_series}
     for name, make in makers.items():
         if results.get(name):
             for step, values in make(results[name]).items():

@@ -11,9 +11,11 @@ from engramlab.locate.circuits.config import CircuitConfig
 from engramlab.locate.dkn.config import DKNConfig
 from engramlab.locate.neurons.config import NeuronConfig
 from engramlab.locate.regions.config import RegionConfig
+from engramlab.locate.trace.config import TraceConfig
 from engramlab.recall import RecallConfig
 
 LOCATOR_CONFIGS: dict[str, type] = {"recall": RecallConfig, "neurons": NeuronConfig, "dkn": DKNConfig,
-                                    "circuit": CircuitConfig, "regions": RegionConfig}
+                                    "circuit": CircuitConfig, "regions": RegionConfig,
+                                    "trace": TraceConfig}
 
 __all__ = ["LOCATOR_CONFIGS"]

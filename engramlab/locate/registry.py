@@ -12,6 +12,7 @@ from engramlab.locate.circuits.find import CircuitConfig, CircuitResult, find_ci
 from engramlab.locate.dkn.find import DKNConfig, DKNResult, find_degenerate_neurons
 from engramlab.locate.neurons.find import NeuronConfig, NeuronResult, find_knowledge_neurons
 from engramlab.locate.regions.find import RegionConfig, RegionResult, find_regions
+from engramlab.locate.trace.find import TraceConfig, TraceResult, find_trace
 from engramlab.recall import RecallConfig, RecallResult, score_recall
 
 LOCATORS: dict[str, Locator] = {}
@@ -44,7 +45,7 @@ register(Locator(
     summary_keys=("n_facts", "n_attributed", "n_skipped", "mean_own_drop", "mean_same_relation_drop",
                   "mean_other_relation_drop", "mean_random_drop", "mean_own_enhance", "mean_prompts_per_fact",
                   "mean_neurons_per_fact", "n_without_neurons", "mean_consistency", "n_relation_neurons",
-                  "seconds_per_fact"),
+                  "seconds_per_fact", "method", "mean_completeness_error", "n_passes"),
     files=("relation_neurons.json",),
     quick={"steps": 3, "max_rank": 100000, "n_compare": 2, "n_random_repeats": 1}))
 register(Locator(
@@ -58,8 +59,10 @@ register(Locator(
     help="The edges of the head/MLP graph that carry facts, by EAP-IG, evaluated on held-out facts.",
     summary_keys=("n_nodes", "n_edges_total", "n_edges_ungrouped", "n_edges_kept", "edge_fraction", "faithfulness",
                   "discovery_faithfulness", "hit_at_10_model", "hit_at_10_circuit", "n_discovery", "n_evaluation",
-                  "n_wrong", "n_skipped", "n_mover_heads", "n_relation_heads", "n_mixture_heads", "seconds"),
-    files=("scores.safetensors", "circuit.json", "evaluation.json", "components.json", "pairs.json", "skipped.jsonl"),
+                  "n_wrong", "n_skipped", "n_mover_heads", "n_relation_heads", "n_mixture_heads", "cpr", "cmd",
+                  "mib_ranking", "mean_completeness_error", "seconds"),
+    files=("scores.safetensors", "circuit.json", "evaluation.json", "components.json", "pairs.json", "skipped.jsonl",
+           "mib.json"),
     quick={"steps": 2, "require_correct": False, "top_n": 20}))
 
 register(Locator(
@@ -71,5 +74,15 @@ register(Locator(
                   "region_size", "seconds"),
     files=("corpora.jsonl", "core.safetensors", "bottom.safetensors", "random.safetensors", "overlap.json"),
     quick={"ratio": 0.05, "batch_size": 4}))
+
+register(Locator(
+    "trace", TraceConfig, find_trace, TraceResult,
+    help="Causal tracing (ROME): noise on the subject's embeddings, then each clean hidden state, MLP and "
+         "attention output (over a window of layers) restored at every token and layer; the indirect effects.",
+    summary_keys=("n_facts", "n_skipped", "trace.peak_mlp_layer", "trace.peak_attn_layer",
+                  "trace.mean_max_indirect_effect", "trace.mean_max_mlp_effect", "trace.mean_max_attn_effect",
+                  "trace.mean_total_effect", "trace.noise_std", "seconds"),
+    files=("trace.safetensors", "skipped.jsonl"),
+    quick={"window": 2, "batch_size": 8}))
 
 __all__ = ["LOCATORS", "Locator", "get_locator", "register"]

@@ -114,6 +114,15 @@ FINDINGS: tuple[FindingSpec, ...] = (
                 "75% of that rise in log terms and less than with a random region of the same size frozen; "
                 "partly reproduced: less than unfrozen only; not reproduced: not less; inconclusive: no "
                 "forgetting to reduce, or an arm missing."),
+    FindingSpec("trace_mlp_peak", "MLP effect at the last subject token peaks early-to-middle",
+                "Meng et al. 2022",
+                "Causal tracing: restoring the MLP outputs (a window of layers) at the last subject token into a run "
+                "with a noised subject brings back much of the answer's probability, most strongly in the "
+                "early-to-middle layers.",
+                "reproduced: the mean MLP indirect effect at the last subject token peaks at a layer <= 0.6 (L - 1) "
+                "and that peak is at least a quarter of the mean total effect (P_clean - P_corrupt); partly "
+                "reproduced: it peaks there but is smaller; not reproduced: it peaks in the last 40% of the layers; "
+                "inconclusive: no facts traced, or the noise changes P(answer) by less than 0.01 on average."),
     FindingSpec("language_knowledge", "Knowledge regions are apart from the linguistic region",
                 "the seed's suggestion, after Zhang et al. 2024",
                 "The parameters most important for a model's facts (its answer tokens) are not those most "

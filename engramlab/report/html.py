@@ -147,8 +147,16 @@ def metadata_section(report: Report) -> Section:
     vrows = [(k, ", ".join(sorted(v))) for k, v in sorted(versions.items())]
     body = (para("Commands as each run recorded them; {root} is this report's directory.")
             + table(["run", "verb", "status", "seed", "started", "ended", "wall", "command"], rows)
-            + "<h3>Versions</h3>" + table(["package", "version"], vrows, sortable=False))
+            + _doctor_tables(runs) + "<h3>Versions</h3>" + table(["package", "version"], vrows, sortable=False))
     return Section("metadata", "Runs and versions", f'<div class="meta">{body}</div>', order=1000)
+
+
+def _doctor_tables(runs: list[RunView]) -> str:
+    """The adapter checks of each ``engram doctor`` run (its checks.json), or nothing."""
+    rows = [(run.name, c.get("name", "—"), "pass" if c.get("passed") else "FAIL", c.get("detail", ""))
+            for run in runs if run.command == "doctor" for c in run.json("checks.json", [])]
+    return ("<h3>Adapter checks (engram doctor)</h3>" + table(["run", "check", "result", "measured"], rows)
+            if rows else "")
 
 
 def _title(report: Report) -> tuple[str, str]:

@@ -80,8 +80,19 @@ def _describe(command: str, s: dict, config: dict) -> str:
     if command == "dkn":
         return f"{s.get('n_facts', '?')} facts, DKN found rate {_num(s.get('dkn_found_rate'))}"
     if command == "circuit":
-        return (f"{s.get('n_edges_kept', '?')}/{s.get('n_edges_total', '?')} edges, held-out faithfulness "
+        text = (f"{s.get('n_edges_kept', '?')}/{s.get('n_edges_total', '?')} edges, held-out faithfulness "
                 f"{_num(s.get('faithfulness'))}")
+        if s.get("cpr") is not None:
+            text += f", CPR {_num(s.get('cpr'))} CMD {_num(s.get('cmd'))} ({s.get('mib_ranking', '?')})"
+        return text
+    if command == "trace":
+        return (f"{s.get('n_facts', '?')} facts, MLP effect at the last subject token peaks at layer "
+                f"{s.get('trace.peak_mlp_layer', '?')}, mean max indirect effect "
+                f"{_num(s.get('trace.mean_max_indirect_effect'))}")
+    if command == "doctor":
+        failed = s.get("doctor.n_failed")
+        return (f"{s.get('doctor.n_checks', '?')} adapter checks, "
+                + ("all pass" if failed == 0 else f"{failed if failed is not None else '?'} failed"))
     if command == "regions":
         if s.get("accuracy.base") is not None:
             return (f"{s.get('n_facts', '?')} facts, accuracy {_num(s.get('accuracy.base'))}, with the answer tokens' "

@@ -13,6 +13,7 @@ hooks          writer outputs, reader inputs, the norm Jacobian
 attribute      edge scores (EAP, EAP-IG over input embeddings, clean-corrupted)
 prune          top-N, threshold, greedy growth; reachability cleanup
 evaluate       faithfulness, Hit@10 and faithfulness-vs-N under a named ablation
+mib            the MIB scores CPR and CMD over a sweep of edge fractions
 components     head roles (mover / relation / mixture) and the logit lens
 draw           DOT / SVG drawing
 store          files of a result; the EAP-IG JSON layout

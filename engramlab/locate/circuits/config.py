@@ -13,6 +13,24 @@ from engramlab.config import check, option, validate
 from engramlab.errors import EngramError
 from engramlab.locate.integration_rules import RULES as IG_RULES, check_rule
 
+# The MIB sweep (``mib``); the lists are plain data, so they live here, without torch.
+MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+MIB_RANKINGS = ("absolute", "signed")
+
+
+def check_fractions(fractions) -> tuple[float, ...]:
+    """The fractions as floats, or a one-line ``EngramError``: at least two, strictly increasing, in (0, 1]."""
+    try:
+        out = tuple(float(f) for f in fractions)
+    except (TypeError, ValueError):
+        raise EngramError(f"mib_fractions {fractions!r}: give edge fractions as numbers, e.g. "
+                          f"--mib-fractions 0.01,0.1,1") from None
+    if len(out) < 2 or any(not (0 < f <= 1) for f in out) or any(b <= a for a, b in zip(out, out[1:])):
+        raise EngramError(f"mib_fractions {fractions!r}: give at least two increasing edge fractions in (0, 1], "
+                          f"e.g. --mib-fractions 0.01,0.1,1")
+    return out
+
+
 # Edge attribution (``attribute``) and what edges outside the circuit carry (``evaluate``).
 METHODS = ("eap", "eap-ig", "clean-corrupted")
 METRICS = ("logit_diff", "logprob")
@@ -44,8 +62,10 @@ class CircuitConfig:
 
     method: str = option("eap-ig", "Edge attribution: eap | eap-ig | clean-corrupted.", choices=METHODS)
     steps: int = option(5, "EAP-IG integration steps m.", range=(1, None))
-    ig_rule: str = option("right", "EAP-IG points k/m: right k = 1..m (Hanna et al., DKC) | left k = 0..m-1 "
-                          "(upstream EAP-IG v2) | trapezoid k = 0..m (m + 1 passes).", choices=IG_RULES)
+    ig_rule: str = option("right", "EAP-IG integration rule: right alpha = k/m, k = 1..m (Hanna et al., DKC; "
+                          "default) | left k = 0..m-1 (upstream EAP-IG v2) | trapezoid k = 0..m (m + 1 passes) | "
+                          "midpoint (k - 1/2)/m | gauss-legendre (m Gauss-Legendre nodes, exact for a gradient "
+                          "polynomial of degree 2m - 1 along the path).", choices=IG_RULES)
     metric: str = option("logit_diff", "logit_diff (clean vs corrupted answer) | logprob (clean answer).",
                          choices=METRICS)
     rule: str = option("topn", "Pruning rule: topn | threshold | greedy (the integration rule is ig_rule).", choices=RULES)
@@ -75,6 +95,14 @@ class CircuitConfig:
                                    "(--keep-wrong keeps them).", flag="--require-correct/--keep-wrong")
     batch_size: int = option(8, "Pairs per attribution batch.", range=(1, None))
     curve: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)  # edge shares
+    mib_fractions: tuple[float, ...] = option(MIB_FRACTIONS, "MIB CPR/CMD: edge fractions of the sweep (top "
+                                              "floor(p x edges) circuits, trapezoid over p; MIB's list by default).",
+                                              many=True)
+    mib_ranking: str = option("absolute", "MIB CPR/CMD: rank edges by absolute | signed score (signed: EAP-IG's "
+                              "sign, the edges whose cut lowers the metric first).", choices=MIB_RANKINGS)
+    completeness_tolerance: float = option(0.05, "Warn when the mean IG completeness error |sum of the input's "
+                                           "edge scores - metric difference| / |metric difference| exceeds this.",
+                                           range=(0, None), open_low=True)
     mover_ratio: float = option(10.0, "Head roles: |subject| / |relation| direct effect above this: mover head.",
                                 range=(0, None), open_low=True)
     relation_ratio: float = option(0.1, "Head roles: below this: relation head (between the two: mixture).", range=(0, None), open_low=True)
@@ -85,3 +113,4 @@ class CircuitConfig:
         check(self, "rule", self.rule != "threshold" or self.threshold is not None,
               "rule 'threshold' needs --threshold (keep edges with |score| >= it)")
         self.curve = tuple(float(c) for c in self.curve)
+        self.mib_fractions = check_fractions(self.mib_fractions)

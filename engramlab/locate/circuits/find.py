@@ -26,6 +26,7 @@ attention it has fewer edges than EAP-IG's ungrouped graph (SmolLM2-135M: 70,651
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import time
 from contextlib import contextmanager
@@ -38,17 +39,20 @@ import torch
 from engramlab.config import to_dict
 from engramlab.data.facts import FactSet
 from engramlab.errors import EngramError
-from engramlab.locate.circuits.attribute import attribute_edges
+from engramlab.locate.circuits.attribute import attribute_edges, completeness_errors
 from engramlab.locate.circuits.components import capture, head_roles, logit_lens
 from engramlab.locate.circuits.config import ABLATIONS, METHODS, METRICS, RULES, CircuitConfig, check_method  # noqa: F401
 from engramlab.locate.circuits.data import encode_pairs, split_pairs
 from engramlab.locate.circuits.evaluate import CircuitEvaluator, cache_fits, faithfulness_curve
+from engramlab.locate.circuits.mib import mib_scores, sweep_circuits
 from engramlab.locate.circuits.graph import CircuitGraph, edge_count
 from engramlab.locate.circuits.prune import circuit_nodes, prune
 from engramlab.locate.base import model_facts
 from engramlab.models.context import check_facts_fit
 from engramlab.models.loading import LoadedModel
 from engramlab.progress import progress_bar
+
+log = logging.getLogger("engramlab")
 
 
 @dataclass
@@ -67,6 +71,7 @@ class CircuitResult:
     skipped: list[dict] = field(default_factory=list)     # facts left out, with reasons
     stats: dict = field(default_factory=dict)             # counts and seconds
     model: dict = field(default_factory=dict)             # spec and sizes of the model
+    mib: dict = field(default_factory=dict)               # MIB CPR / CMD and their sweep (``mib.mib_scores``)
 
     def records(self) -> list[dict]:
         """One row per fact: ``role`` discovery | evaluation (with its corrupted subject and
@@ -79,6 +84,8 @@ class CircuitResult:
                              "corrupt_subject": p["corrupt_subject"], "corrupt_object": p["corrupt_object"]})
                 if "correct" in p:  # whether the model's top-1 first token is the answer (older results lack it)
                     rows[-1]["correct"] = p["correct"]
+                if "completeness_error" in p:  # discovery pairs: the attribution's IG completeness error
+                    rows[-1]["completeness_error"] = p["completeness_error"]
         for s in self.skipped:
             rows.append({"relation": s.get("relation"), "subject": s.get("subject"), "object": s.get("object"),
                          "role": "skipped", "reason": s.get("reason")})
@@ -97,6 +104,16 @@ class CircuitResult:
         out["score_ablation"] = self.config.get("score_ablation") or self.config.get("ablation")
         out["ig_rule"] = self.config.get("ig_rule", "right")
         out["discovery_faithfulness"] = self.metrics.get("discovery_faithfulness")
+        for key in ("cpr", "cmd", "mib_ranking"):
+            if key in self.mib:
+                out[key] = self.mib[key]
+        if "mib_fractions" in self.mib:  # summary values are scalars: the list as "0.001,0.002,..."
+            out["mib_fractions"] = ",".join(f"{f:g}" for f in self.mib["mib_fractions"])
+        errors = [p["completeness_error"] for p in self.pairs.get("discovery", [])
+                  if p.get("completeness_error") is not None]
+        if errors:
+            out["mean_completeness_error"] = sum(errors) / len(errors)
+            out["max_completeness_error"] = max(errors)
         out.update({f"n_{r}_heads": roles.count(r) for r in ("mover", "relation", "mixture")})
         out.update(self.stats)
         return out
@@ -228,9 +245,17 @@ def find_circuit(lm: LoadedModel, facts: FactSet, config: CircuitConfig | None =
             else None)
     with stages.timed("attribute"):
         bar = (lambda chunks: progress_bar(chunks, f"attribute ({config.method})")) if progress else None
+        terms: list = []
         scores = attribute_edges(lm, graph, discovery, config.method, config.steps, config.metric,
                                  config.batch_size, progress=bar, rule=config.ig_rule, ablation=score_ablation,
-                                 runs=runs)
+                                 runs=runs, completeness=terms)
+        errors = completeness_errors(terms)
+        finite = [e for e in errors if e is not None]
+        mean_error = sum(finite) / len(finite) if finite else None
+        if config.method == "eap-ig" and mean_error is not None and mean_error > config.completeness_tolerance:
+            log.warning(f"EAP-IG completeness error {mean_error:.3f} (mean over {len(finite)} discovery pairs) is above "
+                        f"--completeness-tolerance {config.completeness_tolerance:g}: the integral is not converged; "
+                        f"raise --steps (now {config.steps}) or use --ig-rule gauss-legendre")
 
     with stages.timed("search"):
         disc_eval = CircuitEvaluator(lm, graph, discovery, config.ablation, config.metric, eval_rows, runs=runs)
@@ -264,8 +289,15 @@ def find_circuit(lm: LoadedModel, facts: FactSet, config: CircuitConfig | None =
         metrics["discovery_faithfulness"] = discovery_faithfulness
     with stages.timed("curve"):
         sizes = [max(1, round(f * graph.n_edges)) for f in config.curve]
-        curve = faithfulness_curve(held_out, scores, graph, sizes, "greedy" if config.rule == "greedy" else "topn",
-                                   progress=stages.bar("curve"))
+        curve_rule = "greedy" if config.rule == "greedy" else "topn"
+        # The curve's and the MIB sweep's circuits in one pass over the pairs (the evaluator
+        # remembers them, so each call below only reads its results; shared circuits run once).
+        held_out.evaluate_many([prune(scores, graph, curve_rule, n=n) for n in sorted(set(sizes))] +
+                               [kept for _, kept in sweep_circuits(scores, graph, config.mib_fractions,
+                                                                   config.mib_ranking)],
+                               progress=stages.bar("curve"))
+        curve = faithfulness_curve(held_out, scores, graph, sizes, curve_rule)
+        mib = mib_scores(held_out, scores, graph, config.mib_fractions, config.mib_ranking)
     total = time.time() - start
     correct = {side: (ev.rank_clean == 1).tolist() for side, ev in (("discovery", disc_eval), ("evaluation", held_out))}
     # Without the filter, the pairs the model gets wrong are counted here (with it they were left out).
@@ -280,5 +312,7 @@ def find_circuit(lm: LoadedModel, facts: FactSet, config: CircuitConfig | None =
                      "corrupt_object": p.corrupt_object, "relation": p.fact.relation, "correct": ok}
                     for p, ok in zip(ps, correct[side])]
              for side, ps in (("discovery", split.discovery), ("evaluation", split.evaluation))}
+    for row, error in zip(pairs["discovery"], errors):  # attribute_edges keeps the discovery order
+        row["completeness_error"] = error
     return CircuitResult(graph, scores, kept, to_dict(config), metrics, curve, roles, lens, pairs, split.skipped, stats,
-                         model_facts(lm))
+                         model_facts(lm), mib)

@@ -2,7 +2,8 @@
 
 Three rules, all tensor operations over the score matrix:
 
-* ``top_n``: the N edges of largest |score|;
+* ``top_n``: the N edges of largest |score| (``signed=True``: of largest -score, EAP-IG's sign:
+  the edges whose cut lowers the metric most; see ``mib``);
 * ``threshold``: every edge with |score| >= tau;
 * ``greedy``: grow from the logits, each time adding the highest-|score| edge into a node already
   in the circuit (so the circuit stays connected to the logits by construction).
@@ -13,6 +14,8 @@ Reachability is a fixed point of boolean matrix products over the node graph, so
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -25,12 +28,15 @@ def _masked_abs(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return torch.where(valid, scores.abs(), torch.full_like(scores, -1.0))
 
 
-def top_n(scores: torch.Tensor, graph: CircuitGraph, n: int) -> torch.Tensor:
-    """The ``n`` valid edges of largest |score| (all of them if n >= the edge count)."""
+def top_n(scores: torch.Tensor, graph: CircuitGraph, n: int, signed: bool = False) -> torch.Tensor:
+    """The ``n`` valid edges of largest |score|, or with ``signed`` of largest -score (all of them
+    if n >= the edge count)."""
     n = min(int(n), graph.n_edges)
     kept = torch.zeros(scores.numel(), dtype=torch.bool)
     if n > 0:
-        kept[_masked_abs(scores, graph.valid).flatten().topk(n).indices] = True
+        key = (torch.where(graph.valid, -scores.float(), torch.full_like(scores, -math.inf, dtype=torch.float32))
+               if signed else _masked_abs(scores, graph.valid))
+        kept[key.flatten().topk(n).indices] = True
     return kept.view_as(scores) & graph.valid
 
 
@@ -107,8 +113,9 @@ def circuit_nodes(kept: torch.Tensor, graph: CircuitGraph) -> torch.Tensor:
 
 
 def prune(scores: torch.Tensor, graph: CircuitGraph, rule: str = "topn", n: int | None = None,
-          tau: float | None = None, cleanup: bool = True) -> torch.Tensor:
-    """Apply one rule (``n`` for topn/greedy, ``tau`` for threshold), then the reachability cleanup."""
+          tau: float | None = None, cleanup: bool = True, signed: bool = False) -> torch.Tensor:
+    """Apply one rule (``n`` for topn/greedy, ``tau`` for threshold), then the reachability cleanup.
+    ``signed``: topn ranks by -score instead of |score| (only topn has it)."""
     if rule not in RULES:
         raise EngramError(f"pruning rule {rule!r}: choose one of {', '.join(RULES)}")
     if rule == "threshold":
@@ -118,5 +125,7 @@ def prune(scores: torch.Tensor, graph: CircuitGraph, rule: str = "topn", n: int 
     else:
         if n is None or n < 0:
             raise EngramError(f"the {rule} rule needs a number of edges n >= 0, got {n!r}")
-        kept = (top_n if rule == "topn" else greedy)(scores, graph, n)
+        if signed and rule != "topn":
+            raise EngramError(f"signed ranking applies to the topn rule only, not {rule!r}")
+        kept = top_n(scores, graph, n, signed) if rule == "topn" else greedy(scores, graph, n)
     return prune_unreachable(kept, graph) if cleanup else kept

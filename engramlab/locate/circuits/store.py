@@ -13,6 +13,8 @@ file                     content
 ``config.json`` ...      the shared files (``engramlab.locate.base``): config, model, stats; one row per fact
 ``evaluation.json``      held-out metrics and the faithfulness-vs-N curve
 ``components.json``      head roles and logit lens
+``mib.json``             MIB CPR, CMD, the ranking and the sweep (``mib.mib_scores``): fraction, N,
+                         edges kept after the cleanup, held-out faithfulness per point
 ``pairs.json``           discovery and evaluation pairs; ``skipped.jsonl``: facts left out and why
 =======================  ===========================================================================
 """
@@ -89,6 +91,7 @@ def save_result(result, d: Path) -> None:
     atomic_write_json(d / "circuit.json", circuit_json(result))
     atomic_write_json(d / "evaluation.json", {"metrics": result.metrics, "curve": result.curve})
     atomic_write_json(d / "components.json", {"heads": result.heads, "logit_lens": result.lens})
+    atomic_write_json(d / "mib.json", result.mib)
     atomic_write_json(d / "pairs.json", result.pairs)
     atomic_write_jsonl(d / "skipped.jsonl", result.skipped)
 
@@ -100,10 +103,11 @@ def load_result(cls, d: Path):
     comp = load_json(d / "components.json", "circuit components") if (d / "components.json").exists() else {}
     pairs = load_json(d / "pairs.json", "circuit pairs") if (d / "pairs.json").exists() else {}
     skipped = read_jsonl(d / "skipped.jsonl") if (d / "skipped.jsonl").exists() else []
+    mib = load_json(d / "mib.json", "circuit MIB scores") if (d / "mib.json").exists() else {}
     if got is not None:
         config, model, stats = got.config, got.model, got.stats
     else:  # before the contract the config (merged with model facts) and stats were in evaluation.json
         config, model = split_model_keys(ev.get("config", {}))
         stats = ev.get("stats", {})
     return cls(graph, scores, kept, config, ev["metrics"], ev.get("curve", []), comp.get("heads", []),
-               comp.get("logit_lens", []), pairs, skipped, stats, model)
+               comp.get("logit_lens", []), pairs, skipped, stats, model, mib)

@@ -122,31 +122,58 @@ class GradientSums:
 
         return on_grad
 
+    def record_outputs(self, stack: ExitStack, store: dict) -> None:
+        """Hooks that put this pass's head outputs z (before W_O) and MLP outputs at the kept
+        positions, detached, in ``store`` (by site name): run in the alpha = 1 pass, they are
+        the clean outputs ``output_differences`` would otherwise run the clean prompts for."""
+        def keep(name: str):
+            def fn(t):
+                store[name] = self._rows(t.detach())
+            return fn
+
+        for l in range(self.graph.n_layers):
+            for kind in ("attn.heads", "mlp.out"):
+                name = site_name(kind, l)
+                stack.enter_context(self.lm.hooks.hook(name, keep(name)))
+
     @torch.inference_mode()
-    def output_differences(self, batch, corrupted: bool = True) -> dict:
+    def output_differences(self, batch, corrupted: bool = True, clean: dict | None = None, prefix=None) -> dict:
         """Corrupted minus clean head outputs z (before W_O) and MLP outputs at the kept
-        positions: one no-grad forward of both prompts stacked (2b rows), without the unembedding.
-        ``corrupted=False``: minus the clean outputs (a forward of the clean prompts only; the
-        ablated values are added in ``scores``). Run after the gradient passes, so none of this is
-        held while they run."""
+        positions: one no-grad forward of both prompts stacked (2b rows, clean first), without the
+        unembedding. ``corrupted=False``: minus the clean outputs (the ablated values are added in
+        ``scores``). ``clean``: the clean outputs already recorded (``record_outputs``); then only
+        the corrupted prompts run (b rows), or nothing under ``corrupted=False``. ``prefix``: a
+        ``PrefixCache`` of the first P tokens (``keep`` indexes positions P..): only those run. Run
+        after the gradient passes, so none of this is held while they run."""
         b = len(batch)
         diff: dict = {}
 
         def record(name: str):
             def fn(t):
-                diff[name] = self._rows(t[b:]) - self._rows(t[:b]) if corrupted else -self._rows(t)
+                if clean is not None:  # in place: the recorded clean outputs become the difference
+                    diff[name] = clean[name].neg_().add_(self._rows(t))
+                else:
+                    diff[name] = self._rows(t[b:]) - self._rows(t[:b]) if corrupted else -self._rows(t)
             return fn
 
+        if clean is not None and not corrupted:
+            return {name: value.neg_() for name, value in clean.items()}
         with ExitStack() as stack:
             for l in range(self.graph.n_layers):
                 for kind in ("attn.heads", "mlp.out"):
                     name = site_name(kind, l)
                     stack.enter_context(self.lm.hooks.hook(name, record(name)))
-            if corrupted:
-                self.lm.model.base_model(input_ids=torch.cat([batch.clean_ids, batch.corrupt_ids]),
-                                         attention_mask=torch.cat([batch.mask, batch.mask]))
+            if clean is not None:
+                ids, mask = batch.corrupt_ids, batch.mask
+            elif corrupted:
+                ids, mask = torch.cat([batch.clean_ids, batch.corrupt_ids]), torch.cat([batch.mask, batch.mask])
             else:
-                self.lm.model.base_model(input_ids=batch.clean_ids, attention_mask=batch.mask)
+                ids, mask = batch.clean_ids, batch.mask
+            if prefix is None:
+                self.lm.model.base_model(input_ids=ids, attention_mask=mask)
+            else:
+                self.lm.model.base_model(input_ids=ids[:, prefix.length:], attention_mask=mask, cache=prefix,
+                                         use_cache=True)
         return diff
 
     # -- after the passes -------------------------------------------------------------------------

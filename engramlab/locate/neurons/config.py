@@ -17,6 +17,12 @@ SITES = ("neurons", "pre")
 BASELINES = ("zero", "mean", "mean_all")
 OBJECTIVES = ("prob", "logprob", "prob_sum")
 REFINE = ("fact", "dai")
+METHODS = ("ig", "static", "screen")
+# Above this completeness error (``engramlab.locate.neurons.ig.IGRun.completeness_error``: the sum
+# rule's relative error, |sum_n Attr(n) - (F(a) - F(b))| / |F(a) - F(b)| averaged over layers with
+# weights |F(a) - F(b)|) a run logs a warning: the integral is too coarse for its scores to be read
+# at face value; more --steps or --ig-rule gauss-legendre fix it.
+COMPLETENESS_TOLERANCE = 0.05
 # Per refinement rule: (p_start, min_prompts) when not given.
 _PRESETS = {"fact": (0.5, 1), "dai": (0.7, 3)}
 
@@ -39,9 +45,18 @@ class NeuronConfig:
     site: str = option("neurons", "neurons (MLP output-projection input) | pre (pre-activation: gate / c_fc "
                        "output).",
                        choices=SITES)
-    ig_rule: str = option("right", "Integration rule: right (k = 1..m) | left (k = 0..m-1, Dai et al.'s code) | "
-                          "trapezoid.",
+    ig_rule: str = option("right", "Integration rule over m steps: right (alpha = k/m, k = 1..m) | left (k = "
+                          "0..m-1, Dai et al.'s code) | trapezoid (k = 0..m, half weights at the ends) | midpoint "
+                          "((k - 1/2)/m) | gauss-legendre (m Gauss-Legendre nodes: fewest steps for a given "
+                          "completeness error).",
                           choices=RULES)
+    method: str = option("ig", "ig (integrated gradients over every layer) | static (one forward: each neuron's "
+                         "direct first-order contribution to log p(answer) through the unembedding) | screen "
+                         "(the static score picks --screen-layers layers, IG verifies only those).",
+                         choices=METHODS)
+    screen_layers: int = option(3, "screen: layers IG verifies, those holding most of the static score of the top "
+                                "--screen-neurons neurons.", range=(1, None))
+    screen_neurons: int = option(50, "screen: top neurons by static score that choose the layers.", range=(1, None))
     threshold: float = option(0.2, "Coarse neurons: score > threshold x the prompt's max score.", range=(0, 1),
                               open_high=True)
     refine: str = option("fact", "fact (p adapted per fact, cut to max_neurons) | dai (Dai et al. 2022: p from "
@@ -72,3 +87,5 @@ class NeuronConfig:
         self.p_start = p_start if self.p_start is None else self.p_start
         self.min_prompts = min_prompts if self.min_prompts is None else self.min_prompts
         check(self, "min_neurons", self.min_neurons <= self.max_neurons, f"must be <= max_neurons ({self.max_neurons})")
+        check(self, "site", self.method == "ig" or self.site == "neurons",
+              f"--method {self.method} scores the MLP output-projection input: use --site neurons (or --method ig)")

@@ -5,8 +5,12 @@
 1. a rank check: a fact whose first target token ranks beyond ``max_rank`` after its main prompt
    is skipped with the reason recorded (attributing what the model does not know is noise);
    paraphrases beyond it are left out of the selection;
-2. attribution: integrated gradients over every layer's MLP neurons at the last prompt position,
-   for each paraphrase (the fact's templates) - see ``engramlab.locate.neurons.ig``;
+2. attribution at the last prompt position, for each paraphrase (the fact's templates), by
+   ``method``: integrated gradients over every layer's MLP neurons ("ig", the default - see
+   ``engramlab.locate.neurons.ig``), the one-forward static score ("static",
+   ``engramlab.locate.neurons.static``) or the static score choosing the layers IG verifies
+   ("screen", ``engramlab.locate.neurons.screen``); each record keeps the IG completeness error
+   (mean over its paraphrases) and the passes spent;
 3. selection: coarse neurons score > ``threshold`` x max per paraphrase; refined neurons are
    those in the coarse sets of at least a share p of the paraphrases, by one of two rules
    (``refine``):
@@ -30,6 +34,7 @@ paraphrases' coarse sets (None with one paraphrase).
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,9 +46,10 @@ from engramlab.config import to_dict
 from engramlab.data.facts import FactSet, target_token_ids
 from engramlab.locate.base import mean_of, model_facts, read_result, short, write_result
 from engramlab.locate.neurons.effects import measure_effects
-from engramlab.locate.neurons.config import (BASELINES, OBJECTIVES, REFINE, SITES,  # noqa: F401 (re-exported)
-                                             NeuronConfig)
-from engramlab.locate.neurons.ig import integrated_gradients
+from engramlab.locate.neurons.config import (BASELINES, COMPLETENESS_TOLERANCE, METHODS,  # noqa: F401 (re-exported)
+                                             OBJECTIVES, REFINE, SITES, NeuronConfig)
+from engramlab.locate.neurons.ig import integrated_gradients  # noqa: F401 (re-exported)
+from engramlab.locate.neurons.screen import attribute_prompt
 from engramlab.locate.neurons.select import _tally, coarse_neurons, consistency, refine_neurons, refine_relation_dai, relation_neurons
 from engramlab.models.context import check_facts_fit
 from engramlab.models.scoring import encode, first_token_ranks
@@ -51,15 +57,17 @@ from engramlab.progress import progress_bar
 from engramlab.models.loading import LoadedModel
 from engramlab.runs import atomic_write_json, load_json
 
+log = logging.getLogger("engramlab")
+
 
 def attribute_neurons(lm, prompt: str | Sequence[int], target_ids: Sequence[int], config: NeuronConfig,
                       layers: Sequence[int] | None = None) -> torch.Tensor:
-    """Integrated-gradients scores (n_layers, d_mlp) of every MLP neuron at the last prompt
-    position for the target tokens (``config.objective``: by default their joint probability).
-    Layers not in ``layers`` are 0."""
-    return integrated_gradients(lm, encode(lm, prompt), list(target_ids), steps=config.steps,
-                                baseline=config.baseline, objective=config.objective, site=config.site,
-                                layers=layers, batch_layers=config.batch_layers, rule=config.ig_rule)
+    """Scores (n_layers, d_mlp) of every MLP neuron at the last prompt position for the target
+    tokens by ``config.method`` (by default integrated gradients of ``config.objective``, the
+    targets' joint probability). Layers not in ``layers`` (or, for "screen", not verified) are 0.
+    ``engramlab.locate.neurons.screen.attribute_prompt`` also gives the completeness error and
+    the pass count."""
+    return attribute_prompt(lm, encode(lm, prompt), list(target_ids), config, layers).scores
 
 
 def apply_refinement(records: list[dict], config: NeuronConfig) -> dict[str, list[list[int]]]:
@@ -104,7 +112,11 @@ class NeuronResult:
     A record: relation, subject, object, ``prompts`` (the paraphrases), ``ranks`` (first target
     token after each), ``neurons`` ([layer, index, mean score] refined, best first), ``coarse``
     (per paraphrase: [layer, index, score] lists, None where left out), ``p`` (the final share),
-    ``consistency``, ``skipped`` (reason or None), ``effects`` (see ``measure_effects``)."""
+    ``consistency``, ``skipped`` (reason or None), ``effects`` (see ``measure_effects``),
+    ``method``, ``completeness_error`` (the mean over the attributed paraphrases of IG's sum-rule
+    error, ``IGRun.completeness_error``; None for "static"), ``n_passes`` (forward / backward
+    passes of the attribution, all paraphrases), ``layers_scored`` (per paraphrase: the layers
+    attributed; "screen" verifies only some)."""
 
     rows: list[dict]
     relation_neurons: dict[str, list[list[int]]]
@@ -130,6 +142,12 @@ class NeuronResult:
         out["mean_coarse_per_prompt"] = mean_of([len(c) for r in done for c in r["coarse"] if c is not None])
         out["mean_consistency"] = mean_of([r["consistency"] for r in done])
         out["n_relation_neurons"] = sum(len(v) for v in self.relation_neurons.values())
+        out["method"] = self.config.get("method", "ig")
+        out["mean_completeness_error"] = mean_of([r.get("completeness_error") for r in done])
+        out["max_completeness_error"] = max((r["completeness_error"] for r in done
+                                             if r.get("completeness_error") is not None), default=None)
+        out["n_passes"] = sum(r.get("n_passes") or 0 for r in done)
+        out["mean_passes_per_fact"] = mean_of([r.get("n_passes") for r in done])
         out["seconds_per_fact"] = self.stats.get("seconds_per_fact")
         out["cpu_seconds_per_fact"] = self.stats.get("cpu_seconds_per_fact")
         for rel in sorted({r["relation"] for r in done}):
@@ -165,6 +183,17 @@ def _effect_means(effects: list[dict]) -> dict:
     return out
 
 
+def _warn_completeness(records: list[dict], config: NeuronConfig) -> None:
+    """A warning when the mean IG completeness error exceeds ``COMPLETENESS_TOLERANCE``."""
+    errors = [r["completeness_error"] for r in records if r.get("completeness_error") is not None]
+    if errors and sum(errors) / len(errors) > COMPLETENESS_TOLERANCE:
+        worst = max(errors)
+        log.warning(f"knowledge neurons: mean IG completeness error {sum(errors) / len(errors):.3f} (worst fact "
+                    f"{worst:.3f}) exceeds {COMPLETENESS_TOLERANCE}: the scores do not add up to the change of "
+                    f"the objective; use more --steps (now {config.steps}) or --ig-rule gauss-legendre "
+                    f"(now {config.ig_rule})")
+
+
 def find_knowledge_neurons(lm: LoadedModel, facts: FactSet, config: NeuronConfig | None = None, *,
                            progress: bool = False, show_progress: bool | None = None) -> NeuronResult:
     """Attribute, select and test the knowledge neurons of every fact (see module docstring).
@@ -185,21 +214,33 @@ def find_knowledge_neurons(lm: LoadedModel, facts: FactSet, config: NeuronConfig
                                          enabled=progress):
         record = {"relation": fact.relation, "subject": fact.subject, "object": fact.object, "prompts": ps,
                   "target_tokens": tok.convert_ids_to_tokens(ts[0]), "ranks": rs, "neurons": [], "coarse": [],
-                  "p": None, "consistency": None, "skipped": None, "effects": None}
+                  "p": None, "consistency": None, "skipped": None, "effects": None, "method": config.method,
+                  "completeness_error": None, "n_passes": 0, "layers_scored": []}
         records.append(record)
         if rs[0] > config.max_rank:
             record["skipped"] = (f"object {fact.object!r} ranks {rs[0]} after {ps[0]!r}, beyond max_rank "
                                  f"{config.max_rank}: the model does not predict it")
             continue
         coarse: list[list | None] = []
+        errors = []
         for p, t, r in zip(ps, ts, rs):
-            coarse.append(None if r > config.max_rank else
-                          coarse_neurons(attribute_neurons(lm, p, t, config), config.threshold))
+            if r > config.max_rank:
+                coarse.append(None)
+                record["layers_scored"].append(None)
+                continue
+            got = attribute_prompt(lm, encode(lm, p), t, config)
+            coarse.append(coarse_neurons(got.scores, config.threshold))
+            record["n_passes"] += got.n_passes
+            record["layers_scored"].append(got.layers)
+            if got.completeness_error is not None:
+                errors.append(got.completeness_error)
+        record["completeness_error"] = short(sum(errors) / len(errors)) if errors else None
         # Rounded as saved, so that refining a saved run (apply_refinement) gives the same result.
         coarse = [None if c is None else [[l, i, short(s)] for l, i, s in c] for c in coarse]
         record.update(coarse=coarse, consistency=consistency([c for c in coarse if c is not None]))
     attributed_seconds = time.time() - start
 
+    _warn_completeness(records, config)
     rel_neurons = apply_refinement(records, config)
     measure_effects(lm, records, [ts[0] for ts in targets], config.n_compare, config.n_random_repeats,
                     config.seed)

@@ -7,7 +7,8 @@ For a prompt of P tokens and target tokens t_0..t_{T-1}, the attribution of neur
 where ``a`` (d_mlp,) is layer l's activation at the last prompt position, ``b`` the baseline and
 F the objective. The points (alpha_k, w_k) are those of the integration ``rule`` with m = steps
 intervals (``engramlab.locate.integration``): "right" alpha_k = k/m, k = 1..m (the default),
-"left" k = 0..m-1 (Dai et al. 2022's code), "trapezoid" k = 0..m with half weights at the ends.
+"left" k = 0..m-1 (Dai et al. 2022's code), "trapezoid" k = 0..m with half weights at the ends,
+"midpoint" (k - 1/2)/m, k = 1..m, "gauss-legendre" the m Gauss-Legendre nodes mapped to [0, 1].
 
 Baselines: "zero"; "mean", the mean activation over the prompt positions 1..P-2 (position 0 is
 left out: its "massive activations" are hundreds of times the others on SmolLM2 and would make
@@ -39,8 +40,12 @@ Why the batched kernel is fast (``integrated_gradients``):
    causal).
 4. One backward of the summed objective gives every row its own gradient: rows never interact.
 
-Every layer's batch holds a row at alpha = 1 (for "left", an extra row of weight 0), which runs
-the unedited activation and must reproduce the model's own forward: a self-check of the batch.
+Every layer's batch holds a row at alpha = 1 (appended with weight 0 where the rule has none:
+"left", "midpoint", "gauss-legendre"), which runs the unedited activation and must reproduce the
+model's own forward: a self-check of the batch. It also holds a row at alpha = 0 (appended with
+weight 0 where the rule has none: "right", "midpoint", "gauss-legendre"): with the alpha = 1 row
+it gives F(a) - F(b) of every layer, and so the completeness error of the sum rule
+(``IGRun.completeness_error``) at the cost of at most two rows per layer.
 
 ``integrated_gradients_plain`` is the reference: for each layer and point, a full forward of the
 whole sequence with the activation replaced, and a backward. The tests check both agree.
@@ -49,6 +54,7 @@ whole sequence with the activation replaced, and a backward. The tests check bot
 from __future__ import annotations
 
 from contextlib import ExitStack
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -96,14 +102,19 @@ def _put_position(t: torch.Tensor, pos: int, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([t[:, :pos], x, t[:, pos + 1:]], dim=1)
 
 
-def _path(rule: str, steps: int, device) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """The rule's (alphas (n,), weights (n,)) plus the index of a point at alpha = 1 (the
-    self-check row). "left" has none, so a point (1, weight 0) is appended."""
+def _path(rule: str, steps: int, device, ends: bool = True) -> tuple[torch.Tensor, torch.Tensor, int | None, int | None]:
+    """The rule's (alphas (n,), weights (n,)) plus the indices of a point at alpha = 1 (the
+    self-check row, F(a)) and of one at alpha = 0 (F(b), for the completeness error), None where
+    there is none. With ``ends``, a rule without such a point gets it appended with weight 0:
+    "left", "midpoint" and "gauss-legendre" lack alpha = 1; "right", "midpoint" and
+    "gauss-legendre" lack alpha = 0."""
     alphas, weights = integration_tensors(rule, steps, device=device)
-    if float(alphas[-1]) != 1.0:
-        alphas = torch.cat([alphas, alphas.new_ones(1)])
-        weights = torch.cat([weights, weights.new_zeros(1)])
-    return alphas, weights, len(alphas) - 1
+    for end in (1.0, 0.0) if ends else ():
+        if not bool((alphas == end).any()):
+            alphas = torch.cat([alphas, alphas.new_full((1,), end)])
+            weights = torch.cat([weights, weights.new_zeros(1)])
+    at = lambda end: int(torch.nonzero(alphas == end)[0]) if bool((alphas == end).any()) else None  # noqa: E731
+    return alphas, weights, at(1.0), at(0.0)
 
 
 def _points(a: torch.Tensor, b: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
@@ -142,6 +153,8 @@ class _CleanRun:
     acts[l]   (d_mlp,)         site activation at the last prompt position
     prefix[l] (P-1, d_mlp)     site activations at the other prompt positions (mean baseline)
     calls[l]  (args, kwargs)   what HF passed to layer l besides the hidden states
+    final     (d_model,)       input of the final norm at the last prompt position (the static
+                               score, ``engramlab.locate.neurons.static``, reads it)
     objective float            F of the unedited model (checks the batched pass)
     """
 
@@ -156,6 +169,7 @@ class _CleanRun:
             cache = self._prefix_pass(lm, prompt_ids[:-1], site)
             logits, acts = self._segment_pass(lm, prompt_ids[-1:] + list(target_ids[:-1]), cache, site)
         self.acts = [t[0, 0].float() for t in acts]
+        self.final = self._final[0, 0].float()
         self.prefix = [None if t is None else t[0] for t in self.prefix]
         self.objective = float(objective_from_logits(logits, target_ids, objective)[0])
         # The batched pass calls each layer with what HF passed it here, the shared prefix cache
@@ -179,6 +193,7 @@ class _CleanRun:
         (1, T, vocab), site activations per layer, and each layer's input and call arguments."""
         acts: list[torch.Tensor] = [None] * lm.adapter.n_layers
         with ExitStack() as stack:
+            stack.enter_context(lm.hooks.hook(site_name("ln_final.in"), self._final_recorder))
             for l in range(lm.adapter.n_layers):
                 stack.enter_context(site_hook(lm, l, site, self._recorder(acts, l)))
                 handle = lm.adapter.layers[l].register_forward_pre_hook(self._call_recorder(l), with_kwargs=True)
@@ -186,6 +201,9 @@ class _CleanRun:
             logits = lm.model(input_ids=torch.tensor([segment_ids], device=lm.device), cache=cache,
                               use_cache=cache is not None).logits
         return logits, acts
+
+    def _final_recorder(self, t):
+        self._final = t.detach()
 
     @staticmethod
     def _recorder(store: list, layer: int):
@@ -248,15 +266,79 @@ def auto_batch_layers(lm, steps: int, n_segment: int, n_prompt: int, budget_byte
     return 1
 
 
+@dataclass
+class IGRun:
+    """What one prompt's batched integrated gradients give besides the scores.
+
+    scores      (n_layers, d_mlp)  Attr(n); zeros off ``layers``
+    layers      the layers attributed
+    f_input     {layer: F(a)}      the objective at alpha = 1 (the unedited model)
+    f_baseline  {layer: F(b)}      the objective with layer l's activation at its baseline
+    n_passes    forward(+backward) passes: 1 for the clean run (prefix and segment together
+                are one forward of prompt + target[:-1]) and one per batch row, i.e. per
+                (layer, integration point) including the rows at alpha = 1 and 0 that the rule
+                lacks (each row runs forward from its layer and backward)
+    clean       the unedited run (``_CleanRun``), reusable for the static score
+    """
+
+    scores: torch.Tensor
+    layers: list[int]
+    f_input: dict[int, float]
+    f_baseline: dict[int, float]
+    n_passes: int
+    clean: "_CleanRun | None" = None
+
+    def completeness_error(self) -> float | None:
+        """sum_l |sum_n Attr_l(n) - (F(a) - F_l(b))| / sum_l |F(a) - F_l(b)| over the attributed
+        layers: the per-layer relative error of the sum rule, averaged over layers with weights
+        |F(a) - F_l(b)| (a plain mean would be ruled by layers whose change is ~0, where any
+        rounding is a large relative error). None when no layer changes F at all."""
+        if any(l not in self.f_input for l in self.layers):
+            return None  # run with ends=False and a rule lacking an end
+        return completeness_error(self.scores, self.f_input, self.f_baseline, self.layers)
+
+
+def completeness_error(scores: torch.Tensor, f_input: dict[int, float], f_baseline: dict[int, float],
+                       layers: Sequence[int]) -> float | None:
+    """See ``IGRun.completeness_error``; ``scores`` (n_layers, d_mlp)."""
+    gap = sum(abs(float(scores[l].double().sum()) - (f_input[l] - f_baseline[l])) for l in layers)
+    scale = sum(abs(f_input[l] - f_baseline[l]) for l in layers)
+    return gap / scale if scale > 0 else None
+
+
 def integrated_gradients(lm, prompt_ids: list[int], target_ids: list[int], steps: int = 20,
                          baseline: str = "zero", objective: str = "prob", site: str = "neurons",
                          layers: Sequence[int] | None = None, batch_layers: int | None = None,
-                         rule: str = "right") -> torch.Tensor:
+                         rule: str = "right", ends: bool = True) -> torch.Tensor:
     """Attribution scores (n_layers, d_mlp) at the last prompt position (see module docstring).
 
     Layers not in ``layers`` (default: all) get zeros. ``batch_layers`` layers share one batch of
     ``batch_layers * n`` rows, n the number of integration points of ``rule`` (None: as many
-    layers as ``auto_batch_layers`` allows)."""
+    layers as ``auto_batch_layers`` allows). ``integrated_gradients_run`` also returns the ends
+    of the path (the completeness error) and the pass count; ``ends=False``: see there."""
+    return integrated_gradients_run(lm, prompt_ids, target_ids, steps, baseline, objective, site, layers,
+                                    batch_layers, rule, ends=ends).scores
+
+
+def clean_run(lm, prompt_ids: list[int], target_ids: list[int], site: str = "neurons",
+              objective: str = "prob") -> "_CleanRun":
+    """The unedited forward of prompt + target[:-1] that ``integrated_gradients_run`` starts from
+    (one pass); pass it back in as ``clean`` to reuse it (the screen scores layers on it first)."""
+    check_options(1, "zero", objective, site)
+    if not prompt_ids or not target_ids:
+        raise EngramError("integrated gradients needs a non-empty prompt and at least one target token")
+    return _CleanRun(lm, list(prompt_ids), list(target_ids), site, objective)
+
+
+def integrated_gradients_run(lm, prompt_ids: list[int], target_ids: list[int], steps: int = 20,
+                             baseline: str = "zero", objective: str = "prob", site: str = "neurons",
+                             layers: Sequence[int] | None = None, batch_layers: int | None = None,
+                             rule: str = "right", clean: "_CleanRun | None" = None, ends: bool = True) -> IGRun:
+    """``integrated_gradients`` with F at both ends of every layer's path and the pass count
+    (``IGRun``). ``clean`` (from ``clean_run`` with the same ids, site and objective) saves the
+    clean forward; it is then not counted again. ``ends=False`` adds no weight-0 rows: only the
+    rule's own points run (fastest; the self-check and F at an end the rule lacks are then
+    skipped, and ``completeness_error`` is None unless the rule has both ends)."""
     check_options(steps, baseline, objective, site, rule)
     if not prompt_ids or not target_ids:
         raise EngramError("integrated gradients needs a non-empty prompt and at least one target token")
@@ -264,11 +346,14 @@ def integrated_gradients(lm, prompt_ids: list[int], target_ids: list[int], steps
         raise EngramError(f"batch_layers must be >= 1 (or None for automatic), got {batch_layers}")
     n_layers = lm.adapter.n_layers
     layers = sorted(set(range(n_layers) if layers is None else layers))
-    clean = _CleanRun(lm, list(prompt_ids), list(target_ids), site, objective)
-    alphas, weights, check_row = _path(rule, steps, clean.acts[0].device)
+    passes = 0
+    if clean is None:
+        clean, passes = _CleanRun(lm, list(prompt_ids), list(target_ids), site, objective), 1
+    alphas, weights, check_row, zero_row = _path(rule, steps, clean.acts[0].device, ends)
     n = len(alphas)
     size = batch_layers or auto_batch_layers(lm, n, len(target_ids), len(prompt_ids))
     scores = torch.zeros(n_layers, lm.adapter.d_mlp)
+    f_input, f_baseline = {}, {}
     for first in range(0, len(layers), size):
         chunk = layers[first: first + size]
         points, bases = {}, {}
@@ -286,10 +371,15 @@ def integrated_gradients(lm, prompt_ids: list[int], target_ids: list[int], steps
             hidden = _run_layers(lm, clean, chunk[0], None, {l: n for l in chunk})
             values = objective_from_logits(_logits(lm, hidden), target_ids, objective)  # (rows,)
             grads = torch.autograd.grad(values.sum(), [points[l] for l in chunk])
-        _check_against_clean(lm, values.detach().view(len(chunk), n)[:, check_row], clean.objective)
-        for l, g in zip(chunk, grads):
+        passes += len(chunk) * n
+        at_points = values.detach().double().view(len(chunk), n)
+        if check_row is not None:
+            _check_against_clean(lm, at_points[:, check_row], clean.objective)
+        for j, (l, g) in enumerate(zip(chunk, grads)):
             scores[l] = ((clean.acts[l] - bases[l]) * (weights[:, None] * g.float()).sum(0)).cpu()
-    return scores
+            if check_row is not None and zero_row is not None:
+                f_input[l], f_baseline[l] = float(at_points[j, check_row]), float(at_points[j, zero_row])
+    return IGRun(scores, layers, f_input, f_baseline, passes, clean)
 
 
 def _check_against_clean(lm, full_scale_values: torch.Tensor, clean_value: float) -> None:

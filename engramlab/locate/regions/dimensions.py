@@ -39,6 +39,7 @@ from engramlab.models.perplexity import perplexity
 from engramlab.locate.regions.perturb import Op, Scale, Zero, as_op, hidden_dimension_entries, single
 from engramlab.models.adapters import weight_in_axis
 from engramlab.models.hooks import site_name
+from engramlab.progress import progress_bar
 
 
 # -- which matrices, and their d_model axis -------------------------------------------------------
@@ -249,7 +250,8 @@ def _ratios(ppl: dict, base: dict) -> dict:
 def dimension_dependency(lm, params: Mapping[str, torch.Tensor], core_masks: Mapping[str, torch.Tensor],
                          score: Mapping[str, torch.Tensor], held_out: Mapping[str, torch.Tensor], top: int = 4,
                          op: Op | str = "zero", batch_size: int = 8, ppl_mode: str = "token",
-                         base_ppl: Mapping[str, float] | None = None, avoid: Sequence[int] = ()) -> list[dict]:
+                         base_ppl: Mapping[str, float] | None = None, avoid: Sequence[int] = (),
+                         progress: bool = False) -> list[dict]:
     """Perplexity after perturbing one core parameter on each of the most core-dense dimensions.
 
     ``params`` {name: parameter} (``region_tensors``), ``core_masks`` the core region over them,
@@ -300,7 +302,7 @@ def dimension_dependency(lm, params: Mapping[str, torch.Tensor], core_masks: Map
         return sel[:, None].expand(mask.shape) if axis == 0 else sel[None, :].expand(mask.shape)
 
     rows = []
-    for d in dims:
+    for d in progress_bar(dims, "dimension dependency", enabled=progress):
         best = None  # (score, name, index)
         for name, (weight, axis) in mats.items():
             allowed = core_masks[name].detach().cpu() & on_dim(core_masks[name], axis, [d])

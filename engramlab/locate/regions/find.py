@@ -76,9 +76,10 @@ from engramlab.locate.regions.facts import fact_corpora, is_fact_set
 from engramlab.locate.regions.importance import importance, region_tensors
 from engramlab.locate.regions.masks import (bottom_masks, core_scores, load_masks, overlap_matrix, random_masks,
                                             region_size, save_masks, specific_region, top_masks)
-from engramlab.models.perplexity import perplexity
 from engramlab.locate.regions.perturb import zeroed
 from engramlab.models.context import context_length
+from engramlab.models.perplexity import perplexity
+from engramlab.progress import progress_bar
 from engramlab.runs import atomic_write_json, atomic_write_jsonl, load_json, read_jsonl
 
 NAME = "regions"
@@ -293,7 +294,7 @@ def find_regions(lm, data, config: RegionConfig | None = None, *, progress: bool
     zeroed_regions = {**{k: regions[k] for k in CONTROLS}, **(tops if config.zero_tops else {})}
     ppl = {name: {} for name in corpora}
     fact_scores = {}
-    for region in (None, *zeroed_regions):
+    for region in progress_bar((None, *zeroed_regions), "perplexity, each region zeroed", enabled=progress):
         key = "base" if region is None else PPL_KEYS.get(region, f"without_{region}")
         with zeroed(params, zeroed_regions[region]) if region else nullcontext():
             for name, sp in splits.items():
@@ -310,7 +311,7 @@ def find_regions(lm, data, config: RegionConfig | None = None, *, progress: bool
     dims = None
     if facts is None and config.dimensions:
         dims = dimension_study(lm, params, regions["core"], score, splits, {c: p["base"] for c, p in ppl.items()},
-                               config)
+                               config, progress=progress)
 
     rows = []
     for name, c in corpora.items():
@@ -338,7 +339,8 @@ def find_regions(lm, data, config: RegionConfig | None = None, *, progress: bool
                         _fact_rows(facts, fact_scores) if facts is not None else None, dims)
 
 
-def dimension_study(lm, params, core, score, splits: Mapping[str, Split], base: dict, config: RegionConfig) -> dict:
+def dimension_study(lm, params, core, score, splits: Mapping[str, Split], base: dict, config: RegionConfig,
+                    progress: bool = False) -> dict:
     """Massive activations, super-weight candidates and dimension dependency (``regions.dimensions``)
     on the held-out chunks; what ``dimensions.json`` holds."""
     from engramlab.locate.regions.dimensions import (coincide, dimension_counts, dimension_dependency,
@@ -350,7 +352,7 @@ def dimension_study(lm, params, core, score, splits: Mapping[str, Split], base: 
     held_out = {c: sp.held_out for c, sp in splits.items()}
     dep = dimension_dependency(lm, params, core, score, held_out, top=config.dimensions, op=config.dimension_op,
                                batch_size=config.batch_size, ppl_mode=config.ppl_mode, base_ppl=base,
-                               avoid=massive["dims"])
+                               avoid=massive["dims"], progress=progress)
     massive = {k: v for k, v in massive.items() if k != "layer_max"}  # (n_layers, d_model): not kept
     return {"dependency": dep, "massive": massive, "super_weights": supers,
             "coincide": coincide([r["dim"] for r in dep], massive["dims"]),

@@ -1,5 +1,6 @@
 """Report section of ``engram circuit``: the drawing (from ``scores.safetensors``), faithfulness vs
-N, head roles, the logit lens; the ``sparse_circuits`` finding."""
+N, the MIB CPR / CMD curve (``mib.json``), head roles, the logit lens; the ``sparse_circuits``
+finding."""
 
 from __future__ import annotations
 
@@ -51,6 +52,25 @@ def _curve_figure(curve: list[dict], chosen: tuple, target, title: str):
     ax.set_xscale("log")
     ax.set_xlabel("share of the graph's edges kept")
     ax.set_ylabel("faithfulness / Hit@10")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=6.5, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def _mib_figure(mib: dict, title: str):
+    """Faithfulness against the requested edge fraction of the MIB sweep, linear x (the axis CPR and
+    CMD integrate over): the area under the curve is CPR, the shaded area between it and 1 is CMD."""
+    fig, (ax,) = new_figure(1, 1, 10.0, 3.3)
+    pts = [(c["fraction"], c["faithfulness"]) for c in mib.get("curve") or []
+           if number(c.get("fraction")) is not None and number(c.get("faithfulness")) is not None]
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    ax.plot(xs, ys, "o-", ms=3, label=f"faithfulness (held out), {mib.get('mib_ranking', '—')} ranking")
+    ax.fill_between(xs, ys, 0, color="#1f77b4", alpha=0.12, label=f"CPR {fmt(mib.get('cpr'))} (area under)")
+    ax.fill_between(xs, ys, 1, color="#d62728", alpha=0.12, label=f"CMD {fmt(mib.get('cmd'))} (area to 1)")
+    ax.axhline(1, color="grey", ls=":", lw=0.8)
+    ax.set_xlabel("share of the graph's edges requested (top floor(p x edges))")
+    ax.set_ylabel("faithfulness")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=6.5, loc="lower right")
     fig.tight_layout()
@@ -130,6 +150,9 @@ def circuit_body(run: RunView, sid: str) -> tuple[str, list[Finding]]:
                      ("edges kept / total", f"{fmt(kept)} / {fmt(total)} ({fmt(100 * frac if frac is not None else None)}%)"),
                      ("nodes kept / total", f"{fmt(s.get('n_nodes_kept'))} / {fmt(s.get('n_nodes'))}"),
                      ("faithfulness, held out", faith),
+                     ("MIB CPR (higher is better) / CMD (lower is better)",
+                      f"{fmt(s.get('cpr'))} / {fmt(s.get('cmd'))} ({s.get('mib_ranking', '—')} ranking)"),
+                     ("EAP-IG completeness error, mean over discovery facts", s.get("mean_completeness_error")),
                      ("faithfulness, discovery facts", s.get("discovery_faithfulness", metrics.get("discovery_faithfulness"))),
                      ("Hit@10, model / circuit", f"{fmt(s.get('hit_at_10_model'))} / {fmt(s.get('hit_at_10_circuit'))}"),
                      ("facts: discovery / held out / skipped", f"{fmt(s.get('n_discovery'))} / "
@@ -143,6 +166,14 @@ def circuit_body(run: RunView, sid: str) -> tuple[str, list[Finding]]:
                        "scale); the star is the circuit kept.")
     else:
         body += note("No faithfulness-vs-N curve (evaluation.json missing or without a curve).")
+    mib = run.json("mib.json") or {}
+    if mib.get("curve"):
+        body += figure(_mib_figure(mib, f"MIB circuit scores ({name})"),
+                       "The MIB sweep (Mueller et al. 2025): held-out faithfulness of the top floor(p x edges) circuit "
+                       "at each edge fraction p (linear scale); CPR is the trapezoid area under the curve, CMD the "
+                       "area between it and 1.")
+    else:
+        body += note("No MIB CPR/CMD curve (mib.json missing).")
     comp = run.json("components.json") or {}
     heads = comp.get("heads") or []
     n_layers = (run.json("circuit.json") or {}).get("graph", {}).get("n_layers") or n_layers_of(run)

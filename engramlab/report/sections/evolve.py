@@ -511,6 +511,9 @@ def evolve_section(run: RunView, report: Report, rows: list[dict], continual: bo
             if lk is not None:
                 parts += [f"<h4>Language vs knowledge at the final checkpoint (step {fmt(rows[-1].get('step'))})</h4>",
                           knowledge.zeroed_table(lk)]
+        if has(rows, "trace.peak_mlp_layer"):
+            from engramlab.report.sections.trace import trace_checkpoint_table
+            parts.append(trace_checkpoint_table(rows))
     parts.append(details("summary.json: change points", summary_table(s)))
     priority = 1 if continual else 0
     findings = [f for f in (formation_finding(s, rows, sid, priority), deep_finding(s, sid, priority),

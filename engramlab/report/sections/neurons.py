@@ -3,11 +3,16 @@ the ``kn_suppression`` finding."""
 
 from __future__ import annotations
 
+from engramlab.locate.neurons.config import COMPLETENESS_TOLERANCE  # standard library only: no torch
 from engramlab.report.page import Finding, Section, figure, fmt, kv_table, new_figure, note, table
 from engramlab.report.runs import Report, RunView
 from engramlab.report.sections import renderer
 from engramlab.report.sections.locators import left_out, verb_section, n_layers_of, number, records_of, short_name, model_name
 
+
+_METHOD_WORDS = {"ig": "integrated gradients, every layer",
+                 "static": "static score (direct log-probability contribution, one forward)",
+                 "screen": "screen: static score picks layers, integrated gradients verifies them"}
 
 KINDS = (("own", "own neurons"), ("same_relation", "same-relation control"),
          ("other_relation", "other-relation control"), ("random", "random neurons"))
@@ -125,11 +130,22 @@ def neurons_body(run: RunView, sid: str) -> tuple[str, list[Finding]]:
     done = [r for r in records if r.get("skipped") is None]
     with_effects = [r for r in done if r.get("effects")]
     n_layers = n_layers_of(run) or 1 + max((int(n[0]) for r in done for n in r["neurons"]), default=0)
+    config = getattr(run, "config", None) or {}
+    method = s.get("method") or config.get("method") or "ig"
+    errors = [r["completeness_error"] for r in done if r.get("completeness_error") is not None]
+    error = s.get("mean_completeness_error", sum(errors) / len(errors) if errors else None)
     body = kv_table([("facts attributed / all", f"{len(done)} / {len(records)}"),
+                     ("attribution method", _METHOD_WORDS.get(method, method)),
+                     ("mean IG completeness error", "— (no integral: static score)" if method == "static" else error),
+                     ("forward/backward passes per fact", s.get("mean_passes_per_fact")),
                      ("mean neurons per fact", s.get("mean_neurons_per_fact")),
                      ("facts without neurons", s.get("n_without_neurons")),
                      ("mean paraphrase consistency (Jaccard)", s.get("mean_consistency")),
                      ("relation neurons", s.get("n_relation_neurons"))])
+    if number(error) is not None and number(error) > COMPLETENESS_TOLERANCE:
+        body += note(f"The IG scores miss the sum rule by {fmt(number(error))} of the change of the objective on average "
+                     f"(tolerance {COMPLETENESS_TOLERANCE}): more integration steps, or the gauss-legendre rule, "
+                     "would make them add up.")
     if any(r["neurons"] for r in done):
         body += figure(_layer_histogram(done, n_layers, f"refined knowledge neurons per layer ({model_name(run)})"),
                        "Where the facts' refined knowledge neurons sit, stacked by relation.")
