@@ -156,7 +156,7 @@ def test_set_reaches_fields_without_a_flag_and_nested_ones(tmp_path, captured):
 
 def test_sweep_defaults_differ_from_train_and_a_file_sets_them(tmp_path, monkeypatch):
     seen = []
-    monkeypatch.setattr("engramlab.train.sweep.run_sweep", lambda path, grid, preset, base, log: seen.append(base) or {})
+    monkeypatch.setattr("engramlab.train.sweep.run_sweep", lambda path, grid, preset, base, log, executor: seen.append(base) or {})
     f = _write(tmp_path / "sweep.toml", 'lr = 0.01\nschedule = "linear"\nattention_stats = false\n')
     for extra in ([], ["--config", str(f)], ["--config", str(f), "--full-runs"]):
         out = tmp_path / f"sweep{len(seen)}"

@@ -41,6 +41,28 @@ OverwriteOpt = typer.Option(False, "--overwrite", help="Replace the run --out ho
                             "refusing to touch it.")
 
 
+def _executor_opt(name: str):
+    """A --executor/--ray-address/... option, its default and help from ``ExecutorConfig``."""
+    import dataclasses
+
+    from engramlab.config import declared_options
+    from engramlab.scale.executor import ExecutorConfig
+
+    opt = next(o for o in declared_options(ExecutorConfig) if o.name == name)
+    default = next(f.default for f in dataclasses.fields(ExecutorConfig) if f.name == name)
+    choices = f" ({' | '.join(opt.choices)})" if opt.choices else ""
+    return typer.Option(default, opt.cli_flag, help=opt.help + choices)
+
+
+# Where the units of sweep / evolve / study run (engramlab.scale.executor); never what they compute.
+ExecutorOpt = _executor_opt("executor")
+RayAddressOpt = _executor_opt("ray_address")
+RetriesOpt = _executor_opt("retries")
+TaskCpusOpt = _executor_opt("task_cpus")
+TaskGpusOpt = _executor_opt("task_gpus")
+TaskMemoryOpt = _executor_opt("task_memory")
+
+
 def run_mode(overwrite: bool, resume: bool = False) -> str:
     """The ``RunDir`` mode for a verb's --overwrite / --resume flags."""
     if overwrite and resume:
@@ -78,6 +100,16 @@ def select_facts(facts: str, relation: list[str] | None, limit: int | None):
     return select(load_facts(facts), relation, limit)
 
 
+def make_executor(executor: str, ray_address: str | None, retries: int, task_cpus: float, task_gpus: float,
+                  task_memory: str | None, root: Path | None = None):
+    """The ``Executor`` of a verb's executor flags, checked (Ray installed, the address answering)
+    before anything is written."""
+    from engramlab.scale.executor import Executor, ExecutorConfig
+
+    return Executor(ExecutorConfig(executor=executor, ray_address=ray_address, retries=retries, task_cpus=task_cpus,
+                                   task_gpus=task_gpus, task_memory=task_memory), root)
+
+
 def check_model_options(model: str, dtype: str, device: str) -> None:
     """Check --model/--dtype/--device before anything is written (loading comes later)."""
     from engramlab.models.loading import resolve_device, resolve_dtype, resolve_spec
@@ -96,7 +128,9 @@ def user_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except EngramError as e:
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            from rich.markup import escape  # a message may hold brackets: engramlab[ray], [A, B]
+
+            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2)
         except KeyboardInterrupt as e:
             from engramlab.runs import Terminated

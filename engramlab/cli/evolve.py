@@ -7,8 +7,9 @@ from typing import List, Optional
 
 import typer
 
-from engramlab.cli.common import (DeviceOpt, DtypeOpt, LimitOpt, OutOpt, OverwriteOpt, RelationOpt, SeedOpt, app,
-                                  console, print_summary, user_errors)
+from engramlab.cli.common import (DeviceOpt, DtypeOpt, ExecutorOpt, LimitOpt, OutOpt, OverwriteOpt, RayAddressOpt,
+                                  RelationOpt, RetriesOpt, SeedOpt, TaskCpusOpt, TaskGpusOpt, TaskMemoryOpt, app,
+                                  console, make_executor, print_summary, user_errors)
 from engramlab.cli.options import Settings, configured
 from engramlab.dynamics.config import EVOLVE_DEFAULTS, EvolutionConfig
 from engramlab.errors import EngramError
@@ -36,11 +37,14 @@ def evolve(run: Path = typer.Option(..., "--run", help="Run directory written by
            out: Path = OutOpt, overwrite: bool = OverwriteOpt,
            seed: int = SeedOpt, dtype: str = DtypeOpt, device: str = DeviceOpt, config: Settings = None,
            recall: Settings = None, neurons: Settings = None, dkn: Settings = None, circuit: Settings = None,
-           regions: Settings = None, trace: Settings = None):
+           regions: Settings = None, trace: Settings = None,
+           executor: str = ExecutorOpt, ray_address: Optional[str] = RayAddressOpt, retries: int = RetriesOpt,
+           task_cpus: float = TaskCpusOpt, task_gpus: float = TaskGpusOpt, task_memory: Optional[str] = TaskMemoryOpt):
     """Run locators (--analysis) on every chosen checkpoint of a run: one result per checkpoint under
     OUT/step-NNNNNNN/<analysis>/, their numbers and comparisons over time in evolution.jsonl, change
     points in summary.json. Each analysis (one parameter per registered locator below) takes its settings as --set ANALYSIS.FIELD=VALUE (or a
-    --config file's section). Re-running the same command resumes: finished checkpoints are reused."""
+    --config file's section). Re-running the same command resumes: finished checkpoints are reused.
+    --executor ray runs each (checkpoint, analysis) as a Ray task, into the same run directory."""
     from engramlab.config import to_dict
     from engramlab.dynamics.evolve import evolve as run_evolve, select_steps, world_facts
     from engramlab.locate import get_locator, select
@@ -48,6 +52,7 @@ def evolve(run: Path = typer.Option(..., "--run", help="Run directory written by
     from engramlab.runs import RunDir, load_json, set_seed
 
     config = config.build()
+    runner = make_executor(executor, ray_address, retries, task_cpus, task_gpus, task_memory, out)
     for name in config.analysis:
         get_locator(name)  # an unknown name fails here, listing the registered ones
     configs = locator_settings({"recall": recall, "neurons": neurons, "dkn": dkn, "circuit": circuit,
@@ -92,7 +97,8 @@ def evolve(run: Path = typer.Option(..., "--run", help="Run directory written by
         facts.to_jsonl(rd.file("facts.jsonl"))
         summary = run_evolve(run, rd.path, config.analysis, facts, steps, configs=configs, groups=groups,
                              transplant=config.transplant, phase_metric=config.phase_metric, dtype=dtype,
-                             device=device, progress=True, log=lambda line: console.print(line))
+                             device=device, progress=True, log=lambda line: console.print(line),
+                             executor=runner)
         rd.finish(summary)
     print_summary(f"evolve: {run} ({', '.join(config.analysis)})", out, summary,
                   ["n_checkpoints", "n_skipped", "first_step", "last_step", "plateau_start_step", "plateau_end_step",

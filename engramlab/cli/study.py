@@ -8,7 +8,8 @@ from typing import Optional
 
 import typer
 
-from engramlab.cli.common import OutOpt, OverwriteOpt, app, console, user_errors
+from engramlab.cli.common import (ExecutorOpt, OutOpt, OverwriteOpt, RayAddressOpt, RetriesOpt, TaskCpusOpt, TaskGpusOpt,
+                                  TaskMemoryOpt, app, console, make_executor, user_errors)
 
 
 def _findings_lines(summary: dict) -> list[str]:
@@ -25,17 +26,21 @@ def study(preset: str = typer.Option("demo", "--preset", help="demo (CPU, under 
           study_file: Optional[Path] = typer.Option(None, "--config", help="A study file of the same shape as "
                                                     "study.toml to use instead of it."),
           quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only one line per finished stage."),
-          out: Path = OutOpt, overwrite: bool = OverwriteOpt):
+          out: Path = OutOpt, overwrite: bool = OverwriteOpt,
+          executor: str = ExecutorOpt, ray_address: Optional[str] = RayAddressOpt, retries: int = RetriesOpt,
+          task_cpus: float = TaskCpusOpt, task_gpus: float = TaskGpusOpt, task_memory: Optional[str] = TaskMemoryOpt):
     """The whole pipeline: a world, training with checkpoints, fine-tuning, attention patching,
     evolve over checkpoints, the locators on SmolLM2-135M, continual pre-training; then
     --out/report.html with the findings table. Every stage writes its own run directory under
-    --out; re-running resumes where it stopped."""
+    --out; re-running resumes where it stopped. --executor ray runs each stage as a Ray task as soon as
+    the stages it reads are finished (independent stages at the same time)."""
     from engramlab.report.html import best_findings, render_sections, write_report
     from engramlab.report.runs import collect
     from engramlab.runs import RunDir
     from engramlab.studies.stages import choose_preset, run_stages
     from engramlab.studies.study import PRESET_FILE, load_presets, stage_line, study_summary
 
+    runner = make_executor(executor, ray_address, retries, task_cpus, task_gpus, task_memory, out)
     presets = load_presets(study_file or PRESET_FILE)
     stages = choose_preset(presets, preset, str(study_file or "study.toml"))
     run_config = {"preset": preset, "description": presets[preset]["description"],
@@ -52,7 +57,7 @@ def study(preset: str = typer.Option("demo", "--preset", help="demo (CPU, under 
         console.print(f"[bold green]\u2713[/] {line}{' (kept)' if kept else ''}", highlight=False, soft_wrap=True)
 
     with RunDir(out, "study", run_config, mode="overwrite" if overwrite else "continue") as run:
-        run_stages(stages, run.path, log=started, quiet=quiet, done=finished)
+        run_stages(stages, run.path, log=started, quiet=quiet, done=finished, executor=runner)
         if not quiet:
             console.print("[bold]study[/] writing report.html", highlight=False)
         report = collect(run.path)

@@ -9,11 +9,18 @@ import typer
 
 from engramlab.cli.common import (
     DeviceOpt,
+    ExecutorOpt,
     OutOpt,
     OverwriteOpt,
+    RayAddressOpt,
+    RetriesOpt,
     SeedOpt,
+    TaskCpusOpt,
+    TaskGpusOpt,
+    TaskMemoryOpt,
     app,
     console,
+    make_executor,
     print_summary,
     run_mode,
     user_errors,
@@ -151,16 +158,20 @@ def sweep(out: Path = OutOpt,
           grid: List[str] = typer.Option(..., "--grid", "-g", help="KEY=V1,V2 (or KEY=V1|V2), repeatable; world "
                                          "keys (n_people, ...) and training keys (sampler, lr, seed, ...)."),
           preset: str = typer.Option("tiny", "--preset", "-p", help="World preset the grid modifies."),
-          device: str = DeviceOpt, config: TrainConfig = None):
+          device: str = DeviceOpt, config: TrainConfig = None,
+          executor: str = ExecutorOpt, ray_address: Optional[str] = RayAddressOpt, retries: int = RetriesOpt,
+          task_cpus: float = TaskCpusOpt, task_gpus: float = TaskGpusOpt, task_memory: Optional[str] = TaskMemoryOpt):
     """Train over a grid (e.g. N x sampler x seed) and fit plateau_end = a*N^b; resumes finished runs.
     Its defaults differ from train's: no checkpoints, a constant learning rate (plateau ends stay
-    comparable across run lengths), and each run stops at its plateau's end (--full-runs: not)."""
+    comparable across run lengths), and each run stops at its plateau's end (--full-runs: not).
+    --executor ray trains the grid's runs as Ray tasks, into the same run directories."""
     from engramlab.config import to_dict
     from engramlab.runs import RunDir
     from engramlab.train.sweep import parse_grid, run_sweep
 
     parsed = parse_grid(grid)
+    runner = make_executor(executor, ray_address, retries, task_cpus, task_gpus, task_memory, out)
     with RunDir(out, "sweep", {"grid": parsed, "preset": preset, "base": to_dict(config)}, mode="continue") as run:
-        summary = run_sweep(run.path, parsed, preset=preset, base=config, log=console.print)
+        summary = run_sweep(run.path, parsed, preset=preset, base=config, log=console.print, executor=runner)
         run.finish(summary)
     print_summary("sweep", out, summary, list(summary))

@@ -284,10 +284,15 @@ def train_at(rows: list[dict], step: int) -> dict:
 def evolve(run_dir: str | Path, out: str | Path, analyses: Sequence[str], facts, steps: Sequence[int], *,
            configs: dict | None = None, groups: dict | None = None, transplant: int = 0,
            phase_metric: str = "auto", dtype: str = "float32", device: str = "cpu",
-           progress: bool = False, log: Callable[[str], None] = lambda line: None) -> dict:
+           progress: bool = False, log: Callable[[str], None] = lambda line: None, executor=None) -> dict:
     """Run every analysis on every checkpoint in ``steps`` (see the module docstring) and compare
     them over time; returns the summary: ``n_checkpoints`` (analysed), ``n_skipped``, the run's
-    plateau keys, the change points (``dynamics.compare``) and the last checkpoint's numbers."""
+    plateau keys, the change points (``dynamics.compare``) and the last checkpoint's numbers.
+
+    ``executor`` (``engramlab.scale.executor.Executor``): with Ray, every (checkpoint, analysis)
+    not finished yet is first a task of its own (``evolve_unit``), writing the same result
+    directory a local run writes; the comparisons then read those directories back. A unit that
+    fails after its retries is listed in skipped.jsonl with the reason; the others finish."""
     from dataclasses import replace
 
     from engramlab.dynamics.compare import compare_over_time
@@ -311,12 +316,16 @@ def evolve(run_dir: str | Path, out: str | Path, analyses: Sequence[str], facts,
             circuit_cfg = replace(circuit_cfg, pairs=str(out / "pairs.jsonl"))
         configs["circuit"] = circuit_cfg
     train_rows = _train_rows(run_dir)
+    remote = {}
+    if executor is not None and not executor.is_local:
+        remote = _run_units(executor, run_dir, out, names, steps, facts, configs, dtype, device, log)
     rows, skipped, results = [], [], {name: [] for name in names}
     for step in progress_bar(steps, "evolve", enabled=progress):
         row: dict = {"step": step}
         try:
             for loc in locators:
-                result = _step_result(loc, step, out, models, facts, configs.get(loc.name), skipped, log)
+                result = _step_result(loc, step, out, models, facts, configs.get(loc.name), skipped, log,
+                                      remote.get((step, loc.name)))
                 if result is None:
                     continue
                 results[loc.name].append((step, result))
@@ -352,13 +361,31 @@ def evolve(run_dir: str | Path, out: str | Path, analyses: Sequence[str], facts,
     return summary
 
 
-def _step_result(loc, step: int, out: Path, models: Checkpoints, facts, config, skipped: list, log):
+def _finished(out: Path, step: int, name: str) -> bool:
+    final = out / STEP_DIR.format(step) / name
+    return (final / "config.json").is_file() and (final / "summary.json").is_file()
+
+
+def _step_result(loc, step: int, out: Path, models: Checkpoints, facts, config, skipped: list, log,
+                 remote: dict | None = None):
     """The result of ``loc`` at ``step``: read back when finished earlier, else computed, saved
     under a temporary name and renamed into place. None when the locator refuses this checkpoint
-    (listed in ``skipped``); ``_Unloadable`` when the checkpoint cannot be loaded."""
+    (listed in ``skipped``); ``_Unloadable`` when the checkpoint cannot be loaded. ``remote``: what
+    the unit's task reported when it ran elsewhere (``evolve_unit``): its skips, or that the
+    checkpoint could not be loaded, or that the unit failed."""
     final = out / STEP_DIR.format(step) / loc.name
-    if (final / "config.json").is_file() and (final / "summary.json").is_file():
+    if _finished(out, step, loc.name):
         return loc.load(final)
+    if remote is not None:
+        if "unloadable" in remote:
+            raise _Unloadable(remote["unloadable"])
+        for row in remote.get("skipped", []):
+            skipped.append(row)
+            log(f"step {step}: {loc.name} skipped ({row['reason']})")
+        if remote.get("skipped"):
+            return None
+        raise EngramError(f"evolve: the task of step {step} / {loc.name} finished, but {final} is not there; "
+                          "with a Ray cluster, --out must be on a filesystem every worker shares")
     lm = models.load(step)
     tmp = final.with_name(f".{loc.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -372,6 +399,41 @@ def _step_result(loc, step: int, out: Path, models: Checkpoints, facts, config, 
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)  # the directory appears complete or not at all
     return result
+
+
+def evolve_unit(run_dir: str, out: str, step: int, name: str, facts, config, dtype: str, device: str) -> dict:
+    """One (checkpoint, analysis) of an evolve, as a task runs it: the result directory written
+    into ``out`` as ``evolve`` writes it; returns {"skipped": [rows]} or {"unloadable": reason}."""
+    from engramlab.locate import get_locator
+
+    skipped: list = []
+    try:
+        _step_result(get_locator(name), step, Path(out), Checkpoints(Path(run_dir), dtype, device), facts, config,
+                     skipped, lambda line: None)
+    except _Unloadable as e:
+        return {"unloadable": str(e)}
+    return {"skipped": skipped}
+
+
+def _run_units(executor, run_dir: Path, out: Path, names: list, steps: list, facts, configs: dict, dtype: str,
+               device: str, log) -> dict:
+    """Every unfinished (step, analysis) through ``executor``; {(step, name): what it reported}."""
+    from engramlab.scale.executor import Unit
+
+    todo = [(step, name) for step in steps for name in names if not _finished(out, step, name)]
+    if not todo:
+        return {}
+    units = [Unit(f"step-{step}.{name}", evolve_unit, (str(run_dir), str(out), step, name, facts, configs.get(name),
+                                                        dtype, device)) for step, name in todo]
+    log(f"evolve: {len(units)} units on {executor.config.executor}")
+    got = {}
+    for (step, name), o in zip(todo, executor.run(units)):
+        if o.error is not None:
+            log(f"step {step}: {name} {o.error}")
+            got[(step, name)] = {"skipped": [{"step": step, "analysis": name, "reason": o.error}]}
+        else:
+            got[(step, name)] = o.value
+    return got
 
 
 def _circuit_groups(step: int, out: Path, models: Checkpoints, facts, config, result, labels: dict) -> dict:
@@ -426,5 +488,5 @@ def transplant_matrix(circuits: list, n: int, out: Path, models: Checkpoints, fa
             **{k: [[grid[k].get((s, t)) for t in chosen] for s in chosen] for k in grid}}
 
 
-__all__ = ["CHECKPOINT_GRAMMAR", "Checkpoints", "circuit_on", "evolve", "freeze_pairs", "recall_by_group",
-           "select_steps", "train_at", "transplant_matrix", "world_facts"]
+__all__ = ["CHECKPOINT_GRAMMAR", "Checkpoints", "circuit_on", "evolve", "evolve_unit", "freeze_pairs",
+           "recall_by_group", "select_steps", "train_at", "transplant_matrix", "world_facts"]

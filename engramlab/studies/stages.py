@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shlex
 import sys
 from dataclasses import dataclass
@@ -165,46 +166,111 @@ def _silenced(quiet: bool):
             os.environ["ENGRAM_QUIET"] = saved
 
 
+def _run_command(argv: list[str], quiet: bool):
+    """``engram ARGV`` in this process; its exit code (None or 0: success)."""
+    from engramlab.cli import app
+
+    saved, sys.argv = sys.argv, ["engram", *argv]  # the stage's manifest records its own command
+    try:
+        with _silenced(quiet):
+            return app(args=argv, prog_name="engram", standalone_mode=False)
+    finally:
+        sys.argv = saved
+
+
+def stage_unit(stage: Stage, root: str, quiet: bool) -> None:
+    """One stage as an executor's task runs it; a failing command is an ``EngramError``. How to
+    restart is decided here, when the task starts: a retried task finds what its killed run left."""
+    root = Path(root)
+    argv = stage.argv(root)
+    if stage_state(stage, root) == "unfinished":
+        argv = argv + _restart_flags(stage, root, argv)
+    code = _run_command(argv, quiet)
+    if code not in (None, 0):
+        raise EngramError(f"stage {stage.name} (engram {' '.join(argv)}) failed (exit {code})")
+
+
+def depends_on(stage: Stage, earlier: list[Stage]) -> tuple[str, ...]:
+    """The earlier stages whose directories ``stage``'s command names (``{root}/NAME``...): it can
+    start once they are finished. Paths are a study's only coupling between stages."""
+    named = set(re.findall(r"\{root\}/([^/\s:,'\"=]+)", stage.command))
+    return tuple(s.name for s in earlier if s.name in named)
+
+
 def run_stages(stages: list[Stage], root: str | Path, log: Callable[[str], None] = lambda line: None,
-               quiet: bool = False, done: Callable[[Stage, bool], None] | None = None) -> dict:
+               quiet: bool = False, done: Callable[[Stage, bool], None] | None = None, executor=None) -> dict:
     """Run (or skip, when finished) every stage; returns {stage name: its summary.json}.
     ``log`` gets a line as each stage starts; ``done(stage, kept)`` is called as each one is
-    finished (``kept``: it was finished before); ``quiet`` silences the stages themselves."""
-    from engramlab.cli import app
+    finished (``kept``: it was finished before); ``quiet`` silences the stages themselves.
+
+    ``executor`` (``engramlab.scale.executor.Executor``) with Ray: each unfinished stage is a task,
+    started once the stages it names (``depends_on``) are finished, so independent stages run at
+    the same time; a failed stage (after its retries) stops only the stages that need it, and the
+    study fails at the end naming it."""
     from engramlab.runs import Terminated, load_json
 
     root = Path(root)
-    summaries = {}
+    plans = []
     for index, stage in enumerate(stages):
         argv, state = stage.argv(root), stage_state(stage, root)
         if state == "other":
             raise EngramError(f"{root / stage.name}: stage {stage.name} was run with another command line; "
                               "pass --overwrite to run the study again, or choose another --out")
-        if state == "complete":
-            log(f"[{index + 1}/{len(stages)}] {stage.name}: done earlier, kept")
-        else:
-            if state == "unfinished":
-                argv = argv + _restart_flags(stage, root, argv)
-            log(f"[{index + 1}/{len(stages)}] {stage.name}: engram {' '.join(argv)}")
-            saved, sys.argv = sys.argv, ["engram", *argv]  # the stage's manifest records its own command
-            try:
-                with _silenced(quiet):
-                    code = app(args=argv, prog_name="engram", standalone_mode=False)
-            finally:
-                sys.argv = saved
-            if code == 130:
-                raise KeyboardInterrupt
-            if code == 143:
-                raise Terminated("SIGTERM")
-            if code not in (None, 0):
-                raise EngramError(f"stage {stage.name} (engram {' '.join(argv)}) failed (exit {code}, message "
-                                  "above); fix it and run the study again: finished stages are kept")
-        if done is not None:
-            done(stage, state == "complete")
+        if state == "unfinished":
+            argv = argv + _restart_flags(stage, root, argv)
+        plans.append((index, stage, argv, state))
+    if executor is not None and not executor.is_local:
+        _run_parallel(plans, root, executor, log, quiet, done)
+    else:
+        for index, stage, argv, state in plans:
+            if state == "complete":
+                log(f"[{index + 1}/{len(stages)}] {stage.name}: done earlier, kept")
+            else:
+                log(f"[{index + 1}/{len(stages)}] {stage.name}: engram {' '.join(argv)}")
+                code = _run_command(argv, quiet)
+                if code == 130:
+                    raise KeyboardInterrupt
+                if code == 143:
+                    raise Terminated("SIGTERM")
+                if code not in (None, 0):
+                    raise EngramError(f"stage {stage.name} (engram {' '.join(argv)}) failed (exit {code}, message "
+                                      "above); fix it and run the study again: finished stages are kept")
+            if done is not None:
+                done(stage, state == "complete")
+    summaries = {}
+    for stage in stages:
         summary = root / stage.name / "summary.json"
         summaries[stage.name] = load_json(summary, f"stage {stage.name} summary") if summary.is_file() else {}
     return summaries
 
 
-__all__ = ["PRESET_KEYS", "RESUME_BY_RERUN", "STAGE_KEYS", "Stage", "choose_preset", "load_study_file", "run_stages",
-           "stage_state"]
+def _run_parallel(plans: list, root: Path, executor, log, quiet: bool, done) -> None:
+    from engramlab.scale.executor import Unit
+
+    n, by_name, units = len(plans), {}, []
+    for index, stage, argv, state in plans:
+        by_name[stage.name] = stage
+        if state == "complete":
+            log(f"[{index + 1}/{n}] {stage.name}: done earlier, kept")
+            if done is not None:
+                done(stage, True)
+            continue
+        waits = tuple(d for d in depends_on(stage, [p[1] for p in plans[:index]]) if d in {u.key for u in units})
+        log(f"[{index + 1}/{n}] {stage.name}: engram {' '.join(argv)}"
+            + (f" (after {', '.join(waits)})" if waits else ""))
+        units.append(Unit(stage.name, stage_unit, (stage, str(root), quiet), after=waits))
+
+    def finished(o) -> None:
+        if o.error is None and done is not None:
+            done(by_name[o.key], False)
+        elif o.error is not None:
+            log(f"{o.key}: {o.error}")
+
+    failed = [o for o in executor.run(units, done=finished) if o.error is not None]
+    if failed:
+        raise EngramError(f"{len(failed)} stage(s) did not finish: " + "; ".join(f"{o.key} ({o.error})" for o in failed)
+                          + "; fix it and run the study again: finished stages are kept")
+
+
+__all__ = ["PRESET_KEYS", "RESUME_BY_RERUN", "STAGE_KEYS", "Stage", "choose_preset", "depends_on", "load_study_file",
+           "run_stages", "stage_state", "stage_unit"]

@@ -10,6 +10,7 @@ and a sweep re-run with other settings never reports old results. Every grid poi
 training config is built and checked before the first run starts. After the runs::
 
     OUT/sweep.jsonl        one row per run: its grid values and summary
+    OUT/failed.jsonl       runs that failed (under Ray, after their retries), with the reason
     OUT/fit.json           plateau_end_step ~ a * N^b, per group of the other grid keys
     OUT/plateau_vs_n.png   the fit, log-log
     OUT/loss_curves.png    eval attribute loss / baseline over steps, one line per run
@@ -63,9 +64,24 @@ def _run_name(point: dict) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in text)
 
 
+def train_unit(world_dir: str, run_dir: str, cfg: TrainConfig, show_progress: bool = False) -> str:
+    """One grid point's training run, as the executor runs it (in this process or a Ray task)."""
+    with RunDir(run_dir, "train", dataclasses.asdict(cfg), seed=cfg.seed, mode="overwrite") as run:
+        # An unfinished or different unit is trained again from the start.
+        run.finish(train(World.load(world_dir), run.path, cfg, show_progress=show_progress))
+    return run_dir
+
+
 def run_sweep(out: str | Path, grid: dict[str, list], preset: str = "tiny", base: TrainConfig | None = None,
-              show_progress: bool = True, log=print) -> dict:
-    """Run every grid point (skipping finished ones that match), then fit and plot. Returns the summary."""
+              show_progress: bool = True, log=print, executor=None) -> dict:
+    """Run every grid point (skipping finished ones that match), then fit and plot. Returns the summary.
+
+    ``executor`` (``engramlab.scale.executor.Executor``; default local): where the training runs
+    go. A run that fails under Ray after its retries is listed in failed.jsonl (``n_failed``) and
+    left out of the fit; the others finish."""
+    from engramlab.scale.executor import Executor, Unit
+
+    executor = executor or Executor()
     out = Path(out)
     base = base or TrainConfig()
     keys = list(grid)
@@ -78,7 +94,7 @@ def run_sweep(out: str | Path, grid: dict[str, list], preset: str = "tiny", base
         world_dir = out / "worlds" / _run_name(world_kw or {"preset": preset})
         cfg = dataclasses.replace(base, **train_kw, world=str(world_dir))
         units.append((point, world, world_dir, cfg, out / "runs" / _run_name(point)))
-    rows = []
+    todo = []
     for point, world, world_dir, cfg, run_dir in units:
         if not _same_world(world_dir, world):
             world.save(world_dir)
@@ -86,17 +102,32 @@ def run_sweep(out: str | Path, grid: dict[str, list], preset: str = "tiny", base
         if differs:
             if differs != ["(not finished)"]:
                 log(f"sweep: {run_dir.name} was trained with other settings ({', '.join(differs)}); training again")
-            log(f"sweep: {run_dir.name}")
-            # An unfinished or different unit is trained again from the start.
-            with RunDir(run_dir, "train", dataclasses.asdict(cfg), seed=cfg.seed, mode="overwrite") as run:
-                run.finish(train(World.load(world_dir), run.path, cfg, show_progress=show_progress))
+            todo.append(Unit(run_dir.name, train_unit, (str(world_dir), str(run_dir), cfg,
+                                                        show_progress and executor.is_local)))
+    if todo and not executor.is_local:
+        log(f"sweep: {len(todo)} runs on {executor.config.executor}")
+
+    def started(unit) -> None:
+        if executor.is_local:
+            log(f"sweep: {unit.key}")
+
+    failed = {}
+    for o in executor.run(todo, before=started):
+        if o.error is not None:
+            failed[o.key] = o.error
+            log(f"sweep: {o.key} {failed[o.key]}")
+    rows = []
+    for point, world, world_dir, cfg, run_dir in units:
+        if run_dir.name in failed:
+            continue
         summary = json.loads((run_dir / "summary.json").read_text())
         rows.append({**point, "run": str(run_dir.relative_to(out)), **{f"summary.{k}": v for k, v in summary.items()}})
     atomic_write_jsonl(out / "sweep.jsonl", rows)
+    atomic_write_jsonl(out / "failed.jsonl", [{"run": k, "reason": v} for k, v in failed.items()])
     fits = fit_groups(rows, keys)
     atomic_write_json(out / "fit.json", fits)
     plot_sweep(out, rows, fits, keys)
-    summary = {"n_runs": len(rows)}
+    summary = {"n_runs": len(rows), "n_failed": len(failed)}
     for name, fit in fits.items():
         prefix = "fit" if name == "all" else f"fit.{name}"
         summary.update({f"{prefix}_{k}": v for k, v in fit.items() if k in ("a", "b", "r2", "n")})

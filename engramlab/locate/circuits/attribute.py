@@ -219,7 +219,12 @@ def attribute_batch(lm, graph: CircuitGraph, batch: PairBatch, method: str = "ea
     # What the passes give besides the sums: at alpha = 1 (the clean input) the clean writer
     # outputs and logits, so the closing forward need not run the clean prompts again; at alpha = 0
     # the metric at the start; for the completeness check, sum_k w_k dM/de(x_k) (b, pos, d).
+    # The clean outputs are kept from the pass only when a shared prefix shortens the positions:
+    # over every position (subject-first prompts) they add a full copy of the writer outputs to
+    # the pass's own activations, which raised the peak memory to 1.59x of a plain pass and saved
+    # no measurable time (issue 14's benchmark), so there the closing forward runs them again.
     clean_run: dict = {}
+    reuse_clean = prefix is not None
     ends: dict = {}
     path_grad = torch.zeros(clean.shape, dtype=torch.float32, device=clean.device)
     for alpha, weight in integration_points(method, steps, rule):
@@ -228,7 +233,7 @@ def attribute_batch(lm, graph: CircuitGraph, batch: PairBatch, method: str = "ea
         with ExitStack() as stack:
             stack.enter_context(lm.hooks.hook(site_name("resid_pre", 0), lambda x: point))
             sums.hooks(stack, weight)
-            if alpha == 1.0 and not clean_run:
+            if alpha == 1.0 and reuse_clean and not clean_run:
                 sums.record_outputs(stack, clean_run)
             logits = answer_logits(lm, batch.clean_ids, batch.mask, batch.last, prefix)
             values = metric_values(logits, batch, metric)
@@ -237,11 +242,11 @@ def attribute_batch(lm, graph: CircuitGraph, batch: PairBatch, method: str = "ea
         if alpha in (0.0, 1.0):
             ends[alpha] = (logits.detach(), values.detach())
     corrupted = ablated is None
-    sides = (() if 1.0 in ends else ("clean",)) + (("corrupt",) if corrupted else ())
+    sides = (() if clean_run else ("clean",)) + (("corrupt",) if corrupted else ())
     found: dict = {}
     with _closing(lm, graph, batch, sides, runs if corrupted else None, found, prefix):
         diff = sums.output_differences(batch, corrupted=corrupted, clean=clean_run or None, prefix=prefix)
-    clean_logits = ends[1.0][0] if 1.0 in ends else found["clean"]
+    clean_logits = ends[1.0][0] if clean_run else found["clean"]
     if runs is not None and corrupted:
         runs.append(CorruptedRun(clean_logits, found["corrupt"], found["acts"]))
     if completeness is not None:

@@ -71,7 +71,7 @@ import torch
 from engramlab.config import to_dict
 from engramlab.errors import EngramError
 from engramlab.locate.base import model_facts, read_result, short, write_result
-from engramlab.locate.regions.config import METHODS, NORMALIZE, PPL_MODES, SCOPES, RegionConfig  # noqa: F401
+from engramlab.locate.regions.config import RegionConfig
 from engramlab.locate.regions.facts import fact_corpora, is_fact_set
 from engramlab.locate.regions.importance import importance, region_tensors
 from engramlab.locate.regions.masks import (bottom_masks, core_scores, load_masks, overlap_matrix, random_masks,
