@@ -20,11 +20,13 @@ from engramlab.locate.dkn.clustering import ClusterConfig
 from engramlab.locate.regions.config import RegionConfig
 from engramlab.locate.trace.config import TraceConfig
 from engramlab.recall import RecallConfig
+from engramlab.scale.executor import ExecutorConfig
 from engramlab.train.trainer import TrainConfig
 
-CONFIGS = [TrainConfig, RecallConfig, NeuronConfig, CircuitConfig, DKNConfig, ClusterConfig, EvolveConfig]
+CONFIGS = [TrainConfig, RecallConfig, NeuronConfig, CircuitConfig, DKNConfig, ClusterConfig, EvolveConfig,
+           ExecutorConfig]
 # verb -> the configs whose fields it exposes as flags
-VERBS = {"train": [TrainConfig], "sweep": [TrainConfig], "recall": [RecallConfig], "neurons": [NeuronConfig], "circuit": [CircuitConfig], "dkn": [DKNConfig, ClusterConfig, EvolveConfig],
+VERBS = {"train": [TrainConfig], "sweep": [TrainConfig, ExecutorConfig], "recall": [RecallConfig], "neurons": [NeuronConfig], "circuit": [CircuitConfig], "dkn": [DKNConfig, ClusterConfig, EvolveConfig],
          "regions": [RegionConfig], "trace": [TraceConfig]}
 
 CASES = [(cls, opt) for cls in CONFIGS for opt in declared_options(cls) if opt.bad_value() is not None]
@@ -119,7 +121,7 @@ def test_no_verb_redeclares_a_config_field():
 def test_every_verb_option_that_sets_a_config_field_is_generated():
     """The flags of the config-backed verbs are the declared options plus the verb's own, listed here."""
     own = {"--model", "-m", "--facts", "-f", "--relation", "-r", "--limit", "-n", "--out", "-o", "--overwrite",
-           "--seed", "--dtype", "--device", "--config", "--set", "--help", "--paraphrases", "--evolvability",
+           "--seed", "--dtype", "--device", "--device-map", "--config", "--set", "--help", "--paraphrases", "--evolvability",
            "--eapig-json", "--draw", "--world", "-w", "--resume", "--grid", "-g", "--preset", "-p", "--corpus"}
     for verb, classes in VERBS.items():
         generated = {f for c in classes for o in declared_options(c) for f in (o.flag or o.cli_flag).split("/")}

@@ -8,6 +8,7 @@ from typing import List, Optional
 import typer
 
 from engramlab.cli.common import (
+    DeviceMapOpt,
     DeviceOpt,
     DtypeOpt,
     FactsOpt,
@@ -37,7 +38,8 @@ def circuit(model: str = ModelOpt,
             eapig_json: bool = typer.Option(False, "--eapig-json", help="Also write circuit_eapig.json (every "
                                             "edge, EAP-IG layout)."),
             draw: bool = typer.Option(True, "--draw/--no-draw", help="Write circuit.svg and circuit.dot."),
-            seed: int = SeedOpt, dtype: str = DtypeOpt, device: str = DeviceOpt, config: CircuitConfig = None):
+            seed: int = SeedOpt, dtype: str = DtypeOpt, device: str = DeviceOpt,
+            device_map: Optional[str] = DeviceMapOpt, config: CircuitConfig = None):
     """Find the circuit behind facts (EAP-IG edge scores on discovery facts) and evaluate it on
     held-out facts: faithfulness, Hit@10, faithfulness vs N, head roles, logit lens."""
     from engramlab.locate.circuits.store import write_eapig
@@ -51,7 +53,7 @@ def circuit(model: str = ModelOpt,
 
     wrote = (("circuit_eapig.json",) if eapig_json else ()) + (("circuit.svg", "circuit.dot") if draw else ())
     result, summary, _ = run_locator("circuit", config, model=model, facts=facts, relation=relation, limit=limit,
-                                     out=out, overwrite=overwrite, seed=seed, dtype=dtype, device=device,
+                                     out=out, overwrite=overwrite, seed=seed, dtype=dtype, device=device, device_map=device_map,
                                      after=extras, wrote=wrote)
     if summary["n_edges_ungrouped"] != summary["n_edges_total"]:
         console.print(f"edge counts are per key/value head ({result.graph.n_kv_heads} kv heads for "

@@ -31,6 +31,9 @@ ModelOpt = typer.Option(..., "--model", "-m", help="Local HF dir, .gguf file, en
                         "smollm2-135m.")
 DtypeOpt = typer.Option("float32", "--dtype", help="float32 (default) | bfloat16 | float16.")
 DeviceOpt = typer.Option("cpu", "--device", help="cpu | cuda | auto.")
+DeviceMapOpt = typer.Option(None, "--device-map", help="Spread the model's layers over several devices "
+                            "(accelerate): auto | balanced | balanced_low_0 | sequential, or a JSON file {module: "
+                            "device}; instead of --device.")
 SeedOpt = typer.Option(0, "--seed", help="Random seed (every command is reproducible for a seed).")
 OutOpt = typer.Option(..., "--out", "-o", help="Run directory to write (manifest.json, summary.json, artifacts).")
 FactsOpt = typer.Option(..., "--facts", "-f", help="Fact file (.json LRE / .jsonl), directory, or bundled name(s) "
@@ -110,12 +113,13 @@ def make_executor(executor: str, ray_address: str | None, retries: int, task_cpu
                                    task_gpus=task_gpus, task_memory=task_memory), root)
 
 
-def check_model_options(model: str, dtype: str, device: str) -> None:
-    """Check --model/--dtype/--device before anything is written (loading comes later)."""
-    from engramlab.models.loading import resolve_device, resolve_dtype, resolve_spec
+def check_model_options(model: str, dtype: str, device: str, device_map: str | None = None) -> None:
+    """Check --model/--dtype/--device/--device-map before anything is written (loading comes later)."""
+    from engramlab.models.loading import resolve_device, resolve_device_map, resolve_dtype, resolve_spec
 
     resolve_dtype(dtype)
     resolve_device(device)
+    resolve_device_map(device_map, device)
     resolve_spec(model)
 
 
@@ -143,7 +147,8 @@ def user_errors(fn: Callable) -> Callable:
 
 
 def run_locator(name: str, config, *, model: str, facts: str, relation: list[str] | None, limit: int | None,
-                out: Path, overwrite: bool, seed: int, dtype: str, device: str, extras: dict | None = None,
+                out: Path, overwrite: bool, seed: int, dtype: str, device: str, device_map: str | None = None,
+                extras: dict | None = None,
                 sections: dict | None = None, prepare: Callable | None = None, after: Callable | None = None,
                 table: bool | Callable = True, wrote: tuple[str, ...] = ()):
     """The skeleton of every locator verb, once: check the model options, load and select the facts,
@@ -161,16 +166,17 @@ def run_locator(name: str, config, *, model: str, facts: str, relation: list[str
     from engramlab.runs import RunDir, set_seed
 
     locator = LOCATORS[name]
-    check_model_options(model, dtype, device)
+    check_model_options(model, dtype, device, device_map)
     factset = select_facts(facts, relation, limit)
     if prepare is not None:
         factset = prepare(factset)
     run_config = {"model": model, "facts": facts, "relation": relation, "limit": limit, "dtype": dtype,
-                  "device": device, **(extras or {}), name: to_dict(config),
+                  "device": device, **({"device_map": device_map} if device_map else {}), **(extras or {}),
+                  name: to_dict(config),
                   **{k: (to_dict(v) if v is not None else None) for k, v in (sections or {}).items()}}
     with RunDir(out, name, run_config, seed=seed, mode=run_mode(overwrite)) as run:
         set_seed(seed)
-        lm = load_model(model, dtype=dtype, device=device)
+        lm = load_model(model, dtype=dtype, device=device, device_map=device_map)
         result = locator.find(lm, factset, config, progress=True)
         result.save(run.path)
         summary = result.summary()

@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from engramlab.cli.common import (
+    DeviceMapOpt,
     DeviceOpt,
     DtypeOpt,
     FactsOpt,
@@ -37,7 +38,7 @@ def dkn(model: str = ModelOpt,
         out: Path = OutOpt, overwrite: bool = OverwriteOpt,
         evolve: bool = typer.Option(False, "--evolvability", help="Also fine-tune on new facts through DKN / KN "
                                     "/ random neurons / the full model (settings: --evolve-*)."),
-        seed: int = SeedOpt, dtype: str = DtypeOpt, device: str = DeviceOpt,
+        seed: int = SeedOpt, dtype: str = DtypeOpt, device: str = DeviceOpt, device_map: Optional[str] = DeviceMapOpt,
         config: DKNConfig = None, evolvability: EvolveConfig = None):
     """Find degenerate knowledge neurons: clusters of knowledge neurons that back each other up."""
     from engramlab.locate.dkn.evolvability import evaluate_evolvability
@@ -71,6 +72,6 @@ def dkn(model: str = ModelOpt,
             console.print(e)
 
     run_locator("dkn", config, model=model, facts=facts, relation=relation, limit=limit, out=out,
-                overwrite=overwrite, seed=seed, dtype=dtype, device=device,
+                overwrite=overwrite, seed=seed, dtype=dtype, device=device, device_map=device_map,
                 sections={"evolvability": evolvability if evolve else None},
                 after=evolve_step if evolve else None, table=table, wrote=("evolvability/",) if evolve else ())

@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from engramlab.cli.common import (
+    DeviceMapOpt,
     DeviceOpt,
     DtypeOpt,
     FactsOpt,
@@ -32,6 +33,7 @@ from engramlab.recall import RecallConfig
 @app.command()
 @user_errors
 def inspect(model: str = ModelOpt, dtype: str = DtypeOpt, device: str = DeviceOpt,
+            device_map: Optional[str] = DeviceMapOpt,
             seq_len: int = typer.Option(8, "--seq-len", help="Sequence length used to show site shapes."),
             layer: Optional[int] = typer.Option(0, "--layer", help="Layer whose sites to list (-1: all)."),
             as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
@@ -46,7 +48,7 @@ def inspect(model: str = ModelOpt, dtype: str = DtypeOpt, device: str = DeviceOp
     from engramlab.models.hooks import GLOBAL_SITES
     from engramlab.runs import RunDir, to_json
 
-    lm = load_model(model, dtype=dtype, device=device)
+    lm = load_model(model, dtype=dtype, device=device, device_map=device_map)
     info = lm.adapter.describe()
     info.update(spec=model, source=lm.source, dtype=str(lm.dtype).replace("torch.", ""), device=str(lm.device))
     names = lm.hooks.names(None if layer == -1 else layer)
@@ -85,7 +87,7 @@ def recall(model: str = ModelOpt,
            relation: Optional[List[str]] = RelationOpt,
            limit: Optional[int] = LimitOpt,
            out: Path = OutOpt, overwrite: bool = OverwriteOpt, seed: int = SeedOpt, dtype: str = DtypeOpt,
-           device: str = DeviceOpt, config: RecallConfig = None):
+           device: str = DeviceOpt, device_map: Optional[str] = DeviceMapOpt, config: RecallConfig = None):
     """Score recall per fact: probability and rank of the first target token, greedy exact match."""
     def table(result, summary, factset):
         t = Table(title=f"recall: {model} on {facts} ({len(factset)} facts)")
@@ -99,4 +101,4 @@ def recall(model: str = ModelOpt,
         console.print(t)
 
     run_locator("recall", config, model=model, facts=facts, relation=relation, limit=limit, out=out,
-                overwrite=overwrite, seed=seed, dtype=dtype, device=device, table=table)
+                overwrite=overwrite, seed=seed, dtype=dtype, device=device, device_map=device_map, table=table)

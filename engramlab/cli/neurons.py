@@ -8,6 +8,7 @@ from typing import List, Optional
 import typer
 
 from engramlab.cli.common import (
+    DeviceMapOpt,
     DeviceOpt,
     DtypeOpt,
     FactsOpt,
@@ -37,7 +38,8 @@ def neurons(model: str = ModelOpt,
             paraphrases: bool = typer.Option(False, "--paraphrases/--no-paraphrases", help="Add engramlab's "
                                              "paraphrase templates (at least 3 per bundled relation) to each "
                                              "fact's own: refinement needs several paraphrases."),
-            seed: int = SeedOpt, dtype: str = DtypeOpt, device: str = DeviceOpt, config: NeuronConfig = None):
+            seed: int = SeedOpt, dtype: str = DtypeOpt, device: str = DeviceOpt,
+            device_map: Optional[str] = DeviceMapOpt, config: NeuronConfig = None):
     """Find each fact's knowledge neurons (integrated gradients over MLP neurons) and test them by
     suppressing and enhancing them."""
     from engramlab.data.facts import with_paraphrases
@@ -58,7 +60,7 @@ def neurons(model: str = ModelOpt,
         plot_neuron_layers(result.attributed(), result.model["n_layers"], run.file("neuron_layers.png"))
 
     result, _, _ = run_locator("neurons", config, model=model, facts=facts, relation=relation, limit=limit,
-                               out=out, overwrite=overwrite, seed=seed, dtype=dtype, device=device,
+                               out=out, overwrite=overwrite, seed=seed, dtype=dtype, device=device, device_map=device_map,
                                extras={"paraphrases": paraphrases}, prepare=prepare, after=plot,
                                wrote=("neuron_layers.png",))
     skipped = [r for r in result.records() if r["skipped"]]

@@ -33,7 +33,8 @@ from engramlab.config import build, cli_params, flatten_settings, from_dict, rea
 from engramlab.errors import EngramError
 
 #: Keys of a run's manifest config that belong to the verb, not to its locator's config.
-RUN_KEYS = ("model", "facts", "relation", "limit", "dtype", "device", "paraphrases", "n_layers", "d_mlp", "d_model")
+RUN_KEYS = ("model", "facts", "relation", "limit", "dtype", "device", "device_map", "paraphrases", "n_layers", "d_mlp",
+            "d_model")
 
 
 @dataclass

@@ -8,8 +8,8 @@ from typing import List, Optional
 
 import typer
 
-from engramlab.cli.common import (DeviceOpt, DtypeOpt, LimitOpt, ModelOpt, OutOpt, OverwriteOpt, RelationOpt, SeedOpt,
-                                  app, check_model_options, console, print_summary, run_locator, run_mode, user_errors)
+from engramlab.cli.common import (DeviceMapOpt, DeviceOpt, DtypeOpt, LimitOpt, ModelOpt, OutOpt, OverwriteOpt, RelationOpt,
+                                  SeedOpt, app, check_model_options, console, print_summary, run_locator, run_mode, user_errors)
 from engramlab.cli.options import configured
 from engramlab.errors import EngramError
 from engramlab.locate.regions.config import RegionConfig
@@ -51,7 +51,8 @@ def regions(model: str = ModelOpt,
             relation: Optional[List[str]] = RelationOpt,
             limit: Optional[int] = LimitOpt,
             out: Path = OutOpt, overwrite: bool = OverwriteOpt,
-            seed: int = SeedOpt, dtype: str = DtypeOpt, device: str = DeviceOpt, config: RegionConfig = None):
+            seed: int = SeedOpt, dtype: str = DtypeOpt, device: str = DeviceOpt,
+            device_map: Optional[str] = DeviceMapOpt, config: RegionConfig = None):
     """Find the core region (top --ratio of the parameters by importance summed over the corpora),
     bottom and random controls of the same size and language-specific regions; report each
     corpus's perplexity on held-out chunks with each region zeroed (the weights are restored).
@@ -64,7 +65,7 @@ def regions(model: str = ModelOpt,
         raise EngramError("--relation/--limit choose facts: use them with --facts, not with --corpus")
     if facts:
         run_locator("regions", config, model=model, facts=facts, relation=relation, limit=limit, out=out,
-                    overwrite=overwrite, seed=seed, dtype=dtype, device=device)
+                    overwrite=overwrite, seed=seed, dtype=dtype, device=device, device_map=device_map)
         return
     from engramlab.config import to_dict
     from engramlab.data.corpora import load_corpora
@@ -72,9 +73,9 @@ def regions(model: str = ModelOpt,
     from engramlab.models import load_model
     from engramlab.runs import RunDir, set_seed
 
-    check_model_options(model, dtype, device)
+    check_model_options(model, dtype, device, device_map)
     names = check_corpus_specs(corpus)
-    lm = load_model(model, dtype=dtype, device=device)
+    lm = load_model(model, dtype=dtype, device=device, device_map=device_map)
     if lm.tokenizer is None:
         raise EngramError(f"--model {model}: has no tokenizer to read the corpora with; give a model directory "
                           f"with its tokenizer files")
@@ -82,6 +83,7 @@ def regions(model: str = ModelOpt,
     corpora = load_corpora(list(corpus), lm.tokenizer, seq_len=config.seq_len, max_chunks=None)
     check_inputs(lm, corpora, config)  # a corpus too short for --eval-chunks: refused before --out is made
     run_config = {"model": model, "corpus": list(corpus), "dtype": dtype, "device": device,
+                  **({"device_map": device_map} if device_map else {}),
                   "regions": to_dict(config)}
     with RunDir(out, "regions", run_config, seed=seed, mode=run_mode(overwrite)) as run:
         set_seed(seed)

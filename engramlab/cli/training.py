@@ -136,8 +136,7 @@ def _refuse_changed_settings(config: Settings, saved: dict) -> None:
 
     before = as_saved(TrainConfig(**{"eval_template_choice": "first", **saved}))
     for path, value in config.given.items():
-        if path not in saved:
-            continue
+        # A field the manifest lacks (added since the run was made) ran at its default: compared with that.
         # Both sides parsed by TrainConfig, so "20:40" given now equals [20, 40] saved (or "20:40" in
         # a manifest written before patch_window became a pair).
         if as_saved(TrainConfig(**{**before, path: value}))[path] != before[path]:
@@ -145,14 +144,14 @@ def _refuse_changed_settings(config: Settings, saved: dict) -> None:
             given = f"{where} {value!r}" if where.startswith("--") and where != "--set" else \
                 f"{path}={value!r} ({where})"
             raise EngramError(f"--resume continues with the run's saved config, but {given} differs from its "
-                              f"{saved[path]!r}; leave it out, or start a new run in another --out")
+                              f"{before[path]!r}; leave it out, or start a new run in another --out")
 
 
 @app.command()
 @user_errors
 @configured(TrainConfig, only=("model_config", "steps", "batch_size", "lr", "eval_every", "eval_people",
                                "eval_templates", "eval_context", "checkpoints", "plateau_exit", "schedule",
-                               "stop_at_plateau_end"),
+                               "stop_at_plateau_end", "precision", "compile", "grad_accum", "peak_tflops"),
             defaults={"checkpoints": "none", "schedule": "constant", "stop_at_plateau_end": True})
 def sweep(out: Path = OutOpt,
           grid: List[str] = typer.Option(..., "--grid", "-g", help="KEY=V1,V2 (or KEY=V1|V2), repeatable; world "

@@ -208,6 +208,19 @@ class HookPoints:
         """A site the adapter places inside a module's output (q/k/v, the MLP pre-activation)."""
         return Site(name, view.module, "output", view.get, view.put, unit_dim=2)
 
+    # -- devices ---------------------------------------------------------------------------
+    @property
+    def home(self) -> torch.device:
+        """The device hook functions see site tensors on: that of the model's first parameter (the
+        input embeddings), where the inputs go and, under a device map (accelerate), where the
+        model's outputs come back. On one device every move below is a no-op (``Tensor.to`` returns
+        the tensor itself), so single-device numbers and aliasing are unchanged."""
+        return next(self.adapter.model.parameters()).device
+
+    def _to_home(self, t: torch.Tensor) -> torch.Tensor:
+        home = self.home
+        return t if t.device == home else t.to(home)  # differentiable: gradients flow back across
+
     # -- the one primitive ---------------------------------------------------------------
     @contextmanager
     def hook(self, name: str, fn: Callable[[torch.Tensor], torch.Tensor | None]) -> Iterator[None]:
@@ -223,12 +236,12 @@ class HookPoints:
             return
 
         def apply(raw: torch.Tensor) -> torch.Tensor | None:
-            new = fn(site.get(raw))
+            new = fn(self._to_home(site.get(raw)))
             if new is None:
                 return None
             if not site.editable:
                 raise EngramError(f"hook site {name!r} can be captured but not edited")
-            return site.put(raw, new)
+            return site.put(raw, new.to(raw.device))
 
         with _module_hook(site, apply):
             yield
@@ -252,8 +265,8 @@ class HookPoints:
         site = self.site(name)
 
         def on_grad(g_raw: torch.Tensor) -> torch.Tensor | None:
-            new = fn(site.get(g_raw))
-            return None if new is None else site.put(g_raw, new)
+            new = fn(self._to_home(site.get(g_raw)))
+            return None if new is None else site.put(g_raw, new.to(g_raw.device))
 
         def on_forward(raw: torch.Tensor) -> torch.Tensor | None:
             if not raw.requires_grad:

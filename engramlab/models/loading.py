@@ -107,6 +107,63 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def resolve_device_map(device_map: str | None, device: str = "cpu"):
+    """``--device-map`` -> what ``from_pretrained(device_map=...)`` takes: one of accelerate's
+    strategies (``auto``, ``balanced``, ``balanced_low_0``, ``sequential``: spread the layers over
+    every visible GPU, then CPU) or a JSON file {module name: device} ("cuda:1", 0, "cpu").
+    None -> None. Devices that are not there, or a --device beside it, are one-line errors."""
+    if device_map is None:
+        return None
+    if device != "cpu":
+        raise EngramError(f"--device-map {device_map} with --device {device}: give one of them (a device map "
+                          "places every layer itself)")
+    if device_map in DEVICE_MAPS:
+        if not torch.cuda.is_available():
+            raise EngramError(f"--device-map {device_map}: no CUDA device is visible to torch, so there is nothing "
+                              "to spread the model over; use --device cpu (or a CUDA build of torch)")
+        return device_map
+    import json
+
+    path = Path(device_map)
+    try:
+        placement = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise EngramError(f"--device-map {device_map}: not one of {', '.join(DEVICE_MAPS)} and no such file; give "
+                          "a strategy or a JSON file {\"model.layers.0\": \"cuda:0\", ...}") from None
+    except (OSError, ValueError) as e:
+        raise EngramError(f"--device-map {device_map}: cannot read it as JSON ({e}); give a JSON file "
+                          "{\"model.layers.0\": \"cuda:0\", ...}") from None
+    if not isinstance(placement, dict) or not placement:
+        raise EngramError(f"--device-map {device_map}: give a JSON object {{module name: device}}")
+    n_gpus = torch.cuda.device_count()
+    for module, where in placement.items():
+        if where in ("cpu", "disk"):
+            continue
+        index = _gpu_index(where)
+        if index is None:
+            raise EngramError(f"--device-map {device_map}: {module!r} -> {where!r} is not a device; use cpu, disk, "
+                              "cuda:N or N")
+        if index >= n_gpus:
+            raise EngramError(f"--device-map {device_map}: {module!r} -> {where!r}, but torch sees {n_gpus} CUDA "
+                              f"device(s); place it on cuda:0..{n_gpus - 1} or cpu" if n_gpus else
+                              f"--device-map {device_map}: {module!r} -> {where!r}, but no CUDA device is visible "
+                              "to torch; place it on cpu, or run where the GPUs are")
+    return placement
+
+
+def _gpu_index(where) -> int | None:
+    """0 for "cuda", N for "cuda:N" or N; None for anything else."""
+    if isinstance(where, int) and not isinstance(where, bool):
+        return where
+    if where == "cuda":
+        return 0
+    m = re.fullmatch(r"cuda:(\d+)", str(where))
+    return int(m.group(1)) if m else None
+
+
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -171,7 +228,7 @@ def resolve_spec(spec: str) -> tuple[str, str | None]:
 
 
 def load_model(spec: str, dtype: str | torch.dtype = "float32", device: str = "cpu",
-               trainable: bool = False) -> LoadedModel:
+               trainable: bool = False, device_map: str | None = None) -> LoadedModel:
     """Load SPEC (see module docstring) as an eval-mode HF causal LM with adapter and hooks.
 
     Strict: weights that do not match the config (missing or unexpected tensors, wrong shapes;
@@ -180,14 +237,20 @@ def load_model(spec: str, dtype: str | torch.dtype = "float32", device: str = "c
 
     ``trainable=False`` turns off parameter gradients: attribution needs gradients with
     respect to activations only, and parameter gradients would double the memory.
+
+    ``device_map`` (``resolve_device_map``): the layers spread over several devices by accelerate
+    instead of ``device``; inputs go to the first parameter's device, outputs come back there, and
+    every hook site hands its tensors to hook functions on that device (``HookPoints.home``).
     """
     from transformers import AutoModelForCausalLM
 
     directory, gguf = resolve_spec(spec)
     torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
+    placement = resolve_device_map(device_map, device)
     where = os.path.join(directory, gguf) if gguf else directory
     log.info(f"loading model {spec} ({where}) ...")
-    kwargs = {"local_files_only": True, **({"gguf_file": gguf} if gguf else {})}
+    kwargs = {"local_files_only": True, **({"gguf_file": gguf} if gguf else {}),
+              **({"device_map": placement} if placement is not None else {})}
     tokenizer = _load_tokenizer(spec, directory, gguf)
     try:
         with _quiet_loading():
@@ -202,7 +265,7 @@ def load_model(spec: str, dtype: str | torch.dtype = "float32", device: str = "c
     _check_loading_info(spec, where, model, info)
     if gguf:  # transformers dequantizes GGUF weights as it loads them: drop the marker that forbids
         _plain_weights(model)  # saving them (a continual pre-training run checkpoints this model)
-    model = model.to(device=dev, dtype=torch_dtype).eval()
+    model = (model if placement is not None else model.to(device=dev, dtype=torch_dtype)).eval()
     model.requires_grad_(trainable)
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engramlab.config import option, validate
+from engramlab.config import check, option, validate
 from engramlab.errors import EngramError
 
 _FIELD = "TrainConfig.patch_window"
@@ -44,6 +44,8 @@ SCHEDULES = ("cosine", "constant", "linear")
 # How evaluation sentences are presented (``engramlab.train.metrics``).
 EVAL_CONTEXTS = ("sentence", "biography")
 TEMPLATE_CHOICES = ("random", "first")
+# Training precision (``engramlab.train.speed``): tf32 and bf16 need CUDA.
+PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 @dataclass
@@ -102,6 +104,17 @@ class TrainConfig:
                               "and the entries written back after each step, so weight decay and moments cannot "
                               "move them) | restore (the reference's: written back after each step only).",
                               choices=("grad_mask", "restore"))
+    # -- speed (engramlab.train.speed; docs/training.md): the defaults leave a CPU run as it was
+    precision: str = option("fp32", "fp32 | tf32 (CUDA: fp32 weights, TF32 matmuls) | bf16 (CUDA: bf16 autocast "
+                            "forward, fp32 weights and optimizer, TF32 elsewhere).", choices=PRECISIONS)
+    compile: bool = option(False, "torch.compile the training forward and backward (evaluation runs the plain "
+                           "model); the first steps pay the compilation.")
+    grad_accum: int = option(1, "Gradient accumulation: split each batch into this many micro-batches (one "
+                             "forward/backward each, one optimizer step); the update equals the whole batch's.",
+                             range=(1, None))
+    peak_tflops: float | None = option(None, "Peak dense TFLOP/s of the device for summary.json's mfu (default: "
+                                       "the known-GPU table of engramlab.train.speed; none on a CPU).",
+                                       range=(0, None), open_low=True)
     world: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -111,6 +124,13 @@ class TrainConfig:
         from engramlab.train.checkpoints import checkpoint_steps
 
         validate(self)
+        check(self, "grad_accum", self.grad_accum <= self.batch_size,
+              f"at most batch_size ({self.batch_size}) micro-batches; give a smaller --grad-accum")
+        check(self, "precision", self.precision == "fp32" or self.device != "cpu",
+              f"{self.precision} runs on CUDA only and device is cpu; use --precision fp32 or --device cuda")
+        # torch.compile ignores forward hooks added after compiling, and patching adds its own every step.
+        check(self, "compile", not (self.compile and self.patch_attention_from),
+              "not with --patch-attention-from (a compiled model would not see its per-step hooks); drop one")
         # The mini-languages are parsed now, so a typo fails before anything is written.
         checkpoint_steps(self.checkpoints, max(self.steps, 1))
         if not self.sampler.startswith("replay"):

@@ -36,7 +36,8 @@ from engramlab.progress import progress_bar
 from engramlab.runs import append_jsonl, read_jsonl
 from engramlab.train.checkpoints import checkpoint_steps
 from engramlab.train.config import TrainConfig
-from engramlab.train.trainer import TrainLoop, learning_rate
+from engramlab.train.model_configs import count_parameters
+from engramlab.train.trainer import TrainLoop, learning_rate, speed_facts
 
 
 def batch_indices(seed: int, step: int, n: int, batch_size: int) -> torch.Tensor:
@@ -61,6 +62,7 @@ class CorpusTrainer(TrainLoop):
         self.cfg, self.out = cfg, Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.device = resolve_device(cfg.device)
+        self._setup_speed()  # --precision / TF32 (engramlab.train.speed)
         self.train_chunks = train_chunks.long().cpu()
         self.eval_chunks = dict(eval_chunks)
         self.eval_batch_size = eval_batch_size
@@ -97,7 +99,8 @@ class CorpusTrainer(TrainLoop):
     def run(self, stop_after: int | None = None, show_progress: bool = True) -> dict:
         """Train to ``cfg.steps`` (``stop_after``: end after that step, for tests of resume);
         returns {"steps_done", "seconds" (evaluations included), "seconds_per_step" (updates only),
-        "tokens_per_second" (updates only)}."""
+        "tokens_per_second" (updates only)}, and "peak_tflops", "mfu" (updates only) when a peak is
+        known (``Trainer.summary``)."""
         cfg = self.cfg
         metrics = self.out / "metrics.jsonl"
         if self.start_step == 0:
@@ -122,7 +125,8 @@ class CorpusTrainer(TrainLoop):
         wall = time.time() - t0
         return {"steps_done": done, "seconds": round(wall, 3),
                 "seconds_per_step": round(in_steps / done, 3) if done else None,
-                "tokens_per_second": round(tokens / in_steps, 1) if in_steps > 0 else None}
+                "tokens_per_second": round(tokens / in_steps, 1) if in_steps > 0 else None,
+                **speed_facts(cfg, self.device, count_parameters(self.model)[0], tokens, in_steps)}
 
     def metrics(self) -> list[dict]:
         return read_jsonl(self.out / "metrics.jsonl")

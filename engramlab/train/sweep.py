@@ -159,6 +159,10 @@ def _differences(run_dir: Path, requested: dict) -> list[str]:
             pass  # not "A:B": it differs from any pair requested now
     # Compared as the manifest stores them: a tuple (patch_window) comes back from JSON as a list.
     requested = json.loads(json.dumps(requested))
+    # A field the manifest lacks (added since the run was made) ran at its default.
+    # (Runs made before eval_template_choice existed evaluated the lowest template indices.)
+    defaults = {**json.loads(json.dumps(dataclasses.asdict(TrainConfig()))), "eval_template_choice": "first"}
+    saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
     return [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in requested.items() if saved.get(k) != v]
 
 

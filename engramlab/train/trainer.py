@@ -17,7 +17,9 @@ it (a continual world built ``--rel-from`` the init run's world shares its vocab
 
 Attention-patched twins (``--patch-attention-from``) are in ``train.patching``; the analysis of
 the learning curves written to summary.json (plateau, hallucination onset, forgetting) is
-``dynamics.knowledge.summarize_training``.
+``dynamics.knowledge.summarize_training``. The speed options (``--precision``, ``--compile``,
+``--grad-accum``; fused AdamW and pinned batches on CUDA; ``mfu`` in summary.json) are
+``train.speed`` and docs/training.md.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from engramlab.models.loading import (CHECKPOINT_DIR, LoadedModel, list_checkpoi
 from engramlab.progress import progress_bar
 from engramlab.report.curves import plot_training_curves
 from engramlab.runs import append_jsonl, atomic_directory, atomic_write_jsonl, read_jsonl
+from engramlab.train import speed
 from engramlab.train.checkpoints import checkpoint_steps
 from engramlab.train.config import SCHEDULES, TEMPLATE_CHOICES, TrainConfig  # noqa: F401 (re-exported)
 from engramlab.train.metrics import EvalSet, baseline_loss, empirical_marginal_loss, evaluate
@@ -101,6 +104,27 @@ def _dropout_seed(seed: int, step: int) -> int:
     return random.Random(f"engramlab-dropout-{seed}-{step}").getrandbits(63)
 
 
+# The batch entries the training step reads (pinned and copied to the device; the rest stay on the host).
+_MODEL_INPUTS = ("input_ids", "attention_mask")
+
+
+def micro_batches(attention_mask: torch.Tensor, k: int) -> list[tuple[int, int, int]]:
+    """Gradient accumulation's split of a batch: (first row, end row, length) of each of ``k``
+    micro-batches of consecutive rows (sizes differ by at most one, ``torch.tensor_split``),
+    each cut after its last attended column (trailing all-padding columns predict nothing, and a
+    causal model's earlier positions never see them). Micro-batches without a target (no row
+    with two attended tokens) are left out. ``attention_mask``: (batch, seq), on the host."""
+    out, first = [], 0
+    for chunk in torch.tensor_split(attention_mask, k):
+        end = first + len(chunk)
+        attended = chunk.any(0).nonzero()
+        length = int(attended[-1]) + 1 if len(attended) else 0
+        if length > 1 and int(chunk[:, 1:length].sum()) > 0:
+            out.append((first, end, length))
+        first = end
+    return out
+
+
 class TrainLoop:
     """What every training loop here shares, whatever it trains on: the AdamW groups (weight decay
     on matrices only), ``train_step`` on a batch dict, the ``--freeze`` region, checkpoints with
@@ -118,6 +142,21 @@ class TrainLoop:
     out: Path
     start_step: int = 0
     freezer = None
+    _compiled = None
+
+    def _setup_speed(self) -> None:
+        """The device-specific options (``engramlab.train.speed``): refuse a precision the device
+        lacks, set the TF32 flags on CUDA. Call once ``self.device`` is known."""
+        speed.check_precision(self.cfg.precision, self.device)
+        speed.set_matmul_precision(self.cfg.precision, self.device)
+
+    @property
+    def train_model(self):
+        """The module the training forward runs: the model itself, or (``--compile``) its
+        ``torch.compile`` twin, which shares its parameters."""
+        if self._compiled is None:
+            self._compiled = speed.compiled(self.model, self.cfg.compile)
+        return self._compiled
 
     @property
     def model(self):
@@ -148,7 +187,8 @@ class TrainLoop:
         no_decay = [p for n, p in self.model.named_parameters() if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": self.cfg.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2))
+        return torch.optim.AdamW(groups, lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2),
+                                 **speed.adamw_kwargs(self.device))
 
     # -- checkpoints and resume -------------------------------------------------------------
     def _save_checkpoint(self, step: int) -> None:
@@ -189,37 +229,60 @@ class TrainLoop:
     def make_batch(self, step: int) -> dict:
         raise NotImplementedError
 
+    def _prepared_batch(self, step: int) -> dict:
+        """``make_batch(step)``, its model inputs in pinned memory when training on CUDA."""
+        return speed.pin(self.make_batch(step), self.device, _MODEL_INPUTS)
+
     def batches(self, first: int, last: int):
         """Yield (step, batch) for steps [first, last), building the next batch in a background
-        thread while the current step computes (torch releases the GIL in its kernels)."""
+        thread while the current step computes (torch releases the GIL in its kernels). On CUDA
+        the thread also pins the batch, so the step's copy to the GPU is asynchronous."""
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(self.make_batch, first) if first < last else None
+            pending = pool.submit(self._prepared_batch, first) if first < last else None
             for step in range(first, last):
                 batch = pending.result()
-                pending = pool.submit(self.make_batch, step + 1) if step + 1 < last else None
+                pending = pool.submit(self._prepared_batch, step + 1) if step + 1 < last else None
                 yield step, batch
 
     def train_step(self, step: int, batch: dict | None = None) -> tuple[float, int]:
         """One optimizer step on ``batch`` {input_ids, attention_mask: (batch, seq)} (default:
         ``make_batch(step)``): lr of ``step``, cross-entropy of next tokens (padding ignored),
         backward, the freezer, gradient clipping, AdamW; returns (loss, tokens in the
-        batch = the attention mask's sum)."""
+        batch = the attention mask's sum).
+
+        With ``grad_accum`` k > 1 the batch runs as k micro-batches (``micro_batches``), each
+        backward on its summed token losses / the whole batch's target count T, so the
+        accumulated gradient and the returned loss are the whole batch's token mean
+        sum_i sum_t l_it / T - not a mean of micro-batch means, which would weight the tokens of
+        a micro-batch with more padding more."""
         cfg = self.cfg
         batch = self.make_batch(step) if batch is None else batch
-        ids, am = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+        host_mask = batch["attention_mask"]
+        n_tokens = int(host_mask.sum())  # counted before the copy: no wait on the device
+        if speed.is_cuda(self.device):
+            inputs = speed.to_device({k: batch[k] for k in _MODEL_INPUTS}, self.device)
+            ids, am = inputs["input_ids"], inputs["attention_mask"]
+        else:
+            ids, am = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
         self._before_update(step)
         for g in self.optimizer.param_groups:
             g["lr"] = learning_rate(cfg, step)
         if cfg.dropout:  # dropout masks, like batches, a pure function of (seed, step): resume stays exact
             torch.manual_seed(_dropout_seed(cfg.seed, step))
-        with self._forward_context(step, ids, am):
-            logits = self.model(input_ids=ids, attention_mask=am).logits
-        targets = ids[:, 1:].masked_fill(am[:, 1:] == 0, -100)
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if cfg.grad_accum == 1:  # the original order of operations, so default runs stay bit-identical
+            loss = self._token_loss(step, ids, am, "mean")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        else:
+            n_targets = int(host_mask[:, 1:].cpu().sum())
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = torch.zeros((), device=self.device)
+            for first, end, length in micro_batches(host_mask.cpu(), cfg.grad_accum):
+                part = self._token_loss(step, ids[first:end, :length], am[first:end, :length], "sum") / n_targets
+                part.backward()
+                loss += part.detach()
         if self.freezer is not None:
             self.freezer.before_step()  # before clipping: frozen gradients do not count in the norm
         if cfg.grad_clip:
@@ -227,7 +290,17 @@ class TrainLoop:
         self.optimizer.step()
         if self.freezer is not None:
             self.freezer.after_step()
-        return float(loss.detach()), int(am.sum())
+        return float(loss.detach()), n_tokens
+
+    def _token_loss(self, step: int, ids: torch.Tensor, am: torch.Tensor, reduction: str) -> torch.Tensor:
+        """Next-token cross-entropy of (rows, seq) ``ids`` with padding ignored, ``reduction``
+        "mean" (over targets) or "sum"; the forward in ``_forward_context`` and (bf16) autocast,
+        the loss itself in fp32."""
+        with self._forward_context(step, ids, am), speed.autocast(self.cfg.precision, self.device):
+            logits = self.train_model(input_ids=ids, attention_mask=am).logits
+        targets = ids[:, 1:].masked_fill(am[:, 1:] == 0, -100)
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
+                               reduction=reduction)
 
     def _before_update(self, step: int) -> None:
         """Called first in ``train_step`` (a subclass's hook; nothing here)."""
@@ -244,6 +317,7 @@ class Trainer(TrainLoop):
         self.cfg, self.world, self.out = cfg, world, Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.device = resolve_device(cfg.device)
+        self._setup_speed()
         self.old_world = World.load(cfg.old_world) if cfg.old_world else None
         self.lm: LoadedModel = self._build_model()  # the model being trained, its tokenizer and hook sites
         is_replay = cfg.sampler.startswith("replay")
@@ -297,6 +371,11 @@ class Trainer(TrainLoop):
             lm.tokenizer.pad_token = lm.tokenizer.eos_token
         self.dropout_hooks = set_dropout(lm.model, lm.adapter, cfg.dropout)
         return lm
+
+    @property
+    def max_len(self) -> int:
+        """The position budget a fresh model of this world gets (``_max_len``)."""
+        return self._max_len(self.tokenizer)
 
     def _max_len(self, tokenizer) -> int:
         # The longest biography: every template at its longest value plus <bos>/<eos>, rounded up.
@@ -368,7 +447,7 @@ class Trainer(TrainLoop):
             if 0 in self.ckpt_steps:
                 self._save_checkpoint(0)
             self.start_step = 1
-        t0, tokens, train_loss = time.time(), 0, float("nan")
+        t0, tokens, train_loss, aside = time.time(), 0, float("nan"), 0.0  # aside: evaluations and checkpoints
         # Step s applies the s-th update: batches are indexed by s - 1 so step 1 sees batch 0.
         batches = self.batches(self.start_step - 1, cfg.steps)
         status = lambda: f"loss {train_loss:.3f}" if train_loss == train_loss else ""  # noqa: E731 (nan: none yet)
@@ -377,7 +456,7 @@ class Trainer(TrainLoop):
             step = index + 1
             train_loss, n = self.train_step(index, batch)
             tokens += n
-            plateau_over = False
+            plateau_over, t_aside = False, time.time()
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 row = self.evaluate(step)
                 row["train_loss"] = train_loss
@@ -385,10 +464,11 @@ class Trainer(TrainLoop):
                 plateau_over = cfg.stop_at_plateau_end and self._plateau()[1] is not None
             if step in self.ckpt_steps or step == cfg.steps or plateau_over:
                 self._save_checkpoint(step)
+            aside += time.time() - t_aside
             if plateau_over or (stop_after is not None and step >= stop_after):
                 break
         wall = time.time() - t0
-        summary = self.summary(wall, tokens)
+        summary = self.summary(wall, tokens, update_seconds=wall - aside)
         plot_training_curves(read_jsonl(metrics_path), self.out / "curves.png",
                              (summary["plateau_start_step"], summary["plateau_end_step"]),
                              title=f"{self.out.name}: {len(self.world.people)} people, sampler {cfg.sampler}")
@@ -398,8 +478,12 @@ class Trainer(TrainLoop):
         return plateau_of(read_jsonl(self.out / "metrics.jsonl"), self.baseline, "eval", self.cfg.plateau_reach,
                           self.cfg.plateau_exit)
 
-    def summary(self, wall: float, tokens: int) -> dict:
-        """summary.json: the learning-curve analysis (``dynamics.knowledge``) and the run's facts."""
+    def summary(self, wall: float, tokens: int, update_seconds: float | None = None) -> dict:
+        """summary.json: the learning-curve analysis (``dynamics.knowledge``) and the run's facts.
+
+        ``peak_tflops`` and ``mfu`` (``speed.mfu`` over ``update_seconds``, the loop's time less
+        evaluations and checkpoints; default ``wall``) are there only when a peak is known: a
+        CUDA device of ``speed.PEAK_TFLOPS``, or ``--peak-tflops``; a CPU run without it has neither."""
         # baseline_loss_empirical: what knowing only the N trained people's empirical marginals
         # scores (below the analytic baseline by ~(pool - 1) / 2N per pool); no criterion uses it.
         curves = summarize_training(read_jsonl(self.out / "metrics.jsonl"), self.baseline, self.cfg.plateau_reach,
@@ -413,11 +497,22 @@ class Trainer(TrainLoop):
             "n_params": n_params,
             "n_params_non_embedding": n_non_embedding,
         }
+        facts.update(speed_facts(self.cfg, self.device, n_params, tokens, wall if update_seconds is None
+                                 else update_seconds))
         # summary.json keeps its key order: the final and plateau numbers, the run's facts, then
         # the per-split analyses (training distribution, held-out people, old population).
         keys = list(curves)
         cut = keys.index("plateau_end_step") + 1
         return {**{k: curves[k] for k in keys[:cut]}, **facts, **{k: curves[k] for k in keys[cut:]}}
+
+
+def speed_facts(cfg: TrainConfig, device: torch.device, n_params: int, tokens: int, seconds: float) -> dict:
+    """{"peak_tflops", "mfu"} of a run when a peak is known (``speed.peak_tflops``), else {}."""
+    peak = speed.peak_tflops(device, cfg.precision, cfg.peak_tflops)
+    if peak is None:
+        return {}
+    value = speed.mfu(n_params, tokens, seconds, peak)
+    return {"peak_tflops": peak, "mfu": None if value is None else round(value, 6)}
 
 
 def _world_of_run(spec: str) -> World | None:
