@@ -176,6 +176,12 @@ class ArchAdapter:
 
     family: str = ""
     model_types: tuple[str, ...] = ()
+    # Memory planning (``engramlab.plan``): elements per row and position one layer keeps for
+    # backward, per d_model, per d_mlp and per attended position (the mask), counted with autograd's
+    # saved-tensor hooks; and what a no-grad forward holds at once inside a layer, per d_model and
+    # per d_mlp (fitted on the tiny models). docs/plan.md gives the formulas.
+    saved_for_backward: tuple[float, float, float] = (4.0, 3.0, 1.0)
+    forward_working_set: tuple[float, float] = (3.9, 2.3)
     has_gated_mlp: bool = False
 
     def __init__(self, model: nn.Module):
@@ -460,6 +466,8 @@ class GPT2Adapter(ArchAdapter):
 
     family = "gpt2"
     model_types = ("gpt2",)
+    saved_for_backward = (5.0, 4.0, 4.0)
+    forward_working_set = (5.0, 3.0)
 
     @property
     def layers(self):
@@ -509,6 +517,8 @@ class NeoXAdapter(ArchAdapter):
 
     family = "gpt_neox"
     model_types = ("gpt_neox",)
+    saved_for_backward = (4.5, 1.0, 0.0)
+    forward_working_set = (3.0, 1.8)
 
     @property
     def layers(self):
@@ -585,10 +595,15 @@ def supported_model_types() -> list[str]:
 
 def get_adapter(model: nn.Module) -> ArchAdapter:
     """The adapter for ``model``'s family; a clear error for anything else."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return adapter_class(getattr(getattr(model, "config", None), "model_type", None))(model)
+
+
+def adapter_class(model_type: str | None) -> type[ArchAdapter]:
+    """The adapter class of a HF ``model_type`` (its class attributes need no model: the memory
+    planner reads them from a config alone); a clear error for anything unsupported."""
     for cls in ADAPTERS:
         if model_type in cls.model_types:
-            return cls(model)
+            return cls
     if model_type in REFUSED:
         raise EngramError(
             f"unsupported architecture {model_type!r}: it {REFUSED[model_type]}, so per-head "

@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 
 from engramlab.config import option, validate
 from engramlab.errors import EngramError
+from engramlab.sizes import parse_bytes
 
 EXECUTORS = ("local", "ray")
 RAY_PIN = "ray==2.60.0"
@@ -63,24 +64,6 @@ class ExecutorConfig:
         if self.executor == "local" and self.ray_address:
             raise EngramError(f"--ray-address {self.ray_address}: only used with --executor ray; add --executor ray "
                               "or drop it")
-
-
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_bytes(text: str, flag: str) -> int:
-    """"24GB" -> 24e9, "512MiB" -> 512 * 2**20, "1000" -> 1000 bytes."""
-    s = str(text).strip().lower().replace(" ", "")
-    number = s.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = s[len(number):] or "b"
-    try:
-        value = float(number)
-    except ValueError:
-        value = -1.0
-    if unit not in _UNITS or value <= 0:
-        raise EngramError(f"{flag} {text!r}: give a size like 24GB, 512MiB or 1.5GiB")
-    return int(value * _UNITS[unit])
 
 
 @dataclass
@@ -282,4 +265,4 @@ def _outcome(key: str, value) -> Outcome:
 
 
 __all__ = ["EXECUTORS", "Executor", "ExecutorConfig", "Outcome", "RAY_PIN", "Unit", "check_address",
-           "parse_bytes", "ray_available"]
+           "ray_available"]
