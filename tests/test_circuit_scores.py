@@ -224,3 +224,14 @@ def test_shared_prefix_and_reused_clean_pass_change_nothing(family, rule):
     fresh, reused = CircuitEvaluator(lm, graph, batch), CircuitEvaluator(lm, graph, batch, runs=[r1])
     kept = prune(s1, graph, "topn", n=15)
     assert reused.evaluate(kept)["faithfulness"] == pytest.approx(fresh.evaluate(kept)["faithfulness"], abs=1e-5)
+
+
+def test_pooled_completeness_error_weights_each_pair_by_its_metric_change():
+    from engramlab.locate.circuits.attribute import pooled_completeness_error
+
+    # pair 1: attribution 0.9 for a change of 1.0 (10% off); pair 2: 0.002 for 0.001 (100% off);
+    # pair 3: no path to integrate. By hand: (|0.9 - 1| + |0.002 - 0.001|) / (1 + 0.001).
+    errors, diffs = [0.1, 1.0, None], [1.0, 0.001, 0.0]
+    assert pooled_completeness_error(errors, diffs) == pytest.approx(0.101 / 1.001)
+    assert sum(e for e in errors if e is not None) / 2 == pytest.approx(0.55)  # the plain mean it replaces
+    assert pooled_completeness_error([None], [0.0]) is None

@@ -274,6 +274,20 @@ def attribute_batch(lm, graph: CircuitGraph, batch: PairBatch, method: str = "ea
     return scores
 
 
+def metric_differences(terms: list[dict]) -> list[float]:
+    """Per example, |M(e_abl) - M(e_clean)| from ``attribute_batch``'s ``completeness`` terms."""
+    return [abs(d) for t in terms for d in t["difference"].tolist()]
+
+
+def pooled_completeness_error(errors: list[float | None], differences: list[float]) -> float | None:
+    """sum_i |a_i - d_i| / sum_i |d_i| over the examples with an error: the per-example errors
+    weighted by |d_i|, as the knowledge-neuron completeness error is, so a pair whose metric barely
+    changes (where any rounding is a large relative error) cannot dominate. None without any."""
+    pairs = [(e, d) for e, d in zip(errors, differences) if e is not None]
+    total = sum(d for _, d in pairs)
+    return sum(e * d for e, d in pairs) / total if total > 0 else None
+
+
 def completeness_errors(terms: list[dict]) -> list[float | None]:
     """Per example, |sum of the input's edge scores - (M(e_abl) - M(e_clean))| / |M(e_abl) - M(e_clean)|
     from ``attribute_batch``'s ``completeness`` terms (in their order); None where the metric

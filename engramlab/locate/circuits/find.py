@@ -39,7 +39,8 @@ import torch
 from engramlab.config import to_dict
 from engramlab.data.facts import FactSet
 from engramlab.errors import EngramError
-from engramlab.locate.circuits.attribute import attribute_edges, completeness_errors
+from engramlab.locate.circuits.attribute import (attribute_edges, completeness_errors, metric_differences,
+                                                 pooled_completeness_error)
 from engramlab.locate.circuits.components import capture, head_roles, logit_lens
 from engramlab.locate.circuits.config import ABLATIONS, METHODS, METRICS, RULES, CircuitConfig, check_method  # noqa: F401
 from engramlab.locate.circuits.data import encode_pairs, split_pairs
@@ -109,11 +110,13 @@ class CircuitResult:
                 out[key] = self.mib[key]
         if "mib_fractions" in self.mib:  # summary values are scalars: the list as "0.001,0.002,..."
             out["mib_fractions"] = ",".join(f"{f:g}" for f in self.mib["mib_fractions"])
-        errors = [p["completeness_error"] for p in self.pairs.get("discovery", [])
-                  if p.get("completeness_error") is not None]
+        discovery = [p for p in self.pairs.get("discovery", []) if p.get("completeness_error") is not None]
+        errors = [p["completeness_error"] for p in discovery]
         if errors:
             out["mean_completeness_error"] = sum(errors) / len(errors)
             out["max_completeness_error"] = max(errors)
+            if all("metric_difference" in p for p in discovery):  # results saved before it lack the weights
+                out["completeness_error"] = pooled_completeness_error(errors, [p["metric_difference"] for p in discovery])
         out.update({f"n_{r}_heads": roles.count(r) for r in ("mover", "relation", "mixture")})
         out.update(self.stats)
         return out
@@ -249,11 +252,12 @@ def find_circuit(lm: LoadedModel, facts: FactSet, config: CircuitConfig | None =
         scores = attribute_edges(lm, graph, discovery, config.method, config.steps, config.metric,
                                  config.batch_size, progress=bar, rule=config.ig_rule, ablation=score_ablation,
                                  runs=runs, completeness=terms)
-        errors = completeness_errors(terms)
-        finite = [e for e in errors if e is not None]
-        mean_error = sum(finite) / len(finite) if finite else None
-        if config.method == "eap-ig" and mean_error is not None and mean_error > config.completeness_tolerance:
-            log.warning(f"EAP-IG completeness error {mean_error:.3f} (mean over {len(finite)} discovery pairs) is above "
+        errors, differences = completeness_errors(terms), metric_differences(terms)
+        pooled = pooled_completeness_error(errors, differences)
+        if config.method == "eap-ig" and pooled is not None and pooled > config.completeness_tolerance:
+            n_pairs = sum(e is not None for e in errors)
+            log.warning(f"EAP-IG completeness error {pooled:.3f} (over {n_pairs} discovery pairs, weighted by "
+                        f"|M(abl) - M(clean)|) is above "
                         f"--completeness-tolerance {config.completeness_tolerance:g}: the integral is not converged; "
                         f"raise --steps (now {config.steps}) or use --ig-rule gauss-legendre")
 
@@ -312,7 +316,8 @@ def find_circuit(lm: LoadedModel, facts: FactSet, config: CircuitConfig | None =
                      "corrupt_object": p.corrupt_object, "relation": p.fact.relation, "correct": ok}
                     for p, ok in zip(ps, correct[side])]
              for side, ps in (("discovery", split.discovery), ("evaluation", split.evaluation))}
-    for row, error in zip(pairs["discovery"], errors):  # attribute_edges keeps the discovery order
+    for row, error, d in zip(pairs["discovery"], errors, differences):  # attribute_edges keeps the discovery order
         row["completeness_error"] = error
+        row["metric_difference"] = d  # |M(abl) - M(clean)|: the weight of its error in completeness_error
     return CircuitResult(graph, scores, kept, to_dict(config), metrics, curve, roles, lens, pairs, split.skipped, stats,
                          model_facts(lm), mib)

@@ -102,14 +102,16 @@ def _put_position(t: torch.Tensor, pos: int, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([t[:, :pos], x, t[:, pos + 1:]], dim=1)
 
 
-def _path(rule: str, steps: int, device, ends: bool = True) -> tuple[torch.Tensor, torch.Tensor, int | None, int | None]:
+def _path(rule: str, steps: int, device, ends: bool | str = True
+          ) -> tuple[torch.Tensor, torch.Tensor, int | None, int | None]:
     """The rule's (alphas (n,), weights (n,)) plus the indices of a point at alpha = 1 (the
     self-check row, F(a)) and of one at alpha = 0 (F(b), for the completeness error), None where
     there is none. With ``ends``, a rule without such a point gets it appended with weight 0:
     "left", "midpoint" and "gauss-legendre" lack alpha = 1; "right", "midpoint" and
-    "gauss-legendre" lack alpha = 0."""
+    "gauss-legendre" lack alpha = 0. ``ends="check"``: only the alpha = 1 row (scores without the
+    completeness error need no F(b))."""
     alphas, weights = integration_tensors(rule, steps, device=device)
-    for end in (1.0, 0.0) if ends else ():
+    for end in {True: (1.0, 0.0), "check": (1.0,), False: ()}[ends]:
         if not bool((alphas == end).any()):
             alphas = torch.cat([alphas, alphas.new_full((1,), end)])
             weights = torch.cat([weights, weights.new_zeros(1)])
@@ -309,13 +311,15 @@ def completeness_error(scores: torch.Tensor, f_input: dict[int, float], f_baseli
 def integrated_gradients(lm, prompt_ids: list[int], target_ids: list[int], steps: int = 20,
                          baseline: str = "zero", objective: str = "prob", site: str = "neurons",
                          layers: Sequence[int] | None = None, batch_layers: int | None = None,
-                         rule: str = "right", ends: bool = True) -> torch.Tensor:
+                         rule: str = "right", ends: bool | str = "check") -> torch.Tensor:
     """Attribution scores (n_layers, d_mlp) at the last prompt position (see module docstring).
 
     Layers not in ``layers`` (default: all) get zeros. ``batch_layers`` layers share one batch of
     ``batch_layers * n`` rows, n the number of integration points of ``rule`` (None: as many
     layers as ``auto_batch_layers`` allows). ``integrated_gradients_run`` also returns the ends
-    of the path (the completeness error) and the pass count; ``ends=False``: see there."""
+    of the path (the completeness error) and the pass count; ``ends``: see there (by default here
+    only the alpha = 1 self-check row is added: no weight-0 alpha = 0 row for a completeness error
+    nobody reads)."""
     return integrated_gradients_run(lm, prompt_ids, target_ids, steps, baseline, objective, site, layers,
                                     batch_layers, rule, ends=ends).scores
 
@@ -333,12 +337,14 @@ def clean_run(lm, prompt_ids: list[int], target_ids: list[int], site: str = "neu
 def integrated_gradients_run(lm, prompt_ids: list[int], target_ids: list[int], steps: int = 20,
                              baseline: str = "zero", objective: str = "prob", site: str = "neurons",
                              layers: Sequence[int] | None = None, batch_layers: int | None = None,
-                             rule: str = "right", clean: "_CleanRun | None" = None, ends: bool = True) -> IGRun:
+                             rule: str = "right", clean: "_CleanRun | None" = None,
+                             ends: bool | str = True) -> IGRun:
     """``integrated_gradients`` with F at both ends of every layer's path and the pass count
     (``IGRun``). ``clean`` (from ``clean_run`` with the same ids, site and objective) saves the
     clean forward; it is then not counted again. ``ends=False`` adds no weight-0 rows: only the
     rule's own points run (fastest; the self-check and F at an end the rule lacks are then
-    skipped, and ``completeness_error`` is None unless the rule has both ends)."""
+    skipped, and ``completeness_error`` is None unless the rule has both ends); ``ends="check"``
+    adds only the alpha = 1 row (the self-check, not the completeness error)."""
     check_options(steps, baseline, objective, site, rule)
     if not prompt_ids or not target_ids:
         raise EngramError("integrated gradients needs a non-empty prompt and at least one target token")

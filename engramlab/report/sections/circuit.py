@@ -152,7 +152,9 @@ def circuit_body(run: RunView, sid: str) -> tuple[str, list[Finding]]:
                      ("faithfulness, held out", faith),
                      ("MIB CPR (higher is better) / CMD (lower is better)",
                       f"{fmt(s.get('cpr'))} / {fmt(s.get('cmd'))} ({s.get('mib_ranking', '—')} ranking)"),
-                     ("EAP-IG completeness error, mean over discovery facts", s.get("mean_completeness_error")),
+                     (("IG" if cfg.get("method", "eap-ig") == "eap-ig" else "first-order")
+                      + " completeness error, discovery facts (weighted by |ΔM| / plain mean)",
+                      f"{fmt(s.get('completeness_error'))} / {fmt(s.get('mean_completeness_error'))}"),
                      ("faithfulness, discovery facts", s.get("discovery_faithfulness", metrics.get("discovery_faithfulness"))),
                      ("Hit@10, model / circuit", f"{fmt(s.get('hit_at_10_model'))} / {fmt(s.get('hit_at_10_circuit'))}"),
                      ("facts: discovery / held out / skipped", f"{fmt(s.get('n_discovery'))} / "
