@@ -44,7 +44,8 @@ from engramlab.locate.integration_rules import RULES, check_rule  # noqa: F401 (
 
 
 def integration_points(rule: str, steps: int) -> list[tuple[float, float]]:
-    """The (alpha_k, w_k) pairs of ``rule`` with ``steps`` intervals; the weights sum to 1.
+    """The (alpha_k, w_k) pairs of ``rule`` with ``steps`` intervals (for gauss-legendre: nodes); the
+    weights sum to 1.
 
     right/left/midpoint/gauss-legendre give ``steps`` points, trapezoid ``steps + 1``."""
     check_rule(rule)

@@ -28,8 +28,8 @@ from engramlab.locate.neurons.static import static_from, static_scores
 
 def screen_layers(static: torch.Tensor, n_neurons: int, n_layers: int) -> list[int]:
     """The layers to verify from static scores (n_layers, d_mlp): the top ``n_neurons`` neurons
-    by score (ties broken by position), each layer's sum of their scores, the ``n_layers`` layers
-    with the largest positive sums, in layer order. With no positive score among the top neurons,
+    by score (among exactly tied scores, which ones torch.topk keeps is unspecified), each layer's
+    sum of their scores, the ``n_layers`` layers with the largest positive sums, in layer order. With no positive score among the top neurons,
     the layers holding the largest scores (whatever their sign)."""
     flat = static.flatten()
     top = torch.topk(flat, min(n_neurons, flat.numel())).indices

@@ -20,8 +20,9 @@ neuron:
 * u is taken through the final norm exactly (RMSNorm or LayerNorm, its scale 1/rms(x) or 1/std(x)
   differentiated too, not frozen): the norm is linearised at x_L, not approximated.
 
-So S(l, n) is the change of log p(t_0) to first order when the neuron's write a_n W_out[n] is
-removed from the final residual and nothing downstream (later layers, attention) reacts: the
+So S(l, n) is, to first order, the drop of log p(t_0) when the neuron's write a_n W_out[n] is
+removed from the final residual (removing it changes log p by -S) and nothing downstream (later
+layers, attention) reacts: the
 direct path only. It is not the exact increase of Yu and Ananiadou (which puts v on top of the
 residual *before* layer l's FFN output and re-normalises); the two agree to first order in v,
 and differ most for the few neurons whose single write moves the final norm's scale. Multi-token
