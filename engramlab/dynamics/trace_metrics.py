@@ -24,7 +24,9 @@ def trace_row(result) -> dict:
     row = {"peak_mlp_layer": s.get("trace.peak_mlp_layer"), "mean_max_effect": s.get("trace.mean_max_indirect_effect"),
            "mean_max_mlp_effect": s.get("trace.mean_max_mlp_effect"), "mean_total_effect": s.get("trace.mean_total_effect")}
     if s.get("n_facts"):
-        profile = result.mean_maps()[1, :, 2].tolist()  # (L,) mlp, last subject token
+        from engramlab.locate.trace.config import KINDS, TOKEN_KINDS
+
+        profile = result.mean_maps()[KINDS.index("mlp"), :, TOKEN_KINDS.index("last subject")].tolist()  # (L,)
         row.update({f"mlp_last_subject.L{l}": None if math.isnan(v) else float(v) for l, v in enumerate(profile)})
     return row
 

@@ -9,6 +9,7 @@ effect per checkpoint) for the evolve section.
 
 from __future__ import annotations
 
+from engramlab.locate.trace.config import KINDS, TOKEN_KINDS
 from engramlab.report.page import Finding, figure, fmt, is_number, new_figure, note, para, table
 from engramlab.report.runs import Report, RunView
 from engramlab.report.sections import renderer
@@ -16,7 +17,8 @@ from engramlab.report.sections.locators import n_layers_of, verb_section
 
 KIND_TITLES = (("resid", "hidden state (residual)", "Purples"), ("mlp", "MLP output", "Greens"),
                ("attn", "attention output", "Reds"))
-TOKEN_LABELS = ("first subject", "middle subject", "last subject", "first subsequent", "further tokens", "last token")
+# Axis labels of TOKEN_KINDS, in its order.
+TOKEN_LABELS = tuple({"further": "further tokens", "last": "last token"}.get(k, k) for k in TOKEN_KINDS)
 EARLY_MIDDLE = 0.6   # the peak counts as early-to-middle at layer <= 0.6 (L - 1)
 MIN_TOTAL = 0.01     # below this mean total effect the noise did not remove the answer: nothing to trace
 PEAK_SHARE = 0.25    # reproduced: the MLP peak holds at least this share of the mean total effect
@@ -94,7 +96,7 @@ def trace_body(run: RunView, sid: str) -> tuple[str, list[Finding]]:
     cfg = (run.json("config.json") or {}).get("config", {})
     peak_effect = None
     if maps is not None and is_number(s.get("trace.peak_mlp_layer")):
-        peak_effect = float(maps[1, int(s["trace.peak_mlp_layer"]), 2])
+        peak_effect = float(maps[KINDS.index("mlp"), int(s["trace.peak_mlp_layer"]), TOKEN_KINDS.index("last subject")])
     v, text = verdict(s, n_layers, peak_effect)
     body = para(f"Finding trace_mlp_peak: {v} ({text}).")
     if maps is None:
@@ -108,7 +110,8 @@ def trace_body(run: RunView, sid: str) -> tuple[str, list[Finding]]:
                        f"MLP and attention outputs over a {cfg.get('window', '?')}-layer window centred there.")
         rows = []
         for k, (kind, label, _) in enumerate(KIND_TITLES):
-            for t, tok in ((2, "last subject"), (5, "last token")):
+            for t, tok in ((TOKEN_KINDS.index("last subject"), "last subject"),
+                           (TOKEN_KINDS.index("last"), "last token")):
                 col = maps[k, :, t]
                 if np.isfinite(col).any():
                     at = int(np.nanargmax(col))
