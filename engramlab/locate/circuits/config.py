@@ -94,7 +94,7 @@ class CircuitConfig:
     require_correct: bool = option(True, "Skip facts whose answer is not the model's top-1 token "
                                    "(--keep-wrong keeps them).", flag="--require-correct/--keep-wrong")
     batch_size: int = option(8, "Pairs per attribution batch.", range=(1, None))
-    curve: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)  # edge shares
+    curve: tuple[float, ...] = MIB_FRACTIONS  # edge shares of the faithfulness curve (N = round(share x edges))
     mib_fractions: tuple[float, ...] = option(MIB_FRACTIONS, "MIB CPR/CMD: edge fractions of the sweep (top "
                                               "floor(p x edges) circuits, trapezoid over p; MIB's list by default).",
                                               many=True)
