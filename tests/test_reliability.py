@@ -90,6 +90,12 @@ def test_resume_checks_command_world_and_flags(tmp_path, world_dir):
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["train", "--resume", "--out", str(run), "--patch-window", "2:5"])
     assert r.exit_code == 2 and "differs from its '2:4'" in r.output
+    # a field the manifest lacks (a run made before it existed) ran at its default: a flag that
+    # says otherwise is a contradiction too, not silently dropped
+    del manifest["config"]["grad_accum"]
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    r = runner.invoke(app, ["train", "--resume", "--out", str(run), "--grad-accum", "2"])
+    assert r.exit_code == 2 and "--grad-accum 2 differs from its 1" in r.output
     # case 126: the world was regenerated since the run started
     summary = (run / "summary.json").read_bytes()
     build_world("tiny", n_people=20, n_heldout=5, seed=7).save(world)

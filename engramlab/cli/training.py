@@ -143,8 +143,9 @@ def _refuse_changed_settings(config: Settings, saved: dict) -> None:
             where = config.origin[path]
             given = f"{where} {value!r}" if where.startswith("--") and where != "--set" else \
                 f"{path}={value!r} ({where})"
+            was = saved.get(path, before[path])  # as the manifest wrote it; a field it lacks: the default
             raise EngramError(f"--resume continues with the run's saved config, but {given} differs from its "
-                              f"{before[path]!r}; leave it out, or start a new run in another --out")
+                              f"{was!r}; leave it out, or start a new run in another --out")
 
 
 @app.command()
