@@ -29,6 +29,7 @@ EXPECTED_SECTIONS = {
     "trace": "causal tracing",
     "regions": "parameter regions",
     "freeze": "freezing a region during further training",
+    "factcheck": "fact-checking with DKNs",
     "metadata": "runs and versions",
 }
 

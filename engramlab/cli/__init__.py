@@ -6,7 +6,7 @@ line starting with ``error:`` and exit with status 2. Verbs live in one module p
 a module registers its commands on ``app``.
 """
 
-from engramlab.cli import (circuit, continual, corpus, dkn, doctor, evolve, freeze, models, neurons, plan,  # noqa: F401
+from engramlab.cli import (circuit, continual, corpus, dkn, doctor, evolve, factcheck, freeze, models, neurons, plan,  # noqa: F401
                            regions, study, trace, training)  # (importing a module registers its commands)
 from engramlab.cli.common import app
 

@@ -37,7 +37,7 @@ def evolve(run: Path = typer.Option(..., "--run", help="Run directory written by
            out: Path = OutOpt, overwrite: bool = OverwriteOpt,
            seed: int = SeedOpt, dtype: str = DtypeOpt, device: str = DeviceOpt, config: Settings = None,
            recall: Settings = None, neurons: Settings = None, dkn: Settings = None, circuit: Settings = None,
-           regions: Settings = None, trace: Settings = None,
+           regions: Settings = None, trace: Settings = None, factcheck: Settings = None,
            executor: str = ExecutorOpt, ray_address: Optional[str] = RayAddressOpt, retries: int = RetriesOpt,
            task_cpus: float = TaskCpusOpt, task_gpus: float = TaskGpusOpt, task_memory: Optional[str] = TaskMemoryOpt):
     """Run locators (--analysis) on every chosen checkpoint of a run: one result per checkpoint under
@@ -56,7 +56,7 @@ def evolve(run: Path = typer.Option(..., "--run", help="Run directory written by
     for name in config.analysis:
         get_locator(name)  # an unknown name fails here, listing the registered ones
     configs = locator_settings({"recall": recall, "neurons": neurons, "dkn": dkn, "circuit": circuit,
-                                "regions": regions, "trace": trace})
+                                "regions": regions, "trace": trace, "factcheck": factcheck})
     command = load_json(run / "manifest.json", "run manifest").get("command") if (run / "manifest.json").is_file() \
         else None
     if command != "train":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from engramlab.locate.circuits.config import CircuitConfig
 from engramlab.locate.dkn.config import DKNConfig
+from engramlab.locate.factcheck.config import FactcheckConfig
 from engramlab.locate.neurons.config import NeuronConfig
 from engramlab.locate.regions.config import RegionConfig
 from engramlab.locate.trace.config import TraceConfig
@@ -16,6 +17,6 @@ from engramlab.recall import RecallConfig
 
 LOCATOR_CONFIGS: dict[str, type] = {"recall": RecallConfig, "neurons": NeuronConfig, "dkn": DKNConfig,
                                     "circuit": CircuitConfig, "regions": RegionConfig,
-                                    "trace": TraceConfig}
+                                    "trace": TraceConfig, "factcheck": FactcheckConfig}
 
 __all__ = ["LOCATOR_CONFIGS"]

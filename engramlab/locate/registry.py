@@ -10,6 +10,7 @@ from engramlab.errors import EngramError
 from engramlab.locate.base import Locator
 from engramlab.locate.circuits.find import CircuitConfig, CircuitResult, find_circuit
 from engramlab.locate.dkn.find import DKNConfig, DKNResult, find_degenerate_neurons
+from engramlab.locate.factcheck.find import FactcheckConfig, FactcheckResult, find_factcheck
 from engramlab.locate.neurons.find import NeuronConfig, NeuronResult, find_knowledge_neurons
 from engramlab.locate.regions.find import RegionConfig, RegionResult, find_regions
 from engramlab.locate.trace.find import TraceConfig, TraceResult, find_trace
@@ -84,5 +85,17 @@ register(Locator(
                   "trace.mean_total_effect", "trace.noise_std", "seconds"),
     files=("trace.safetensors", "skipped.jsonl"),
     quick={"window": 2, "batch_size": 8}))
+
+register(Locator(
+    "factcheck", FactcheckConfig, find_factcheck, FactcheckResult,
+    help="Fact-checking (AMIG / Chen et al. 2024): true and false claims, simple and complex, judged by "
+         "relation-level DKNs, relation-level knowledge neurons (mean IG attribution below tau: false) and by "
+         "asking the model; precision / recall / F1 on a held-out split.",
+    summary_keys=("n_checked_facts", "n_test_claims", "n_skipped_relations", "dkn_found_rate", "n_relation_dkn",
+                  "n_relation_kn", "dkn.f1", "kn.f1", "prompt.f1", "complex.dkn.f1", "complex.kn.f1",
+                  "complex.prompt.f1", "dkn.threshold", "kn.threshold", "dkn.abstain", "kn.abstain", "seconds"),
+    files=FactcheckResult.FILES,
+    quick={"dkn": DKNConfig(steps=3, known_rank=100000, max_candidates=6, robustness=False),
+           "kn": NeuronConfig(steps=3, max_rank=100000, n_compare=0, n_random_repeats=0)}))
 
 __all__ = ["LOCATORS", "Locator", "get_locator", "register"]

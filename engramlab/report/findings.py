@@ -67,6 +67,15 @@ FINDINGS: tuple[FindingSpec, ...] = (
                 "changes the prediction, suppressing all of it removes it.",
                 "reproduced: verified DKNs (partial drop < t_low, full drop > t_high) for >= 10% of the "
                 "evaluated facts; partly reproduced: for some facts, fewer than 10%; not reproduced: none."),
+    FindingSpec("dkn_factcheck", "DKNs help fact-checking", "Chen et al. 2024 (after AMIG, 2024)",
+                "Judging a claim false when the mean attribution of its relation's degenerate knowledge neurons "
+                "is below a threshold checks facts better than the same with knowledge neurons and better than "
+                "asking the model, on simple and on complex statements.",
+                "reproduced: on the held-out claims the DKN checker's F1 exceeds both the KN checker's and the "
+                "prompt checker's, on simple and on complex statements; partly reproduced: it exceeds one of them "
+                "on some statement form; not reproduced: it exceeds neither on any form; inconclusive: the DKN "
+                "checker abstains (no relation-level DKNs) or judges fewer than 8 test claims (an undefined F1 "
+                "counts as 0)."),
     FindingSpec("sparse_circuits", "Faithful sparse knowledge circuits", "Yao et al. 2024; Ou et al. 2025",
                 "A circuit of a few percent of the model's edges reproduces most of its behaviour on the facts.",
                 "reproduced: held-out faithfulness >= 0.8 with at most 5% of the edges (the largest model "

@@ -89,6 +89,10 @@ def _describe(command: str, s: dict, config: dict) -> str:
         return (f"{s.get('n_facts', '?')} facts, MLP effect at the last subject token peaks at layer "
                 f"{s.get('trace.peak_mlp_layer', '?')}, mean max indirect effect "
                 f"{_num(s.get('trace.mean_max_indirect_effect'))}")
+    if command == "factcheck":
+        f1 = lambda prefix: " / ".join(_num(s.get(f"{prefix}{c}.f1")) for c in ("dkn", "kn", "prompt"))  # noqa: E731
+        return (f"{s.get('n_test_claims', '?')} test claims, F1 DKN / KN / prompt {f1('')} simple, "
+                f"{f1('complex.')} complex; DKN found rate {_num(s.get('dkn_found_rate'))}")
     if command == "doctor":
         failed = s.get("doctor.n_failed")
         return (f"{s.get('doctor.n_checks', '?')} adapter checks, "

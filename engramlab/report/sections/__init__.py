@@ -15,7 +15,7 @@ from typing import Callable
 RENDERERS: dict[str, Callable] = {}
 
 #: Modules that register renderers (imported on first use).
-MODULES = ("training", "locators", "neurons", "dkn", "circuit", "evolve", "regions", "freeze", "trace")
+MODULES = ("training", "locators", "neurons", "dkn", "circuit", "evolve", "regions", "freeze", "trace", "factcheck")
 
 
 def renderer(*commands: str):
