@@ -250,3 +250,16 @@ def test_the_finding_rule_reaches_every_verdict():
     v, text = verdict(summary(None, 0.6, 0.5, abstain="no DKNs found, so the DKN checker abstains"))
     assert v == "inconclusive" and "abstained" in text
     assert verdict(summary(0.9, 0.5, 0.6, 0.8, 0.4, 0.7, judged=4))[0] == "inconclusive"
+
+
+def test_the_prompt_checker_abstains_when_true_and_false_are_not_words_of_the_model():
+    from engramlab.locate.factcheck.find import prompt_answers_unreadable
+
+    facts = select(load_facts("country_capital_city"), limit=4)
+    tok = word_tokenizer([f.prompt() + " " + f.object for f in facts])  # a world model's kind of vocabulary
+    assert "abstains" in prompt_answers_unreadable(tok)
+    assert prompt_answers_unreadable(_lm(_facts()).tokenizer) is None  # this one has " True" / " False"
+    lm = wrap_model(tiny_model("llama", vocab_size=len(tok), n_layers=2, seed=0), tok)
+    s = find_factcheck(lm, facts, FactcheckConfig(**QUICK)).summary()
+    for prefix in ("", "complex."):
+        assert s[prefix + "prompt.f1"] is None and "abstains" in s[prefix + "prompt.abstain"]

@@ -125,6 +125,19 @@ def neuron_scores(lm, prompt: str, claimed: str, neurons: dict[str, list[list[in
     return out
 
 
+def prompt_answers_unreadable(tok) -> str | None:
+    """Why the prompt checker cannot ask this model (None when it can): " True" and " False" must be
+    two different token sequences the tokenizer knows (a world model's word vocabulary has neither:
+    both become <unk>, P(" True") = P(" False"), and every verdict would be a tie)."""
+    probe = STATEMENT.format("x")
+    true, false = target_token_ids(tok, probe, "True"), target_token_ids(tok, probe, "False")
+    unk = getattr(tok, "unk_token_id", None)
+    if true == false or (unk is not None and (unk in true or unk in false)):
+        return ("the model's vocabulary has no ' True' / ' False' tokens (they read as the unknown token), so the "
+                "prompt checker abstains")
+    return None
+
+
 @torch.no_grad()
 def prompt_scores(lm, sentences: list[str], batch_size: int) -> list[tuple[float, float]]:
     """(log P(" True"), log P(" False")) after ``STATEMENT`` of each claim sentence."""
@@ -221,7 +234,7 @@ class FactcheckResult:
 
     def abstain_reason(self, checker: str) -> str | None:
         if checker == "prompt":
-            return None
+            return self.stats.get("prompt_abstain")
         return None if any(self.relation_neurons.get(checker, {}).values()) else ABSTAIN[checker]
 
     def summary(self) -> dict:
@@ -348,10 +361,15 @@ def find_factcheck(lm, facts: FactSet, config: FactcheckConfig | None = None, *,
     for r, c in progress_bar(claims, "factcheck claims", enabled=progress):
         c["scores"].update(neuron_scores(lm, c["prompt"], c["claimed"],
                                          {k: neurons[k][r["relation"]] for k in NEURON_CHECKERS}, settings))
-    logps = prompt_scores(lm, [c["prompt"] + " " + c["claimed"] for _, c in claims], config.batch_size)
-    for (_, c), (lp_true, lp_false) in zip(claims, logps):
-        c["p_true"], c["p_false"] = short(math.exp(lp_true)), short(math.exp(lp_false))
-        c["scores"]["prompt"] = short(lp_true - lp_false)
+    stats["prompt_abstain"] = prompt_answers_unreadable(lm.tokenizer)
+    if stats["prompt_abstain"] is None:
+        logps = prompt_scores(lm, [c["prompt"] + " " + c["claimed"] for _, c in claims], config.batch_size)
+        for (_, c), (lp_true, lp_false) in zip(claims, logps):
+            c["p_true"], c["p_false"] = short(math.exp(lp_true)), short(math.exp(lp_false))
+            c["scores"]["prompt"] = short(lp_true - lp_false)
+    else:
+        for _, c in claims:
+            c["scores"]["prompt"] = None
     # 3. verdicts
     thresholds = assign_verdicts(rows, config, neurons)
     stats["seconds"] = time.perf_counter() - t0
