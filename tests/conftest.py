@@ -74,3 +74,26 @@ def tiny_hf_dir(tmp_path):
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+# A tiny run with four checkpoints (0, 2, 4, 6), for the tests of verbs over checkpoints.
+CHECKPOINTED_TRAIN = ["--model-config", "tiny", "--steps", "6", "--batch-size", "4", "--eval-every", "3",
+                      "--eval-people", "4", "--eval-templates", "1", "--checkpoints", "every:2"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A directory with ``world/`` (20 people, 5 held out) and ``run/`` trained on it
+    (``CHECKPOINTED_TRAIN``); one per test module that asks for it."""
+    from typer.testing import CliRunner
+
+    from engramlab.cli import app
+
+    root = tmp_path_factory.mktemp("trained")
+    runner = CliRunner()
+    r = runner.invoke(app, ["world", "--preset", "tiny", "--n-people", "20", "--n-heldout", "5", "--out",
+                            str(root / "world")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["train", "--world", str(root / "world"), *CHECKPOINTED_TRAIN, "--out", str(root / "run")])
+    assert r.exit_code == 0, r.output
+    return root

@@ -11,21 +11,6 @@ from engramlab.data.world import World
 from engramlab.dynamics.evolve import select_steps, world_facts
 from engramlab.errors import EngramError
 
-TRAIN = ["--model-config", "tiny", "--steps", "6", "--batch-size", "4", "--eval-every", "3", "--eval-people", "4",
-         "--eval-templates", "1", "--checkpoints", "every:2"]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("evolve")
-    runner = CliRunner()
-    r = runner.invoke(app, ["world", "--preset", "tiny", "--n-people", "20", "--n-heldout", "5", "--out",
-                            str(root / "world")])
-    assert r.exit_code == 0, r.output
-    r = runner.invoke(app, ["train", "--world", str(root / "world"), *TRAIN, "--out", str(root / "run")])
-    assert r.exit_code == 0, r.output
-    return root
-
 
 def _rows(path):
     return [json.loads(line) for line in (path / "evolution.jsonl").read_text().splitlines()]
@@ -155,7 +140,6 @@ def test_jaccard_and_entropy_on_hand_made_circuits():
     assert series[5]["edge_jaccard_prev"] == pytest.approx(1 / 4)
     with pytest.raises(ValueError):
         edge_jaccard(a, torch.zeros(3, 3, dtype=torch.bool))
-
 
 
 CIRCUIT = ["--analysis", "recall,circuit", "--set", "circuit.steps=2", "--set", "circuit.top_n=30",

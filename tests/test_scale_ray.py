@@ -18,8 +18,6 @@ from engramlab.cli import app
 
 ray = pytest.importorskip("ray")
 
-TRAIN = ["--model-config", "tiny", "--steps", "6", "--batch-size", "4", "--eval-every", "3", "--eval-people", "4",
-         "--eval-templates", "1", "--checkpoints", "every:2"]
 # recall and knowledge neurons at every checkpoint: 2 x 4 units of a few seconds each.
 EVOLVE = ["--analysis", "recall,neurons", "--set", "neurons.steps=4", "--set", "neurons.max_rank=1000000"]
 
@@ -29,18 +27,6 @@ def cluster():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ray")
-    runner = CliRunner()
-    r = runner.invoke(app, ["world", "--preset", "tiny", "--n-people", "20", "--n-heldout", "5", "--out",
-                            str(root / "world")])
-    assert r.exit_code == 0, r.output
-    r = runner.invoke(app, ["train", "--world", str(root / "world"), *TRAIN, "--out", str(root / "run")])
-    assert r.exit_code == 0, r.output
-    return root
 
 
 @pytest.fixture(scope="module")
