@@ -73,6 +73,10 @@ class NeuronConfig:
     relation_share: float = option(0.1, "Relation neurons: in at least this share of the relation's facts.",
                                    range=(0, 1), open_low=True)
     max_rank: int = option(100, "Skip facts whose first target token ranks beyond this.", range=(1, None))
+    completeness_tolerance: float = option(COMPLETENESS_TOLERANCE, "Warn when the mean IG completeness error (the "
+                                           "layers' summed scores against F(a) - F(b), weighted by |F(a) - F(b)|) "
+                                           "exceeds this: more --steps or --ig-rule gauss-legendre are needed.",
+                                           range=(0, None), open_low=True)
     batch_layers: int | None = option(None, "Layers per IG batch (default: as many as fit in memory).",
                                       range=(1, None), integer=True)
     n_random_repeats: int = option(3, "Random-neuron controls per fact.", range=(0, None),

@@ -184,12 +184,12 @@ def _effect_means(effects: list[dict]) -> dict:
 
 
 def _warn_completeness(records: list[dict], config: NeuronConfig) -> None:
-    """A warning when the mean IG completeness error exceeds ``COMPLETENESS_TOLERANCE``."""
+    """A warning when the mean IG completeness error exceeds ``config.completeness_tolerance``."""
     errors = [r["completeness_error"] for r in records if r.get("completeness_error") is not None]
-    if errors and sum(errors) / len(errors) > COMPLETENESS_TOLERANCE:
+    if errors and sum(errors) / len(errors) > config.completeness_tolerance:
         worst = max(errors)
         log.warning(f"knowledge neurons: mean IG completeness error {sum(errors) / len(errors):.3f} (worst fact "
-                    f"{worst:.3f}) exceeds {COMPLETENESS_TOLERANCE}: the scores do not add up to the change of "
+                    f"{worst:.3f}) exceeds --completeness-tolerance {config.completeness_tolerance:g}: the scores do not add up to the change of "
                     f"the objective; use more --steps (now {config.steps}) or --ig-rule gauss-legendre "
                     f"(now {config.ig_rule})")
 

@@ -142,9 +142,10 @@ def neurons_body(run: RunView, sid: str) -> tuple[str, list[Finding]]:
                      ("facts without neurons", s.get("n_without_neurons")),
                      ("mean paraphrase consistency (Jaccard)", s.get("mean_consistency")),
                      ("relation neurons", s.get("n_relation_neurons"))])
-    if number(error) is not None and number(error) > COMPLETENESS_TOLERANCE:
+    tolerance = number((config.get("neurons") or {}).get("completeness_tolerance")) or COMPLETENESS_TOLERANCE
+    if number(error) is not None and number(error) > tolerance:
         body += note(f"The IG scores miss the sum rule by {fmt(number(error))} of the change of the objective on average "
-                     f"(tolerance {COMPLETENESS_TOLERANCE}): more integration steps, or the gauss-legendre rule, "
+                     f"(tolerance {tolerance:g}): more integration steps, or the gauss-legendre rule, "
                      "would make them add up.")
     if any(r["neurons"] for r in done):
         body += figure(_layer_histogram(done, n_layers, f"refined knowledge neurons per layer ({model_name(run)})"),
