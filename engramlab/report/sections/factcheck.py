@@ -108,7 +108,10 @@ def factcheck_body(run: RunView, sid: str) -> tuple[str, list[Finding]]:
                   [(s.get("n_checked_facts"), f"{s.get('n_train_facts')} / {s.get('n_test_facts')}",
                     s.get("n_test_claims"), s.get("dkn_found_rate"), s.get("n_relation_dkn"), s.get("n_relation_kn"),
                     s.get("seconds"))])
-    return body, [Finding("dkn_factcheck", text, v, sid, priority=int(s.get("n_test_claims") or 0))]
+    # Of several runs, the one whose DKN checker judged the most claims speaks for the finding (a run
+    # where it abstains only when no run has DKNs), then the one with the most test claims.
+    judged = 0 if s.get("dkn.abstain") else int(s.get("dkn.n_claims") or 0)
+    return body, [Finding("dkn_factcheck", text, v, sid, priority=judged * 100_000 + int(s.get("n_test_claims") or 0))]
 
 
 @renderer("factcheck")
