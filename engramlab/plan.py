@@ -103,7 +103,7 @@ from types import SimpleNamespace
 
 from engramlab.config import option, validate
 from engramlab.errors import EngramError
-from engramlab.sizes import format_bytes, parse_bytes  # noqa: F401 (format_bytes: the CLI's)
+from engramlab.sizes import parse_bytes
 
 ANALYSES = ("neurons", "circuit", "trace")
 

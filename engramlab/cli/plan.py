@@ -15,6 +15,7 @@ from engramlab.cli.options import Settings, configured
 from engramlab.errors import EngramError
 from engramlab.locate.configs import LOCATOR_CONFIGS
 from engramlab.plan import ANALYSES, PlanConfig
+from engramlab.sizes import format_bytes
 
 SECTIONS = {name: LOCATOR_CONFIGS[name] for name in ANALYSES}
 
@@ -56,7 +57,7 @@ def plan(model: str = ModelOpt, facts: str = FactsOpt, relation: Optional[List[s
     if as_json:
         print(json.dumps(planning.to_json(got, limit_bytes, found), indent=2))
         return
-    fmt = planning.format_bytes
+    fmt = format_bytes
     t = Table(title=f"plan: {analysis} on {model} ({shapes.model_type}, {dtype}, {device})")
     t.add_column("quantity")
     t.add_column("predicted", justify="right")

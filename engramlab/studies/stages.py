@@ -247,7 +247,7 @@ def run_stages(stages: list[Stage], root: str | Path, log: Callable[[str], None]
 def _run_parallel(plans: list, root: Path, executor, log, quiet: bool, done) -> None:
     from engramlab.scale.executor import Unit
 
-    n, by_name, units = len(plans), {}, []
+    n, by_name, units, to_run = len(plans), {}, [], set()
     for index, stage, argv, state in plans:
         by_name[stage.name] = stage
         if state == "complete":
@@ -255,10 +255,11 @@ def _run_parallel(plans: list, root: Path, executor, log, quiet: bool, done) -> 
             if done is not None:
                 done(stage, True)
             continue
-        waits = tuple(d for d in depends_on(stage, [p[1] for p in plans[:index]]) if d in {u.key for u in units})
+        waits = tuple(d for d in depends_on(stage, [p[1] for p in plans[:index]]) if d in to_run)  # not finished yet
         log(f"[{index + 1}/{n}] {stage.name}: engram {' '.join(argv)}"
             + (f" (after {', '.join(waits)})" if waits else ""))
         units.append(Unit(stage.name, stage_unit, (stage, str(root), quiet), after=waits))
+        to_run.add(stage.name)
 
     def finished(o) -> None:
         if o.error is None and done is not None:

@@ -261,11 +261,8 @@ class TrainLoop:
         batch = self.make_batch(step) if batch is None else batch
         host_mask = batch["attention_mask"]
         n_tokens = int(host_mask.sum())  # counted before the copy: no wait on the device
-        if speed.is_cuda(self.device):
-            inputs = speed.to_device({k: batch[k] for k in _MODEL_INPUTS}, self.device)
-            ids, am = inputs["input_ids"], inputs["attention_mask"]
-        else:
-            ids, am = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+        inputs = speed.to_device({k: batch[k] for k in _MODEL_INPUTS}, self.device)  # asynchronous when pinned
+        ids, am = inputs["input_ids"], inputs["attention_mask"]
         self._before_update(step)
         for g in self.optimizer.param_groups:
             g["lr"] = learning_rate(cfg, step)
